@@ -1,0 +1,1 @@
+"""model layer (see ../shared/DESIGN.md, 'Layers')."""

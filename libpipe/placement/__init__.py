@@ -1,0 +1,1 @@
+"""placement layer (see ../shared/DESIGN.md, 'Layers')."""

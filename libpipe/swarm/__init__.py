@@ -1,0 +1,1 @@
+"""swarm layer (see ../shared/DESIGN.md, 'Layers')."""

@@ -1,0 +1,1 @@
+"""wire layer (see ../shared/DESIGN.md, 'Layers')."""
