@@ -1,1 +1,18 @@
-"""model layer (see ../shared/DESIGN.md, 'Layers')."""
+"""model layer: Llama-family blocks, checkpoint loading, KV caches.
+
+Torch only; nothing here knows about networking (see DESIGN.md, 'Layers').
+"""
+
+from ._checkpoint import load_client_head as load_client_head
+from ._checkpoint import load_span as load_span
+from ._config import ModelConfig as ModelConfig
+from ._config import RopeScaling as RopeScaling
+from ._device import resolve_device as resolve_device
+from ._device import resolve_dtype as resolve_dtype
+from ._kv_cache import KVCache as KVCache
+from ._kv_cache import KVCachePool as KVCachePool
+from ._llama import ClientHead as ClientHead
+from ._random_checkpoint import PRESETS as PRESETS
+from ._random_checkpoint import write_random_checkpoint as write_random_checkpoint
+from ._span import BlockSpan as BlockSpan
+from ._span import InferenceSession as InferenceSession

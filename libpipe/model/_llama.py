@@ -1,0 +1,240 @@
+"""Llama-family decoder blocks (Llama 1-3, Mistral, Qwen2), gpt-fast style.
+
+Read top to bottom: norm, rotary, attention, MLP, block, then the client's
+head (embeddings, final norm, LM head). Module and parameter names are the
+Hugging Face ones, so a checkpoint's tensors load by name with no mapping
+beyond the layer index. The numerics follow transformers' eager code on
+purpose (norm in fp32, rotate-half rotary, cos/sin in fp32 then cast) so
+outputs agree with it to fp32 rounding.
+
+Attention reaches its keys and values through a ``KVView`` (``_span.py``):
+none for a full-sequence forward, one session's cache for prefill and
+decode, or the caches of many sessions for a batched decode step. The block
+does not need to know which.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the compute dtype: bf16 variance loses
+        # too much, and transformers does the same (we must match it).
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+# --- rotary ------------------------------------------------------------------
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Tensor:
+    """Inverse frequencies ``[Dh / 2]`` (fp32), with Llama 3 scaling if configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta
+        ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+    )
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3: long wavelengths are slowed down by `factor`, short ones kept,
+    # and the band between is interpolated smoothly.
+    old_ctx = s.original_max_position_embeddings
+    low_freq_wavelen = old_ctx / s.low_freq_factor
+    high_freq_wavelen = old_ctx / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class Rotary:
+    """Computes cos/sin for arbitrary positions (sessions sit at different ones)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device) -> None:
+        self.inv_freq = rope_inv_freq(config, device)  # [Dh/2]
+
+    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # positions: [B, T] (int) -> cos, sin: [B, T, Dh]
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, Dh]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, H, T, Dh]; cos, sin: [B, T, Dh] -> broadcast over heads
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+# --- attention -----------------------------------------------------------------
+
+
+class KVView(Protocol):
+    """Where attention stores new keys/values and reads all it may attend to."""
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store ``k, v: [B, H_kv, T, Dh]`` for ``layer``; return the keys and
+        values to attend to ``[B, H_kv, L, Dh]`` and a boolean mask
+        broadcastable to ``[B, H, T, L]`` (True = may attend), or None when
+        the attention is plainly causal over exactly the new tokens."""
+        ...
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, hkv, dh, d = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            config.hidden_size,
+        )
+        self.n_heads, self.n_kv_heads, self.head_dim = h, hkv, dh
+        self.q_proj = nn.Linear(d, h * dh, bias=config.q_bias)
+        self.k_proj = nn.Linear(d, hkv * dh, bias=config.q_bias)
+        self.v_proj = nn.Linear(d, hkv * dh, bias=config.q_bias)
+        self.o_proj = nn.Linear(h * dh, d, bias=config.attention_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView | None, layer: int) -> Tensor:
+        bsz, t, _ = x.shape  # x: [B, T, D]
+        q = (
+            self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
+        )  # [B, H, T, Dh]
+        k = (
+            self.k_proj(x).view(bsz, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(bsz, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        else:
+            keys, values, mask = kv.update(layer, k, v)  # [B, Hkv, L, Dh]
+            y = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=gqa
+            )
+        y = y.transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)  # [B, T, H*Dh]
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, f, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=b)
+        self.up_proj = nn.Linear(d, f, bias=b)
+        self.down_proj = nn.Linear(f, d, bias=b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One decoder layer; ``layer`` is its index within the owning span."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView | None = None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def block_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of one block, by its name inside the block (HF names)."""
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+    )
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+    }
+    if config.q_bias:
+        shapes |= {
+            "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.bias": (kv,),
+        }
+    if config.attention_bias:
+        shapes["self_attn.o_proj.bias"] = (d,)
+    if config.mlp_bias:
+        shapes |= {"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)}
+    return shapes
+
+
+def head_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The client's tensors by checkpoint name (no ``lm_head`` when tied)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, config.hidden_size),
+        "model.norm.weight": (config.hidden_size,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    return shapes
+
+
+class ClientHead(nn.Module):
+    """What a client holds: token embeddings, final norm and LM head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        # input_ids: [B, T] -> [B, T, D]
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        # hidden: [B, T, D] (output of the last block) -> [B, T, V]
+        return self.lm_head(self.norm(hidden))
