@@ -64,7 +64,10 @@ def test_sliding_window_as_long_as_the_context_is_fine():
 def test_model_id_is_stable_and_tells_models_apart():
     raw = dict(PRESETS["llama"])
     a = ModelConfig.from_dict(raw, name="org/tiny").model_id
-    reordered = dict(reversed(list(raw.items()))) | {"transformers_version": "9.9", "_name_or_path": "x"}
+    reordered = dict(reversed(list(raw.items()))) | {
+        "transformers_version": "9.9",
+        "_name_or_path": "x",
+    }
     assert ModelConfig.from_dict(reordered, name="org/tiny").model_id == a
     assert a.startswith("tiny@")
     assert ModelConfig.from_dict(raw | {"rope_theta": 1.0}, name="org/tiny").model_id != a
@@ -72,7 +75,7 @@ def test_model_id_is_stable_and_tells_models_apart():
 
 
 def test_config_file_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         ModelConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read"):
