@@ -56,8 +56,7 @@ class KVCachePool:
         dtype: torch.dtype,
     ) -> int:
         """Bytes a cache of this shape takes (what ``allocate`` reserves)."""
-        element = torch.empty((), dtype=dtype).element_size()
-        return n_blocks * 2 * batch * n_kv_heads * max_length * head_dim * element
+        return n_blocks * 2 * batch * n_kv_heads * max_length * head_dim * dtype.itemsize
 
     def allocate(
         self,
