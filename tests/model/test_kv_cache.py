@@ -55,7 +55,7 @@ def test_allocator_failure_becomes_cache_full(monkeypatch):
     monkeypatch.setattr(torch, "empty", oom)
     with pytest.raises(CacheFullError, match="out of memory") as info:
         pool.allocate(1, 8, 1, 1, 8, torch.float32)
-    assert info.value.details["requested"] == 256
+    assert info.value.details["requested"] == 2 * 8 * 8 * 4
     assert pool.used_bytes == 0
 
 
