@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InvalidRequestError
 from ._config import ModelConfig
 
 
@@ -233,8 +234,25 @@ class ClientHead(nn.Module):
 
     def embed(self, input_ids: Tensor) -> Tensor:
         # input_ids: [B, T] -> [B, T, D]
+        if (
+            not isinstance(input_ids, Tensor)
+            or input_ids.dim() != 2
+            or input_ids.dtype != torch.long
+        ):
+            raise InvalidRequestError("input_ids must be an int64 tensor of shape [B, T]")
+        if (
+            input_ids.numel()
+            and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size
+        ):
+            raise InvalidRequestError(f"token ids must be in [0, {self.config.vocab_size})")
         return self.embed_tokens(input_ids)
 
     def logits(self, hidden: Tensor) -> Tensor:
         # hidden: [B, T, D] (output of the last block) -> [B, T, V]
-        return self.lm_head(self.norm(hidden))
+        if (
+            not isinstance(hidden, Tensor)
+            or hidden.dim() != 3
+            or hidden.shape[2] != self.config.hidden_size
+        ):
+            raise InvalidRequestError(f"hidden states must be [B, T, {self.config.hidden_size}]")
+        return self.lm_head(self.norm(hidden.to(self.dtype)))

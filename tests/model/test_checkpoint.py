@@ -153,3 +153,19 @@ def test_bad_span_device_and_preset(checkpoints):
         load_span(checkpoints["llama"], 0, 1, device="tpu", progress=False)
     with pytest.raises(ConfigError, match="unknown preset"):
         write_random_checkpoint(checkpoints["llama"].parent / "x", "gpt2")
+
+
+def test_client_head_refuses_bad_input(checkpoints):
+    head = load_client_head(checkpoints["llama"], progress=False)
+    for bad in (
+        torch.tensor([[0, 256]]),
+        torch.tensor([[-1]]),
+        torch.tensor([1, 2]),
+        torch.tensor([[1.0]]),
+    ):
+        with pytest.raises(InvalidRequestError):
+            head.embed(bad)
+    with pytest.raises(InvalidRequestError, match=r"\[B, T, 64\]"):
+        head.logits(torch.zeros(1, 2, 32))
+    # Hidden states arrive in the wire dtype; the head computes in its own.
+    assert head.logits(torch.zeros(1, 2, 64, dtype=torch.float16)).dtype == torch.float32
