@@ -10,13 +10,13 @@
    ``>= p`` (speculative decoding, replay after a failed hop).
 3. ``span.decode_batch(sessions, hiddens)``: one decode step of many
    independent sessions in one pass (continuous batching). Rows of all
-   sessions are stacked; the projections and MLP run once for all of them;
-   for attention each row's live cache prefix is copied into one padded
-   ``[R, H_kv, L, Dh]`` buffer (``L`` = longest session) with a mask hiding
-   the padding. The copy costs about as much memory traffic as attention
-   itself reads, and buys one SDPA call per block instead of one per
-   session; padding is zeros, never uninitialised memory, because masked
-   attention weights are 0 and 0 * NaN would still poison the row.
+   sessions are stacked, so the projections and the MLP, which dominate
+   decode time, run once for all of them as one matmul. Attention runs per
+   session straight on its cache prefix. Measured with bench/model.py
+   (hidden 1024, 8 blocks, 16 sessions at 2048 context, 2 CPU threads):
+   copying every prefix into one padded, masked buffer for a single SDPA
+   call gave 77 tok/s, per-session calls 134 tok/s; the loop costs
+   microseconds per session.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..errors import InvalidRequestError, SessionError
 from ._config import ModelConfig
 from ._kv_cache import KVCache, KVCachePool
-from ._llama import Block, Rotary
+from ._llama import Block, Rotary, attend
 
 # Positions per prefill chunk: [B, H, 512, 8192] fp32 scores are 512 MiB per
 # sequence for 32 heads in the math backend; smaller chunks cost more passes.
@@ -176,7 +176,7 @@ class BlockSpan(nn.Module):
             [torch.full((s.cache.batch,), s.position, device=self.device) for s in sessions]
         )  # [R]
         cos, sin = self.rotary(row_pos[:, None], self.dtype)  # [R, 1, Dh]
-        view = _BatchView(sessions, first.start - self.start, row_pos, self.dtype)
+        view = _BatchView(sessions, first.start - self.start)
         for block in self.layers[first.start - self.start : first.end - self.start]:
             x = block(x, cos, sin, view)
         for s in sessions:
@@ -282,53 +282,39 @@ class _SessionView:
         self.cache = cache  # [n_blocks, 2, B, Hkv, T_max, Dh]
         self.block_offset = block_offset
         self.pos, self.t = pos, t
+        # With no earlier positions, attention over the chunk is plainly causal.
+        self.causal = t > 1 and pos == 0
         self.mask: Tensor | None = None
         if t > 1 and pos > 0:
             # New query i sits at pos + i and may see keys 0 ..= pos + i.
             q_pos = torch.arange(pos, pos + t, device=cache.device)[:, None]  # [T, 1]
             self.mask = torch.arange(pos + t, device=cache.device)[None, :] <= q_pos  # [T, L]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         kv = self.cache[layer - self.block_offset]  # [2, B, Hkv, T_max, Dh]
         end = self.pos + self.t
         kv[0, :, :, self.pos : end] = k
         kv[1, :, :, self.pos : end] = v
-        return kv[0, :, :, :end], kv[1, :, :, :end], self.mask
+        return attend(q, kv[0, :, :, :end], kv[1, :, :, :end], self.mask, self.causal)
 
 
 class _BatchView:
     """KV access for one decode step of many sessions (see module docstring)."""
 
-    def __init__(
-        self,
-        sessions: Sequence[InferenceSession],
-        block_offset: int,
-        row_pos: Tensor,
-        dtype: torch.dtype,
-    ) -> None:
+    def __init__(self, sessions: Sequence[InferenceSession], block_offset: int) -> None:
         self.sessions = sessions
         self.block_offset = block_offset
         self.positions = [s.position for s in sessions]
-        longest = max(self.positions) + 1
-        s0 = sessions[0].cache.tensor
-        rows, hkv, dh = int(row_pos.shape[0]), s0.shape[3], s0.shape[5]
-        # One zeroed buffer reused by every block: each block rewrites the
-        # same live prefixes, the padding stays zero.
-        self.keys = torch.zeros(rows, hkv, longest, dh, dtype=dtype, device=row_pos.device)
-        self.values = torch.zeros_like(self.keys)
-        lengths = row_pos + 1  # [R]
-        arange = torch.arange(longest, device=row_pos.device)
-        self.mask = (arange[None, :] < lengths[:, None])[:, None, None, :]  # [R, 1, 1, L]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        # k, v: [R, Hkv, 1, Dh]
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # q: [R, H, 1, Dh]; k, v: [R, Hkv, 1, Dh]; R = rows of all sessions
+        out = []
         r = 0
         for s, pos in zip(self.sessions, self.positions, strict=True):
             b = s.cache.batch
             kv = s.cache.tensor[layer - self.block_offset]  # [2, B, Hkv, T_max, Dh]
             kv[0, :, :, pos] = k[r : r + b, :, 0]
             kv[1, :, :, pos] = v[r : r + b, :, 0]
-            self.keys[r : r + b, :, : pos + 1] = kv[0, :, :, : pos + 1]
-            self.values[r : r + b, :, : pos + 1] = kv[1, :, :, : pos + 1]
+            out.append(attend(q[r : r + b], kv[0, :, :, : pos + 1], kv[1, :, :, : pos + 1]))
             r += b
-        return self.keys, self.values, self.mask
+        return torch.cat(out, dim=0)  # [R, H, 1, Dh]
