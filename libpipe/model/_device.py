@@ -53,6 +53,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
             )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' asked for but MPS is not available", device=text)
+    return canonical_device(dev)
+
+
+def canonical_device(device: str | torch.device) -> torch.device:
+    """The device as tensors report it (``cuda`` -> ``cuda:0``), so that
+    comparing a tensor's device with ours cannot fail on a missing index."""
+    dev = torch.device(device)
+    if dev.type in ("cuda", "mps") and dev.index is None:
+        return torch.empty(0, device=dev).device
     return dev
 
 

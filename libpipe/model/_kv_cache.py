@@ -20,11 +20,13 @@ the live prefixes per step (see ``BlockSpan.decode_batch``).
 from __future__ import annotations
 
 import threading
+import weakref
 from types import TracebackType
 
 import torch
 
-from ..errors import CacheFullError, InvalidRequestError, SessionError
+from ..errors import CacheFullError, DrainingError, InvalidRequestError, SessionError
+from ._device import canonical_device
 
 
 class KVCachePool:
@@ -34,9 +36,11 @@ class KVCachePool:
         if budget_bytes < 0:
             raise InvalidRequestError(f"cache budget must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self._used = 0
         self._lock = threading.Lock()
+        self._live: weakref.WeakSet[KVCache] = weakref.WeakSet()
+        self._closed = False
 
     @property
     def used_bytes(self) -> int:
@@ -94,10 +98,33 @@ class KVCachePool:
                 requested=requested,
                 free=self.free_bytes,
             ) from None
-        return KVCache(self, tensor, requested)
+        cache = KVCache(self, tensor, requested)
+        self._live.add(cache)
+        return cache
+
+    def close(self) -> None:
+        """Free every cache still open (server shutdown); later allocations fail."""
+        with self._lock:
+            self._closed = True
+            live = list(self._live)
+        for cache in live:
+            cache.close()
+
+    def __enter__(self) -> KVCachePool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def _reserve(self, nbytes: int) -> None:
         with self._lock:
+            if self._closed:
+                raise DrainingError("KV cache pool is closed: no new sessions")
             free = self.budget_bytes - self._used
             if nbytes > free:
                 raise CacheFullError(

@@ -3,7 +3,7 @@ import threading
 import pytest
 import torch
 
-from libpipe.errors import CacheFullError, InvalidRequestError, SessionError
+from libpipe.errors import CacheFullError, DrainingError, InvalidRequestError, SessionError
 from libpipe.model import KVCachePool
 
 
@@ -78,3 +78,14 @@ def test_concurrent_allocation_never_oversubscribes():
         t.join()
     assert (len(got), len(full)) == (10, 10)
     assert pool.free_bytes == 0
+
+
+def test_closing_the_pool_frees_every_open_cache():
+    with KVCachePool(1 << 20) as pool:
+        a = pool.allocate(1, 8, 1, 1, 8, torch.float32)
+        b = pool.allocate(1, 8, 1, 1, 8, torch.float32)
+        b.close()
+        assert pool.used_bytes == 512
+    assert a.closed and pool.used_bytes == 0
+    with pytest.raises(DrainingError, match="pool is closed"):
+        pool.allocate(1, 8, 1, 1, 8, torch.float32)
