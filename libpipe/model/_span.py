@@ -129,10 +129,17 @@ class BlockSpan(nn.Module):
                 f"{t} more positions would pass the session's max_length {cache.max_length} "
                 f"(at {session.position})"
             )
+        begin = session.position
         outputs = []
-        for c in range(0, t, self.prefill_chunk):
-            chunk = hidden[:, c : c + self.prefill_chunk]  # [B, Tc, D]
-            outputs.append(self._run_chunk(session, chunk))
+        try:
+            for c in range(0, t, self.prefill_chunk):
+                chunk = hidden[:, c : c + self.prefill_chunk]  # [B, Tc, D]
+                outputs.append(self._run_chunk(session, chunk))
+        except BaseException:
+            # All or nothing: a step that fails half-way (cancelled, out of
+            # memory) leaves the session where it was, so the client can retry.
+            session.cache.length = begin
+            raise
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _run_chunk(self, session: InferenceSession, x: Tensor) -> Tensor:
@@ -143,7 +150,6 @@ class BlockSpan(nn.Module):
         view = _SessionView(session.cache.tensor, session.start - self.start, pos, t)
         for block in self.layers[session.start - self.start : session.end - self.start]:
             x = block(x, cos, sin, view)
-        # Only now: a failure above leaves the session where it was.
         session.cache.length = pos + t
         return x
 

@@ -176,3 +176,32 @@ def test_8192_token_session_on_gqa(checkpoints, pool):
         reference = span(x)
     torch.testing.assert_close(prefill[:, -64:], reference[:, 8126:8190], **EXACT)
     torch.testing.assert_close(last, reference[:, 8190:], **EXACT)
+
+
+def test_a_step_failing_half_way_leaves_the_session_where_it_was(span, pool, monkeypatch):
+    x = _x(1, 20, 64, seed=6)
+    with (
+        span.open_session(pool, batch=1, max_length=32) as s,
+        span.open_session(pool, batch=1, max_length=32) as fresh,
+    ):
+        s.step(x[:, :4])
+        fresh.step(x[:, :4])
+        span.prefill_chunk = 5
+        real = span._run_chunk
+        calls = []
+
+        def failing_second_chunk(session, chunk):
+            calls.append(chunk.shape[1])
+            if len(calls) == 2:
+                raise MemoryError("simulated")
+            return real(session, chunk)
+
+        monkeypatch.setattr(span, "_run_chunk", failing_second_chunk)
+        try:
+            with pytest.raises(MemoryError):
+                s.step(x[:, 4:16])
+        finally:
+            monkeypatch.undo()
+            span.prefill_chunk = 512
+        assert calls == [5, 5] and s.position == 4
+        torch.testing.assert_close(s.step(x[:, 4:]), fresh.step(x[:, 4:]), **EXACT)
