@@ -140,3 +140,26 @@ def test_input_gradients_through_remote_style_spans_match_autograd(checkpoints):
         grad = g
     torch.testing.assert_close(grad, x_ref.grad, **TOL)
     assert all(not p.requires_grad for span in spans for p in span.parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"attention_bias": True, "mlp_bias": True},
+        {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+    ],
+    ids=["llama-biases", "mistral"],
+)
+def test_other_variants_match(tmp_path, overrides):
+    biases = overrides.get("mlp_bias", False)
+    path = write_random_checkpoint(
+        tmp_path / "m", "llama", seed=5, overrides={"num_hidden_layers": 3} | overrides
+    )
+    hf = _hf(path)
+    span, head = load_span(path, 0, 3, progress=False), load_client_head(path, progress=False)
+    ids = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(head.logits(span(head.embed(ids))), hf(ids).logits, **TOL)
+    weights = span.state_dict()
+    assert ("layers.0.self_attn.o_proj.bias" in weights) == biases
+    assert ("layers.2.mlp.down_proj.bias" in weights) == biases
