@@ -6,6 +6,9 @@ and ``model.safetensors.index.json``) with the tensor names transformers
 uses, so that both transformers and ``load_span`` read the very same files.
 This module must not need transformers: the demo runs without it.
 
+With a vocabulary of at least 256 a byte-level ``tokenizer.json`` comes
+along (token id = UTF-8 byte value), so the demo can take and print text.
+
 Weights are scaled so activations stay O(1) through every block (std
 1/sqrt(fan_in), norms near 1): with transformers' tiny default init the
 blocks would be near-identity maps and comparisons would prove little.
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from ..errors import ConfigError
 from ._config import ModelConfig
@@ -97,6 +101,7 @@ def write_random_checkpoint(
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int | None = None,
     overrides: dict[str, Any] | None = None,
+    tokenizer: bool = True,
 ) -> Path:
     """Write a random checkpoint to directory ``path`` and return it.
 
@@ -127,7 +132,40 @@ def write_random_checkpoint(
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     else:
         _write_shards(path, tensors, max_shard_bytes)
+    if tokenizer and parsed.vocab_size >= 256:
+        write_byte_tokenizer(path / "tokenizer.json")
     return path
+
+
+def write_byte_tokenizer(path: str | Path) -> None:
+    """A tokenizer whose token ids are the UTF-8 bytes of the text.
+
+    Byte-level BPE with no merges: every byte is one token, the id is the
+    byte's value, and decoding any id sequence gives back the bytes (ids
+    >= 256 are unknown to it). Uses GPT-2's byte -> printable character
+    table, which the byte-level pre-tokenizer and decoder expect."""
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in _byte_chars().items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path))
+
+
+def _byte_chars() -> dict[int, str]:
+    # Printable Latin-1 bytes stand for themselves; the others are shifted
+    # past 255 in order, so no byte maps to whitespace or a control char.
+    printable = {
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), 256),
+    }
+    chars, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + shifted)
+            shifted += 1
+    return chars
 
 
 def _random_tensors(config: ModelConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

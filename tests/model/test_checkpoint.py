@@ -169,3 +169,15 @@ def test_client_head_refuses_bad_input(checkpoints):
         head.logits(torch.zeros(1, 2, 32))
     # Hidden states arrive in the wire dtype; the head computes in its own.
     assert head.logits(torch.zeros(1, 2, 64, dtype=torch.float16)).dtype == torch.float32
+
+
+def test_byte_tokenizer_round_trips_text(checkpoints, tmp_path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(checkpoints["llama"] / "tokenizer.json"))
+    text = "héllo wörld\n\t\x01 ✓"
+    ids = tok.encode(text).ids
+    assert ids == list(text.encode())
+    assert tok.decode(ids) == text
+    small = write_random_checkpoint(tmp_path / "s", "llama", overrides={"vocab_size": 100})
+    assert not (small / "tokenizer.json").exists()
