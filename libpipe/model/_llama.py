@@ -141,19 +141,16 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView | None, layer: int) -> Tensor:
         bsz, t, _ = x.shape  # x: [B, T, D]
-        q = (
-            self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim).transpose(1, 2)
-        )  # [B, H, T, Dh]
-        k = (
-            self.k_proj(x).view(bsz, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(bsz, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(bsz, t, h, dh).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(bsz, t, hkv, dh).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(bsz, t, hkv, dh).transpose(1, 2)  # [B, Hkv, T, Dh]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is None:
             y = attend(q, k, v, causal=t > 1)
         else:
             y = kv.attend(layer, q, k, v)  # [B, H, T, Dh]
-        y = y.transpose(1, 2).reshape(bsz, t, self.n_heads * self.head_dim)  # [B, T, H*Dh]
+        y = y.transpose(1, 2).reshape(bsz, t, h * dh)  # [B, T, H*Dh]
         return self.o_proj(y)
 
 
