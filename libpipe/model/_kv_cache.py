@@ -168,10 +168,13 @@ class KVCache:
         return self.tensor.shape[4]
 
     def close(self) -> None:
-        """Give the bytes back to the pool; idempotent."""
-        if self._tensor is not None:
+        """Give the bytes back to the pool; idempotent, and safe against the
+        pool closing it from another thread at the same time."""
+        with self._pool._lock:
+            if self._tensor is None:
+                return
             self._tensor = None
-            self._pool._release(self.nbytes)
+            self._pool._used -= self.nbytes
 
     def __enter__(self) -> KVCache:
         return self
