@@ -1,1 +1,29 @@
-"""swarm layer (see ../shared/DESIGN.md, 'Layers')."""
+"""Gossip membership and signed server records (SWIM, shaped like memberlist).
+
+See ``_node.py`` for the theory of operation.
+"""
+
+from ._broadcast import BroadcastQueue as BroadcastQueue
+from ._config import GossipConfig as GossipConfig
+from ._gossip import gossip_round as gossip_round
+from ._memory import MemoryNetwork as MemoryNetwork
+from ._memory import MemoryTransport as MemoryTransport
+from ._node import GossipNode as GossipNode
+from ._node import GossipStats as GossipStats
+from ._probe import ProbeOrder as ProbeOrder
+from ._probe import ProbeResult as ProbeResult
+from ._probe import probe_round as probe_round
+from ._pushpull import push_pull_round as push_pull_round
+from ._record import RecordState as RecordState
+from ._record import ServerRecord as ServerRecord
+from ._record import SignedRecord as SignedRecord
+from ._record import Signer as Signer
+from ._record import decode_signed as decode_signed
+from ._record import sign_record as sign_record
+from ._record import verify_signed as verify_signed
+from ._state import Member as Member
+from ._state import MemberState as MemberState
+from ._state import supersedes as supersedes
+from ._suspicion import Suspicion as Suspicion
+from ._transport import Handler as Handler
+from ._transport import Transport as Transport

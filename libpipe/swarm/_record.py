@@ -1,0 +1,242 @@
+"""Signed server records: what a server says about itself, and nobody can forge.
+
+A record is encoded canonically (a msgpack map with sorted keys, floats as
+float64, sequences as arrays), so the same record is always the same bytes,
+and those bytes are signed with the server's Ed25519 identity key under a
+domain tag (so a signature made for anything else never verifies as a
+record). A receiver checks, in order: the shape of the payload, that the
+claimed peer id is the one derived from the enclosed public key, the
+signature, and the age. Any failure raises ``RecordError`` with a
+``reason`` that the node counts; the record is then dropped.
+
+Only the owner signs its record, so gossip relays it verbatim: a relay can
+drop news but cannot alter it, and every receiver can check it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ..errors import RecordError
+from ..net import peer_id_from_public_key
+
+# Signatures cover DOMAIN + payload: a record signature is useless elsewhere.
+DOMAIN = b"libpipe/server-record/v1\x00"
+# A record is a few hundred bytes; the cap is checked before decoding so a
+# hostile blob costs nothing.
+MAX_RECORD_BYTES = 4096
+MAX_ADDRESSES = 8
+MAX_STRING = 256
+SIGNATURE_BYTES = 64
+PUBLIC_KEY_BYTES = 32
+
+
+class RecordState(enum.Enum):
+    """Lifecycle of a block server, as it announces it."""
+
+    JOINING = "joining"  # loading blocks; takes no sessions yet
+    ONLINE = "online"
+    DRAINING = "draining"  # finishing sessions; takes no new ones
+
+
+class Signer(Protocol):
+    """What signing needs from a node identity (``libpipe.net.Identity``)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def public_key_bytes(self) -> bytes: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """One server's self-description.
+
+    ``span`` is the half-open block range [start, end). Throughputs are
+    measured by the server itself over its whole span: ``throughput_decode``
+    in single-token steps per second, ``throughput_forward`` in tokens per
+    second of bulk forward. ``timestamp`` is wall-clock seconds (Unix time)
+    of signing; ``incarnation`` rises with every re-signing.
+    """
+
+    peer_id: str
+    public_key: bytes
+    addresses: tuple[str, ...]
+    model_id: str
+    span: tuple[int, int]
+    dtype: str
+    version: str
+    throughput_decode: float
+    throughput_forward: float
+    free_cache_bytes: int
+    active_sessions: int
+    state: RecordState
+    incarnation: int
+    timestamp: float
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.peer_id, str) and 0 < len(self.peer_id) <= MAX_STRING, "peer_id")
+        _check(
+            isinstance(self.public_key, bytes) and len(self.public_key) == PUBLIC_KEY_BYTES,
+            "public_key",
+        )
+        _check(
+            isinstance(self.addresses, tuple)
+            and 0 < len(self.addresses) <= MAX_ADDRESSES
+            and all(isinstance(a, str) and 0 < len(a) <= MAX_STRING for a in self.addresses),
+            "addresses",
+        )
+        for name in ("model_id", "dtype", "version"):
+            value = getattr(self, name)
+            _check(isinstance(value, str) and len(value) <= MAX_STRING, name)
+        _check(
+            isinstance(self.span, tuple)
+            and len(self.span) == 2
+            and all(_is_int(b) for b in self.span)
+            and 0 <= self.span[0] <= self.span[1],
+            "span",
+        )
+        for name in ("throughput_decode", "throughput_forward", "timestamp"):
+            value = getattr(self, name)
+            _check(_is_number(value) and math.isfinite(value) and value >= 0, name)
+        for name in ("free_cache_bytes", "active_sessions", "incarnation"):
+            value = getattr(self, name)
+            _check(_is_int(value) and 0 <= value < 2**63, name)
+        _check(isinstance(self.state, RecordState), "state")
+
+    def to_map(self) -> dict[str, Any]:
+        """The canonical map: keys sorted, only msgpack-native values."""
+        raw = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+        }
+        raw["addresses"] = list(self.addresses)
+        raw["span"] = list(self.span)
+        raw["state"] = self.state.value
+        raw["throughput_decode"] = float(self.throughput_decode)
+        raw["throughput_forward"] = float(self.throughput_forward)
+        raw["timestamp"] = float(self.timestamp)
+        return dict(sorted(raw.items()))
+
+    @classmethod
+    def from_map(cls, raw: Any) -> ServerRecord:
+        """Rebuild from a decoded map, refusing missing, extra or mistyped fields."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+            raise RecordError("server record has the wrong fields", reason="malformed")
+        try:
+            state = RecordState(raw["state"])
+        except ValueError:
+            raise RecordError("server record has an unknown state", reason="malformed") from None
+        values = dict(raw)
+        values["state"] = state
+        values["addresses"] = _as_tuple(raw["addresses"], "addresses")
+        values["span"] = _as_tuple(raw["span"], "span")
+        return cls(**values)
+
+    def encode(self) -> bytes:
+        """Canonical bytes: equal records always encode identically."""
+        return msgpack.packb(self.to_map(), use_bin_type=True)
+
+
+@dataclass(frozen=True)
+class SignedRecord:
+    """A record with the exact bytes its owner signed (relayed verbatim)."""
+
+    payload: bytes
+    signature: bytes
+    record: ServerRecord
+
+    def to_wire(self) -> list[bytes]:
+        return [self.payload, self.signature]
+
+
+def sign_record(record: ServerRecord, signer: Signer) -> SignedRecord:
+    """Sign ``record`` with the identity it names (refusing any other)."""
+    if record.peer_id != signer.peer_id or record.public_key != signer.public_key_bytes:
+        raise RecordError("a record may only be signed by the identity it names", reason="signer")
+    payload = record.encode()
+    return SignedRecord(payload, signer.sign(DOMAIN + payload), record)
+
+
+def decode_signed(wire: Any) -> SignedRecord:
+    """Parse a record off the wire WITHOUT checking the signature.
+
+    Callers use the unverified fields only to decide whether the record is
+    news at all (its peer id and incarnation); news goes through
+    ``verify_signed`` before anything believes it."""
+    if not (
+        isinstance(wire, (list, tuple))
+        and len(wire) == 2
+        and isinstance(wire[0], bytes)
+        and isinstance(wire[1], bytes)
+    ):
+        raise RecordError("a signed record is [payload, signature]", reason="malformed")
+    payload, signature = wire
+    if len(payload) > MAX_RECORD_BYTES:
+        raise RecordError(
+            "server record is too large", reason="malformed", size=len(payload), limit=MAX_RECORD_BYTES
+        )
+    if len(signature) != SIGNATURE_BYTES:
+        raise RecordError("record signature has the wrong length", reason="malformed")
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise RecordError("server record is not valid msgpack", reason="malformed") from None
+    return SignedRecord(payload, signature, ServerRecord.from_map(raw))
+
+
+def verify_signed(signed: SignedRecord, *, now: float, ttl: float, max_skew: float) -> None:
+    """Raise ``RecordError`` unless the record is authentic and fresh at ``now``."""
+    record = signed.record
+    if peer_id_from_public_key(record.public_key) != record.peer_id:
+        raise RecordError(
+            "record claims a peer id its key does not derive", reason="wrong_key", peer_id=record.peer_id
+        )
+    try:
+        Ed25519PublicKey.from_public_bytes(record.public_key).verify(
+            signed.signature, DOMAIN + signed.payload
+        )
+    except (InvalidSignature, ValueError):
+        raise RecordError(
+            "record signature does not verify", reason="bad_signature", peer_id=record.peer_id
+        ) from None
+    if record.timestamp > now + max_skew:
+        raise RecordError(
+            "record is stamped in the future", reason="future", peer_id=record.peer_id
+        )
+    if now - record.timestamp > ttl:
+        raise RecordError("record has expired", reason="expired", peer_id=record.peer_id)
+
+
+def is_expired(record: ServerRecord, *, now: float, ttl: float) -> bool:
+    return now - record.timestamp > ttl
+
+
+def _check(ok: bool, name: str) -> None:
+    if not ok:
+        raise RecordError(f"server record field {name!r} is invalid", reason="malformed", field=name)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise RecordError(f"server record field {name!r} is invalid", reason="malformed", field=name)
+    return tuple(value)

@@ -1,0 +1,143 @@
+"""Whole swarms in virtual time: convergence, failure detection, refutation, leave."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from libpipe.errors import ConfigError, ConnectionBrokenError, ConnectionClosedError
+from libpipe.swarm import MemberState, RecordState, decode_signed, verify_signed
+
+
+async def test_hundred_nodes_converge_within_bounded_rounds(autojump_clock, swarm, config):
+    await swarm.add(100)
+    # Ten probe rounds: well inside one push-pull period, so gossip alone does it.
+    assert config.push_pull_period(100) > 10 * config.probe_interval
+    await swarm.wait_for(swarm.converged, limit=10 * config.probe_interval)
+    assert all(n.stats.records_rejected.total() == 0 for n in swarm.nodes)
+
+
+async def test_killed_node_is_declared_dead_by_all_within_bound(autojump_clock, swarm, config):
+    nodes = await swarm.add(100)
+    await swarm.wait_for(swarm.converged, limit=10 * config.probe_interval)
+    victim = nodes[7]
+    swarm.kill(victim)
+    # Found within a pass of probes, then at most the unconfirmed suspicion
+    # timeout, then a few rounds for the verdict to spread.
+    bound = config.suspicion_max_timeout(100) + 5 * config.probe_interval
+    elapsed = await swarm.wait_for(lambda: swarm.all_see(victim.peer_id, MemberState.DEAD), limit=bound)
+    # Confirmations from several accusers cut the wait well below the bound.
+    assert elapsed < config.suspicion_max_timeout(100) / 2
+    assert swarm.converged()
+
+
+async def test_node_behind_lossy_link_refutes_suspicion_and_stays(autojump_clock, swarm, network, config):
+    # No record refreshes during the test: a refutation is the only way out
+    # of a suspicion.
+    swarm.config = config.replace(record_refresh_interval=100.0)
+    nodes = await swarm.add(30)
+    await swarm.wait_for(swarm.converged, limit=10 * config.probe_interval)
+    lossy = nodes[5]
+    network.set_loss(lossy.address, 0.6)
+    seen = set()
+    for _ in range(150):  # 15 virtual seconds of a bad link
+        await trio.sleep(0.1)
+        seen |= {n.members[lossy.peer_id].state for n in swarm.alive() if n is not lossy}
+    network.set_loss(lossy.address, 0.0)
+    await swarm.wait_for(lambda: swarm.all_see(lossy.peer_id, MemberState.ALIVE), limit=5.0)
+    assert MemberState.SUSPECT in seen
+    assert MemberState.DEAD not in seen
+    assert lossy.stats.refutations > 0
+
+
+async def test_false_accusation_is_refuted_with_higher_incarnation(autojump_clock, swarm, config):
+    _, b, c = await swarm.add(3)
+    await swarm.wait_for(swarm.converged, limit=5.0)
+    accused = b.members[c.peer_id].incarnation
+    b.on_suspect(c.peer_id, accused, b.peer_id)
+    assert b.members[c.peer_id].state is MemberState.SUSPECT
+    await swarm.wait_for(lambda: swarm.all_see(c.peer_id, MemberState.ALIVE), limit=3.0)
+    assert b.members[c.peer_id].incarnation > accused
+    assert c.stats.refutations >= 1
+
+
+async def test_graceful_leave_is_seen_by_all(autojump_clock, swarm, config):
+    nodes = await swarm.add(10)
+    await swarm.wait_for(swarm.converged, limit=5.0)
+    leaver = nodes[3]
+    await leaver.leave()
+    swarm.dead.add(leaver.peer_id)
+    await swarm.wait_for(lambda: swarm.all_see(leaver.peer_id, MemberState.LEFT), limit=3.0)
+    assert swarm.converged()
+    with pytest.raises(ConnectionClosedError):
+        await leaver.leave()
+
+
+async def test_join_through_any_one_reachable_peer(autojump_clock, swarm, config):
+    first = await swarm.add(4)
+    late = swarm.make()
+    await swarm.start(late, ["nobody-listens-here", first[2].address])
+    await swarm.wait_for(swarm.converged, limit=5.0)
+
+
+async def test_join_fails_with_typed_error_when_no_peer_answers(autojump_clock, swarm, network):
+    (lone,) = await swarm.add(1)
+    network.kill(lone.address)
+    late = swarm.make()
+    with pytest.raises(ConnectionBrokenError):
+        await late.run([lone.address, "nobody-listens-here"])
+
+
+async def test_running_twice_is_refused(autojump_clock, swarm):
+    (node,) = await swarm.add(1)
+    with pytest.raises(ConfigError):
+        await node.run()
+
+
+async def test_record_updates_reach_every_node(autojump_clock, swarm, config):
+    nodes = await swarm.add(30)
+    await swarm.wait_for(swarm.converged, limit=10.0)
+    server = nodes[11]
+    server.update_local_record(span=(4, 12), state=RecordState.ONLINE, throughput_decode=35.5)
+
+    def everyone_has_it() -> bool:
+        return all(
+            n.members[server.peer_id].record.record.span == (4, 12) for n in swarm.alive()
+        )
+
+    await swarm.wait_for(everyone_has_it, limit=3 * config.probe_interval)
+    record = nodes[0].members[server.peer_id].record.record
+    assert record.state is RecordState.ONLINE and record.throughput_decode == 35.5
+
+
+async def test_local_record_updates_are_validated(autojump_clock, swarm):
+    (node,) = await swarm.add(1)
+    with pytest.raises(ConfigError):
+        node.update_local_record(peer_id="someone-else")
+    with pytest.raises(ConfigError):
+        node.update_local_record(span=(8, 2))
+    with pytest.raises(ConfigError):
+        node.update_local_record(free_cache_bytes=-1)
+
+
+async def test_records_expire_from_the_view_when_not_refreshed(autojump_clock, swarm, config):
+    nodes = await swarm.add(5)
+    await swarm.wait_for(swarm.converged, limit=5.0)
+    observer = nodes[1]
+    # Seen from a clock one TTL ahead, every other record is stale.
+    swarm.skew[observer.address] = config.record_ttl + 1
+    assert [r.record.peer_id for r in observer.view()] == [observer.peer_id]
+    # ... and refreshed records come back.
+    swarm.skew[observer.address] = 0.0
+    assert len(observer.view()) == 5
+
+
+async def test_view_rpc_returns_verifiable_records(autojump_clock, swarm, network):
+    nodes = await swarm.add(6)
+    await swarm.wait_for(swarm.converged, limit=5.0)
+    client = network.endpoint("client")
+    reply = await client.request(nodes[4].address, "swarm.view", {})
+    records = [decode_signed(w) for w in reply["records"]]
+    for signed in records:
+        verify_signed(signed, now=nodes[0]._clock(), ttl=60.0, max_skew=1.0)
+    assert {s.record.peer_id for s in records} == {n.peer_id for n in nodes}
