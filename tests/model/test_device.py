@@ -35,3 +35,20 @@ def test_cuda_defaults_to_fp16():
     assert resolve_dtype(dev) == torch.float16
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_span_on_cuda_in_fp16_tracks_cpu_fp32(checkpoints):
+    from libpipe.model import KVCachePool, load_span
+
+    cpu = load_span(checkpoints["llama-gqa"], 0, 8, progress=False)
+    gpu = load_span(checkpoints["llama-gqa"], 0, 8, device="cuda", progress=False)
+    assert gpu.dtype == torch.float16 and gpu.device == torch.device("cuda:0")
+    x = torch.randn(2, 24, 64)
+    reference = cpu(x)
+    pool = KVCachePool(1 << 26, device="cuda")
+    with gpu.open_session(pool, batch=2, max_length=32) as s:
+        prefill = s.step(x[:, :23].to("cuda", torch.float16))
+        (last,) = gpu.decode_batch([s], [x[:, 23:].to("cuda", torch.float16)])
+    got = torch.cat([prefill, last], dim=1).float().cpu()
+    torch.testing.assert_close(got, reference, atol=0.1, rtol=0.02)
