@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from libpipe.errors import ConfigError
-from libpipe.model import resolve_device, resolve_dtype
+from libpipe.model import KVCachePool, load_span, resolve_device, resolve_dtype
 
 
 def test_cpu_defaults_and_allowed_dtypes():
@@ -39,8 +39,6 @@ def test_cuda_defaults_to_fp16():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_span_on_cuda_in_fp16_tracks_cpu_fp32(checkpoints):
-    from libpipe.model import KVCachePool, load_span
-
     cpu = load_span(checkpoints["llama-gqa"], 0, 8, progress=False)
     gpu = load_span(checkpoints["llama-gqa"], 0, 8, device="cuda", progress=False)
     assert gpu.dtype == torch.float16 and gpu.device == torch.device("cuda:0")
