@@ -4,8 +4,8 @@ memberlist's TransmitLimitedQueue, reshaped: news goes out fewest
 transmissions first (fresh news spreads fastest), newest first among equals,
 and leaves the queue after ``limit(n)`` transmissions. News is keyed by the
 member it is about, so newer news about a member replaces the older before
-it wastes a single byte. Entries live in buckets by transmission count so
-taking m entries costs O(m), not a sort of the queue.
+it wastes a single byte. Entries live in buckets by transmission count, so
+a take sorts only the buckets it reaches (usually just the first).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class _Entry:
     key: str
     message: Any
     size: int
+    seq: int
     transmits: int = 0
 
 
@@ -35,8 +36,9 @@ class BroadcastQueue:
     def __init__(self, limit: Callable[[], int]) -> None:
         self._limit = limit
         self._by_key: dict[str, _Entry] = {}
-        # transmits -> {key: entry}, in insertion order (oldest first).
+        # transmits -> {key: entry}.
         self._buckets: dict[int, dict[str, _Entry]] = {}
+        self._seq = 0
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -52,7 +54,8 @@ class BroadcastQueue:
     def queue(self, key: str, message: Any, size: int) -> None:
         """Queue news about ``key``, dropping any older news about it."""
         self._drop(key)
-        entry = _Entry(key, message, size)
+        self._seq += 1
+        entry = _Entry(key, message, size, self._seq)
         self._by_key[key] = entry
         self._buckets.setdefault(0, {})[key] = entry
 
@@ -62,15 +65,13 @@ class BroadcastQueue:
         taken: list[_Entry] = []
         used = 0
         for transmits in sorted(self._buckets):
-            bucket = self._buckets[transmits]
-            for entry in reversed(list(bucket.values())):
+            if budget - used < _ENTRY_OVERHEAD + _MIN_MESSAGE:
+                break
+            for entry in sorted(self._buckets[transmits].values(), key=_newest_first):
                 cost = entry.size + _ENTRY_OVERHEAD
-                if used + cost > budget:
-                    if budget - used < _ENTRY_OVERHEAD + _MIN_MESSAGE:
-                        break
-                    continue
-                used += cost
-                taken.append(entry)
+                if used + cost <= budget:
+                    used += cost
+                    taken.append(entry)
         for entry in taken:
             self._drop(entry.key)
             entry.transmits += 1
@@ -87,3 +88,7 @@ class BroadcastQueue:
         del bucket[entry.key]
         if not bucket:
             del self._buckets[entry.transmits]
+
+
+def _newest_first(entry: _Entry) -> int:
+    return -entry.seq

@@ -93,7 +93,9 @@ class MemoryNetwork:
     def _reachable(self, src: str, dst: str) -> bool:
         return src not in self._down and dst not in self._down and dst in self._served
 
-    async def _request(self, src: str, dst: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _request(
+        self, src: str, dst: str, method: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
         if dst not in self._known:
             raise ConnectionBrokenError(f"connection to {dst} refused", address=dst)
         data = self._transmit(src, dst, body)

@@ -188,9 +188,7 @@ class GossipNode:
         """Change fields of our record, re-sign it and gossip it."""
         unknown = set(changes) - UPDATABLE_FIELDS
         if unknown:
-            raise ConfigError(
-                "these record fields cannot be updated", fields=sorted(unknown)
-            )
+            raise ConfigError("these record fields cannot be updated", fields=sorted(unknown))
         if "addresses" in changes:
             changes["addresses"] = tuple(changes["addresses"])
         if "span" in changes:

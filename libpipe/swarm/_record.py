@@ -117,9 +117,7 @@ class ServerRecord:
 
     def to_map(self) -> dict[str, Any]:
         """The canonical map: keys sorted, only msgpack-native values."""
-        raw = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-        }
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         raw["addresses"] = list(self.addresses)
         raw["span"] = list(self.span)
         raw["state"] = self.state.value
@@ -185,7 +183,10 @@ def decode_signed(wire: Any) -> SignedRecord:
     payload, signature = wire
     if len(payload) > MAX_RECORD_BYTES:
         raise RecordError(
-            "server record is too large", reason="malformed", size=len(payload), limit=MAX_RECORD_BYTES
+            "server record is too large",
+            reason="malformed",
+            size=len(payload),
+            limit=MAX_RECORD_BYTES,
         )
     if len(signature) != SIGNATURE_BYTES:
         raise RecordError("record signature has the wrong length", reason="malformed")
@@ -201,7 +202,9 @@ def verify_signed(signed: SignedRecord, *, now: float, ttl: float, max_skew: flo
     record = signed.record
     if peer_id_from_public_key(record.public_key) != record.peer_id:
         raise RecordError(
-            "record claims a peer id its key does not derive", reason="wrong_key", peer_id=record.peer_id
+            "record claims a peer id its key does not derive",
+            reason="wrong_key",
+            peer_id=record.peer_id,
         )
     try:
         Ed25519PublicKey.from_public_bytes(record.public_key).verify(
@@ -225,7 +228,9 @@ def is_expired(record: ServerRecord, *, now: float, ttl: float) -> bool:
 
 def _check(ok: bool, name: str) -> None:
     if not ok:
-        raise RecordError(f"server record field {name!r} is invalid", reason="malformed", field=name)
+        raise RecordError(
+            f"server record field {name!r} is invalid", reason="malformed", field=name
+        )
 
 
 def _is_int(value: Any) -> bool:
@@ -238,5 +243,7 @@ def _is_number(value: Any) -> bool:
 
 def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
     if not isinstance(value, (list, tuple)):
-        raise RecordError(f"server record field {name!r} is invalid", reason="malformed", field=name)
+        raise RecordError(
+            f"server record field {name!r} is invalid", reason="malformed", field=name
+        )
     return tuple(value)

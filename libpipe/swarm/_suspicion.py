@@ -41,7 +41,9 @@ class Suspicion:
         if self.k < 1:
             return self.min_timeout
         frac = math.log(c + 1) / math.log(self.k + 1)
-        return max(self.min_timeout, self.max_timeout - (self.max_timeout - self.min_timeout) * frac)
+        return max(
+            self.min_timeout, self.max_timeout - (self.max_timeout - self.min_timeout) * frac
+        )
 
     @property
     def deadline(self) -> float:

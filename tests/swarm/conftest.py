@@ -63,7 +63,13 @@ class Swarm:
         """Start n nodes; each joins through the first node (or ``bootstrap``)."""
         started = []
         for _ in range(n):
-            peers = bootstrap if bootstrap is not None else [self.nodes[0].address] if self.nodes else []
+            peers = (
+                bootstrap
+                if bootstrap is not None
+                else [self.nodes[0].address]
+                if self.nodes
+                else []
+            )
             started.append(await self.start(self.make(), peers))
         return started
 
@@ -78,9 +84,7 @@ class Swarm:
     def converged(self) -> bool:
         """Every running node's view is exactly the set of running nodes."""
         expected = {n.peer_id for n in self.alive()}
-        return all(
-            {r.record.peer_id for r in node.view()} == expected for node in self.alive()
-        )
+        return all({r.record.peer_id for r in node.view()} == expected for node in self.alive())
 
     def all_see(self, peer_id: str, state: MemberState) -> bool:
         """Every other running node holds ``peer_id`` in ``state`` (a reaped
@@ -94,7 +98,9 @@ class Swarm:
                 return False
         return True
 
-    async def wait_for(self, predicate: Callable[[], bool], *, limit: float, step: float = 0.1) -> float:
+    async def wait_for(
+        self, predicate: Callable[[], bool], *, limit: float, step: float = 0.1
+    ) -> float:
         """Virtual seconds until ``predicate`` holds; fails the test past ``limit``."""
         start = trio.current_time()
         while not predicate():

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import trio
 
-from libpipe.errors import ConfigError, ConnectionBrokenError, ConnectionClosedError
+from libpipe.errors import (
+    ConfigError,
+    ConnectionBrokenError,
+    ConnectionClosedError,
+    InvalidRequestError,
+)
 from libpipe.swarm import MemberState, RecordState, decode_signed, verify_signed
+from libpipe.swarm._record import DOMAIN
 
 
 async def test_hundred_nodes_converge_within_bounded_rounds(autojump_clock, swarm, config):
@@ -25,13 +33,17 @@ async def test_killed_node_is_declared_dead_by_all_within_bound(autojump_clock, 
     # Found within a pass of probes, then at most the unconfirmed suspicion
     # timeout, then a few rounds for the verdict to spread.
     bound = config.suspicion_max_timeout(100) + 5 * config.probe_interval
-    elapsed = await swarm.wait_for(lambda: swarm.all_see(victim.peer_id, MemberState.DEAD), limit=bound)
+    elapsed = await swarm.wait_for(
+        lambda: swarm.all_see(victim.peer_id, MemberState.DEAD), limit=bound
+    )
     # Confirmations from several accusers cut the wait well below the bound.
     assert elapsed < config.suspicion_max_timeout(100) / 2
     assert swarm.converged()
 
 
-async def test_node_behind_lossy_link_refutes_suspicion_and_stays(autojump_clock, swarm, network, config):
+async def test_node_behind_lossy_link_refutes_suspicion_and_stays(
+    autojump_clock, swarm, network, config
+):
     # No record refreshes during the test: a refutation is the only way out
     # of a suspicion.
     swarm.config = config.replace(record_refresh_interval=100.0)
@@ -101,9 +113,7 @@ async def test_record_updates_reach_every_node(autojump_clock, swarm, config):
     server.update_local_record(span=(4, 12), state=RecordState.ONLINE, throughput_decode=35.5)
 
     def everyone_has_it() -> bool:
-        return all(
-            n.members[server.peer_id].record.record.span == (4, 12) for n in swarm.alive()
-        )
+        return all(n.members[server.peer_id].record.record.span == (4, 12) for n in swarm.alive())
 
     await swarm.wait_for(everyone_has_it, limit=3 * config.probe_interval)
     record = nodes[0].members[server.peer_id].record.record
@@ -141,3 +151,75 @@ async def test_view_rpc_returns_verifiable_records(autojump_clock, swarm, networ
     for signed in records:
         verify_signed(signed, now=nodes[0]._clock(), ttl=60.0, max_skew=1.0)
     assert {s.record.peer_id for s in records} == {n.peer_id for n in nodes}
+
+
+async def test_forged_tampered_and_expired_gossip_is_dropped_and_counted(
+    autojump_clock, swarm, network, config
+):
+    nodes = await swarm.add(4)
+    await swarm.wait_for(swarm.converged, limit=5.0)
+    target, victim = nodes[0], nodes[1]
+    attacker = swarm.make()  # never started: it only crafts records
+    held = target.members[victim.peer_id].record
+    now = target._clock()
+
+    def wire(record, signer):
+        payload = record.encode()
+        return [payload, signer.identity.sign(DOMAIN + payload)]
+
+    newer = dataclasses.replace(held.record, incarnation=held.record.incarnation + 5, timestamp=now)
+    news = [
+        # The attacker's key, the victim's peer id.
+        wire(dataclasses.replace(newer, public_key=attacker.identity.public_key_bytes), attacker),
+        # The victim's key, the attacker's signature.
+        wire(newer, attacker),
+        # The victim's own signature over other bytes.
+        [dataclasses.replace(newer, span=(0, 99)).encode(), held.signature],
+        # A genuine record, stamped long ago.
+        wire(
+            dataclasses.replace(
+                attacker.local_record.record, incarnation=9, timestamp=now - config.record_ttl - 1
+            ),
+            attacker,
+        ),
+    ]
+    sender = network.endpoint("intruder")
+    await sender.notify(
+        target.address, "swarm.gossip", {"gossip": [{"t": "alive", "record": w} for w in news]}
+    )
+    await trio.sleep(1.0)
+    rejected = target.stats.records_rejected
+    assert rejected == {"wrong_key": 1, "bad_signature": 2, "expired": 1}
+    kept = target.members[victim.peer_id].record.record
+    assert kept.public_key == victim.identity.public_key_bytes and kept.span == held.record.span
+    assert attacker.peer_id not in target.members
+
+
+async def test_malformed_requests_get_typed_errors(autojump_clock, swarm, network):
+    (node,) = await swarm.add(1)
+    client = network.endpoint("client")
+    with pytest.raises(InvalidRequestError):
+        await client.request(node.address, "swarm.explode", {})
+    with pytest.raises(InvalidRequestError):
+        await client.request(node.address, "swarm.ping_req", {"target": 7})
+    with pytest.raises(InvalidRequestError):
+        await client.request(node.address, "swarm.push_pull", {"state": "everything"})
+    with pytest.raises(InvalidRequestError):
+        await client.request(node.address, "swarm.push_pull", {"state": [["alive", 1]]})
+    with pytest.raises(InvalidRequestError):
+        await client.request(node.address, "swarm.push_pull", {"state": [["zombie", 1, []]]})
+    reply = await client.request(
+        node.address,
+        "swarm.ping",
+        {
+            "target": node.peer_id,
+            "gossip": [7, {"t": "dead"}, {"t": "?", "peer": "p", "inc": 1, "from": "q"}],
+        },
+    )
+    assert reply["ack"] is True
+    assert node.stats.messages_rejected == 3
+    reply = await client.request(
+        node.address, "swarm.ping", {"target": "someone-else", "gossip": "junk"}
+    )
+    assert reply["ack"] is False
+    assert node.stats.messages_rejected == 4

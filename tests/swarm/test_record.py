@@ -1,0 +1,182 @@
+"""Signed server records: canonical bytes, and every way a record is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from libpipe.errors import RecordError
+from libpipe.net import Identity
+from libpipe.swarm import (
+    RecordState,
+    ServerRecord,
+    SignedRecord,
+    decode_signed,
+    sign_record,
+    verify_signed,
+)
+from libpipe.swarm._record import DOMAIN
+
+NOW = 1_800_000_000.0
+TTL = 90.0
+
+
+def make_record(identity, **changes) -> ServerRecord:
+    fields = dict(
+        peer_id=identity.peer_id,
+        public_key=identity.public_key_bytes,
+        addresses=("10.0.0.7:31337",),
+        model_id="meta-llama/Llama-2-7b-hf",
+        span=(8, 16),
+        dtype="float16",
+        version="0.1.0",
+        throughput_decode=41.5,
+        throughput_forward=2300.0,
+        free_cache_bytes=6 << 30,
+        active_sessions=3,
+        state=RecordState.ONLINE,
+        incarnation=4,
+        timestamp=NOW - 5.0,
+    )
+    fields.update(changes)
+    return ServerRecord(**fields)
+
+
+def reason(excinfo) -> str:
+    return excinfo.value.details["reason"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    return Identity.generate()
+
+
+@pytest.fixture(scope="module")
+def attacker():
+    return Identity.generate()
+
+
+def test_signed_record_round_trips_and_verifies(server):
+    signed = sign_record(make_record(server), server)
+    back = decode_signed(msgpack.unpackb(msgpack.packb(signed.to_wire()), raw=False))
+    verify_signed(back, now=NOW, ttl=TTL, max_skew=10.0)
+    assert back.record == signed.record
+
+
+def test_encoding_is_canonical(server):
+    record = make_record(server)
+    payload = record.encode()
+    assert payload == make_record(server).encode()
+    decoded = msgpack.unpackb(payload, raw=False)
+    assert list(decoded) == sorted(decoded)
+    assert ServerRecord.from_map(decoded).encode() == payload
+
+
+def test_record_naming_another_key_is_dropped(server, attacker):
+    # The attacker signs with its own key, but claims the server's peer id.
+    forged = make_record(server, public_key=attacker.public_key_bytes)
+    payload = forged.encode()
+    signed = SignedRecord(payload, attacker.sign(DOMAIN + payload), forged)
+    with pytest.raises(RecordError) as excinfo:
+        verify_signed(signed, now=NOW, ttl=TTL, max_skew=10.0)
+    assert reason(excinfo) == "wrong_key"
+
+
+def test_record_signed_by_another_key_is_dropped(server, attacker):
+    record = make_record(server)
+    payload = record.encode()
+    signed = SignedRecord(payload, attacker.sign(DOMAIN + payload), record)
+    with pytest.raises(RecordError) as excinfo:
+        verify_signed(signed, now=NOW, ttl=TTL, max_skew=10.0)
+    assert reason(excinfo) == "bad_signature"
+
+
+def test_tampered_record_is_dropped(server):
+    signed = sign_record(make_record(server), server)
+    raised = dataclasses.replace(signed.record, free_cache_bytes=1 << 40)
+    tampered = decode_signed([raised.encode(), signed.signature])
+    with pytest.raises(RecordError) as excinfo:
+        verify_signed(tampered, now=NOW, ttl=TTL, max_skew=10.0)
+    assert reason(excinfo) == "bad_signature"
+
+
+def test_signature_without_the_domain_tag_is_dropped(server):
+    record = make_record(server)
+    payload = record.encode()
+    with pytest.raises(RecordError) as excinfo:
+        verify_signed(
+            SignedRecord(payload, server.sign(payload), record), now=NOW, ttl=TTL, max_skew=1
+        )
+    assert reason(excinfo) == "bad_signature"
+
+
+@pytest.mark.parametrize(("age", "why"), [(TTL + 1.0, "expired"), (-30.0, "future")])
+def test_expired_and_future_records_are_dropped(server, age, why):
+    signed = sign_record(make_record(server, timestamp=NOW - age), server)
+    with pytest.raises(RecordError) as excinfo:
+        verify_signed(signed, now=NOW, ttl=TTL, max_skew=10.0)
+    assert reason(excinfo) == why
+
+
+def test_only_the_named_identity_may_sign(server, attacker):
+    with pytest.raises(RecordError):
+        sign_record(make_record(server), attacker)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"span": (9, 3)},
+        {"span": (1, 2, 3)},
+        {"addresses": ()},
+        {"incarnation": -1},
+        {"throughput_decode": float("nan")},
+        {"active_sessions": True},
+        {"public_key": b"short"},
+        {"state": "online"},
+    ],
+)
+def test_invalid_fields_are_refused(server, changes):
+    with pytest.raises(RecordError):
+        make_record(server, **changes)
+
+
+def _wire_with(server, mutate) -> list[bytes]:
+    raw = make_record(server).to_map()
+    mutate(raw)
+    return [msgpack.packb(raw, use_bin_type=True), bytes(64)]
+
+
+@pytest.mark.parametrize(
+    "wire_of",
+    [
+        lambda s: "not a record",
+        lambda s: [b"x"],
+        lambda s: [b"x", b"y", b"z"],
+        lambda s: [b"\xc1", bytes(64)],  # 0xc1 is never valid msgpack
+        lambda s: [b"\x91\x01", bytes(64)],  # valid msgpack, not a map
+        lambda s: [bytes(5000), bytes(64)],
+        lambda s: [make_record(s).encode(), bytes(10)],
+        lambda s: _wire_with(s, lambda m: m.pop("span")),
+        lambda s: _wire_with(s, lambda m: m.update(extra=1)),
+        lambda s: _wire_with(s, lambda m: m.update(state="exploded")),
+        lambda s: _wire_with(s, lambda m: m.update(addresses="10.0.0.1:1")),
+        lambda s: _wire_with(s, lambda m: m.update(model_id=7)),
+    ],
+)
+def test_malformed_wire_records_raise_record_error(server, wire_of):
+    with pytest.raises(RecordError) as excinfo:
+        decode_signed(wire_of(server))
+    assert reason(excinfo) == "malformed"
+
+
+@given(st.binary(max_size=400), st.binary(min_size=64, max_size=64))
+def test_arbitrary_bytes_decode_or_raise_record_error(payload, signature):
+    try:
+        decode_signed([payload, signature])
+    except RecordError:
+        pass
