@@ -3,7 +3,9 @@
 Baseline (same run): each of N sessions takes its decode step alone
 (``InferenceSession.step``), as PETALS serves them. Contender: one
 ``BlockSpan.decode_batch`` call for all N. Prints tokens/s per mode and the
-ratio; ``--json`` prints one JSON object instead.
+ratio; ``--json`` prints one JSON object instead. Also: prefill tokens/s
+with the prompt in chunks vs in one pass (what bounding the attention
+scratch costs).
 
     .venv/bin/python bench/model.py [--hidden 1024 --blocks 8 --context 128 --json]
 """
@@ -22,23 +24,38 @@ import torch
 from libpipe.model import KVCachePool, load_span, write_random_checkpoint
 
 
-def _decode_rate(span, sessions, batched: bool, steps: int) -> float:
-    """Aggregate decode tokens/s (one token per session per step), median of ``steps``."""
-    d = span.config.hidden_size
-    xs = [torch.randn(1, 1, d) for _ in sessions]
+def _decode_rates(span, sessions, steps: int) -> tuple[float, float]:
+    """Aggregate decode tokens/s (one token per session per step), alone and
+    batched, as medians over ``steps`` rounds that alternate the two modes so
+    that load from other processes hits both alike."""
+    xs = [torch.randn(1, 1, span.config.hidden_size) for _ in sessions]
     start = sessions[0].position
-    times = []
+    alone, batched = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        if batched:
-            span.decode_batch(sessions, xs)
-        else:
-            for s, x in zip(sessions, xs, strict=True):
-                s.step(x)
-        times.append(time.perf_counter() - t0)
-        for s in sessions:  # decode at the same context length every step
+        for s, x in zip(sessions, xs, strict=True):
+            s.step(x)
+        t1 = time.perf_counter()
+        for s in sessions:  # decode at the same context length every round
             s.rollback(start)
-    return len(sessions) / statistics.median(times)
+        t2 = time.perf_counter()
+        span.decode_batch(sessions, xs)
+        t3 = time.perf_counter()
+        for s in sessions:
+            s.rollback(start)
+        alone.append(t1 - t0)
+        batched.append(t3 - t2)
+    n = len(sessions)
+    return n / statistics.median(alone), n / statistics.median(batched)
+
+
+def _prefill_rate(span, pool, length: int, chunk: int) -> float:
+    x = torch.randn(1, length, span.config.hidden_size)
+    span.prefill_chunk = chunk
+    with span.open_session(pool, batch=1, max_length=length) as s:
+        t0 = time.perf_counter()
+        s.step(x)
+        return length / (time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -50,6 +67,8 @@ def main() -> int:
     )
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--prefill", type=int, default=2048, help="prompt length for the prefill rows")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -74,8 +93,7 @@ def main() -> int:
         sessions = [span.open_session(pool, batch=1, max_length=args.context + 8) for _ in range(n)]
         for s in sessions:
             s.step(torch.randn(1, args.context, args.hidden))
-        alone = _decode_rate(span, sessions, batched=False, steps=args.steps)
-        batched = _decode_rate(span, sessions, batched=True, steps=args.steps)
+        alone, batched = _decode_rates(span, sessions, args.steps)
         rows.append(
             {
                 "sessions": n,
@@ -86,6 +104,12 @@ def main() -> int:
         )
         for s in sessions:
             s.close()
+    whole = _prefill_rate(span, pool, args.prefill, args.prefill)
+    prefill = [
+        {"chunk": c, "tok_s": (r := _prefill_rate(span, pool, args.prefill, c)), "ratio": r / whole}
+        for c in args.chunks
+    ]
+    prefill.append({"chunk": args.prefill, "tok_s": whole, "ratio": 1.0})
     single = next((r["alone_tok_s"] for r in rows if r["sessions"] == 1), None)
     result = {
         "bench": "model.decode",
@@ -94,6 +118,8 @@ def main() -> int:
         "context": args.context,
         "threads": torch.get_num_threads(),
         "rows": rows,
+        "prefill_len": args.prefill,
+        "prefill": prefill,
     }
     for r in rows:
         result[f"batched_speedup_{r['sessions']}"] = r["ratio"]
@@ -116,6 +142,10 @@ def main() -> int:
             f"aggregate batched at {rows[-1]['sessions']} sessions vs one session: "
             f"{rows[-1]['batched_tok_s'] / single:.2f}x"
         )
+    print(f"\nprefill of {args.prefill} tokens, one session")
+    print(f"{'chunk':>8} {'tok/s':>12} {'vs one pass':>12}")
+    for p in prefill:
+        print(f"{p['chunk']:>8} {p['tok_s']:>12.1f} {p['ratio']:>12.2f}")
     return 0
 
 
