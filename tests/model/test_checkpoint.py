@@ -181,3 +181,14 @@ def test_byte_tokenizer_round_trips_text(checkpoints, tmp_path):
     assert tok.decode(ids) == text
     small = write_random_checkpoint(tmp_path / "s", "llama", overrides={"vocab_size": 100})
     assert not (small / "tokenizer.json").exists()
+
+
+def test_bf16_checkpoint_is_converted_to_the_compute_dtype(tmp_path, checkpoints):
+    path = write_random_checkpoint(tmp_path / "bf16", "llama", seed=7, dtype=torch.bfloat16)
+    assert load_file(path / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+    span = load_span(path, 0, 1, progress=False)
+    fp32 = load_span(checkpoints["llama"], 0, 1, progress=False)
+    assert {p.dtype for p in span.parameters()} == {torch.float32}
+    # Same seed: the bf16 file holds the fp32 weights rounded.
+    for (name, a), (_, b) in zip(span.state_dict().items(), fp32.state_dict().items(), strict=True):
+        assert torch.equal(a, b.bfloat16().float()), name
