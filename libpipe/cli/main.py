@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from ..errors import LibpipeError
 
 # Module names under libpipe.cli, in the order `--help` lists them.
-SUBCOMMANDS: tuple[str, ...] = ()
+SUBCOMMANDS: tuple[str, ...] = ("ca",)
 
 
 def build_parser() -> argparse.ArgumentParser:
