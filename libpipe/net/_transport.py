@@ -1,0 +1,205 @@
+"""Sockets as trio streams: the one place where bytes meet the kernel.
+
+Theory of operation: a stdlib socket (plain or ``ssl.SSLSocket``) is put in
+non-blocking mode and driven directly: try the call, and on "would block"
+park in ``trio.lowlevel.wait_readable``/``wait_writable``. For TLS this lets
+OpenSSL read from and write to the kernel itself, which is about twice as
+fast as ``trio.SSLStream``'s memory BIOs (measured: ~680 vs ~300 MB/s for
+16 MiB messages). One TLS connection is used from one thread, so interleaved
+non-blocking SSL_read/SSL_write calls are safe; ``ssl`` enables
+ACCEPT_MOVING_WRITE_BUFFER, so a write retried after WANT_WRITE may resume
+from the same view.
+
+Every OS and TLS error on an established connection is translated here,
+into ``ConnectionBrokenError``, so no layer above sees ``OSError``.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Sequence
+
+import trio
+
+from ..errors import AuthenticationError, ConnectionBrokenError, ConnectionClosedError, LibpipeError
+
+# A frame smaller than this is joined into one buffer before a TLS write:
+# each SSL_write makes its own record and syscall, and header + small payload
+# in two writes costs a second packet per frame. Above it, copying costs more
+# than the extra record.
+COALESCE_BYTES = 64 * 1024
+# The kernel accepts at most IOV_MAX buffers per sendmsg (1024 on Linux).
+MAX_IOV = 1024
+DEFAULT_RECEIVE_SIZE = 256 * 1024
+
+_BUFFER = bytes | bytearray | memoryview
+
+
+class SocketStream(trio.abc.HalfCloseableStream):
+    """A connected TCP socket (TLS or plain) as a trio stream, with
+    ``send_buffers`` (one frame = one write) and ``receive_into``
+    (the wire codec's buffer is filled straight from the kernel)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # A frame goes out whole, never held back waiting for an ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._closed = False
+        self._sending = False
+        self._receiving = False
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    @property
+    def is_tls(self) -> bool:
+        return self._tls
+
+    def peer_certificate_der(self) -> bytes | None:
+        if not self._tls:
+            return None
+        assert isinstance(self._sock, ssl.SSLSocket)
+        return self._sock.getpeercert(binary_form=True)
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake; ssl errors propagate for the caller to judge."""
+        assert isinstance(self._sock, ssl.SSLSocket)
+        while True:
+            try:
+                self._sock.do_handshake()
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self._sock)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self._sock)
+            else:
+                return
+
+    async def send_all(self, data: _BUFFER) -> None:
+        await self.send_buffers((data,))
+
+    async def send_buffers(self, buffers: Sequence[_BUFFER]) -> None:
+        """Write ``buffers`` in order, as one write where the kernel allows."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_open()
+            if self._tls:
+                await self._send_tls(buffers)
+            else:
+                await self._send_plain(buffers)
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_tls(self, buffers: Sequence[_BUFFER]) -> None:
+        total = sum(memoryview(b).nbytes for b in buffers)
+        if len(buffers) > 1 and total <= COALESCE_BYTES:
+            buffers = (b"".join(buffers),)
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            while view.nbytes:
+                try:
+                    sent = self._sock.send(view)
+                except ssl.SSLWantWriteError:
+                    await trio.lowlevel.wait_writable(self._sock)
+                except ssl.SSLWantReadError:
+                    await trio.lowlevel.wait_readable(self._sock)
+                except (OSError, ssl.SSLError) as exc:
+                    raise self._broken(exc) from exc
+                else:
+                    view = view[sent:]
+
+    async def _send_plain(self, buffers: Sequence[_BUFFER]) -> None:
+        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in views if v.nbytes]
+        while views:
+            try:
+                sent = self._sock.sendmsg(views[:MAX_IOV])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._sock)
+                continue
+            except OSError as exc:
+                raise self._broken(exc) from exc
+            while sent:
+                if sent >= views[0].nbytes:
+                    sent -= views.pop(0).nbytes
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self._sock)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        buffer = bytearray(max_bytes or DEFAULT_RECEIVE_SIZE)
+        n = await self.receive_into(buffer)
+        del buffer[n:]
+        return bytes(buffer)
+
+    async def receive_into(self, buffer: bytearray | memoryview) -> int:
+        """Fill ``buffer`` with what has arrived; 0 means the peer closed."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_open()
+            while True:
+                try:
+                    n = self._sock.recv_into(buffer)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    await trio.lowlevel.wait_readable(self._sock)
+                except ssl.SSLWantWriteError:
+                    await trio.lowlevel.wait_writable(self._sock)
+                except ssl.SSLZeroReturnError:
+                    n = 0
+                    break
+                except (OSError, ssl.SSLError) as exc:
+                    raise self._broken(exc) from exc
+                else:
+                    break
+        finally:
+            self._receiving = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return n
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        try:
+            # TCP half-close; for TLS the peer reads it as a (ragged) EOF.
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise self._broken(exc) from exc
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Close now; a task blocked on this socket is woken with an error."""
+        if self._closed:
+            return
+        self._closed = True
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosedError("stream closed")
+
+    def _broken(self, exc: BaseException) -> LibpipeError:
+        if self._closed:
+            return ConnectionClosedError("stream closed")
+        if isinstance(exc, ssl.SSLError) and "ALERT" in (exc.reason or ""):
+            # Under TLS 1.3 the server judges the client's certificate after
+            # the client's handshake has returned: the refusal arrives here.
+            return AuthenticationError(f"TLS peer refused us: {exc.reason}")
+        return ConnectionBrokenError(f"connection failed: {exc}")
