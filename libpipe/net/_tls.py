@@ -223,7 +223,7 @@ async def _handshake(stream: SocketStream, security: Security, address: str) -> 
             await stream.do_handshake()
         except ssl.SSLError as exc:
             raise AuthenticationError(
-                f"TLS handshake with {address} failed: {exc.reason or exc}", address=address
+                f"TLS handshake with {address} failed: {_explain(exc)}", address=address
             ) from exc
         except OSError as exc:
             raise ConnectionBrokenError(
@@ -238,6 +238,17 @@ async def _handshake(stream: SocketStream, security: Security, address: str) -> 
     if der is None:
         raise AuthenticationError(f"{address} presented no certificate", address=address)
     return peer_id_from_certificate(der)
+
+
+def _explain(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate is not acceptable ({exc.verify_message})"
+    reason = exc.reason or str(exc)
+    if "ALERT" in reason.upper():
+        return f"it refused our certificate ({reason})"
+    if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNEXPECTED_EOF_WHILE_READING"):
+        return f"it does not speak TLS ({reason}); is it running --insecure?"
+    return reason
 
 
 async def open_listener(host: str, port: int, security: Security) -> trio.socket.SocketType:
