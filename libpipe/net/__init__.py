@@ -8,3 +8,4 @@ from ._identity import Identity as Identity
 from ._identity import peer_id_from_public_key as peer_id_from_public_key
 from ._identity import short_peer_id as short_peer_id
 from ._identity import verify_signature as verify_signature
+from ._tls import Security as Security

@@ -1,0 +1,751 @@
+"""One multiplexed connection: the trio driver around ``wire.WireConnection``.
+
+Theory of operation. The codec owns the byte format and the stream state
+machine; this module owns time and tasks. One reader task pulls bytes into
+the codec and dispatches each event: replies wake the caller waiting on that
+stream id, requests and stream opens start a handler task, stream messages
+go to that stream's bounded inbox. Writers take one lock so a frame's
+buffers are written back to back; a small frame is written shielded from
+cancellation (it cannot block for long and must never be cut in half), and a
+large one cut by a cancel leaves the byte stream unusable, so the connection
+is marked broken. Whatever ends the connection (EOF, a protocol error, a
+socket error, a keepalive timeout, ``aclose``) goes through ``_end``, which
+records the reason once, closes the socket and fails everything still
+waiting with that reason.
+
+Decisions about a frame that arrives are made by ``_dispatch`` without I/O
+beyond the reply it queues; calls by the application never touch the
+socket except through ``_send``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from ..errors import (
+    AuthenticationError,
+    BusyError,
+    ConfigError,
+    ConnectionBrokenError,
+    ConnectionClosedError,
+    DeadlineExceededError,
+    IncompatiblePeerError,
+    InvalidRequestError,
+    LibpipeError,
+    ProtocolError,
+    RemoteError,
+    error_from_remote,
+)
+from ..wire import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    Cancel,
+    ConnectionEnded,
+    ErrorReply,
+    GoAway,
+    Hello,
+    Limits,
+    Notify,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    Role,
+    StreamClose,
+    StreamData,
+    StreamOpen,
+    WireConnection,
+)
+from ._identity import short_peer_id
+from ._rpc import END_OF_STREAM, CallContext, Message, Router, Stream
+from ._transport import COALESCE_BYTES, SocketStream
+
+logger = logging.getLogger("libpipe.net")
+
+# Bytes asked of the codec per read: large enough that a 16 MiB payload
+# arrives in few syscalls, small enough to stay in cache for small frames.
+READ_SIZE = 256 * 1024
+# First bytes of a TLS record (handshake or alert, version 3.x): what a TLS
+# server answers to a plaintext hello.
+_TLS_RECORD_STARTS = (b"\x15\x03", b"\x16\x03")
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """Timing and buffering of a connection; every field has a reason."""
+
+    limits: Limits = field(default_factory=Limits)
+    compression: bool = True
+    # A NAT forgets an idle TCP flow after ~30-120 s; a ping every 15 s keeps
+    # it alive and measures RTT on the way.
+    keepalive_interval: float = 15.0
+    # Four missed keepalives: the peer is gone even if TCP has not noticed.
+    idle_timeout: float = 60.0
+    # Messages queued per stream before the reader stops reading (an
+    # inference session exchanges one message per step, so a few suffice).
+    stream_buffer: int = 8
+    # How long a graceful close waits for in-flight calls to finish.
+    close_grace: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("keepalive_interval", "idle_timeout", "close_grace"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.idle_timeout <= self.keepalive_interval:
+            raise ConfigError("idle_timeout must exceed keepalive_interval")
+        if self.stream_buffer < 1:
+            raise ConfigError("stream_buffer must be at least 1")
+
+
+@dataclass
+class _PendingCall:
+    method: str
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Message | None = None
+    error: BaseException | None = None
+
+
+class Connection:
+    """A connection to one peer, carrying many concurrent calls and streams.
+
+    Made by ``connect``, ``serve`` or ``ConnectionPool``; never directly."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        role: Role,
+        local_peer_id: str,
+        address: str,
+        verified_peer_id: str | None = None,
+        expected_peer_id: str | None = None,
+        router: Router | None = None,
+        config: ConnectionConfig | None = None,
+        model_id: str = "",
+        info: Mapping[str, Any] | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.config = config or ConnectionConfig()
+        self.address = address
+        self.role = role
+        self._stream = stream
+        self._wire = WireConnection(role, self.config.limits, compression=self.config.compression)
+        self._router = router or Router()
+        self._local_peer_id = local_peer_id
+        self._verified_peer_id = verified_peer_id
+        self._expected_peer_id = expected_peer_id
+        self._model_id = model_id
+        self._info = dict(info or {})
+        self._handshake_timeout = handshake_timeout
+        self._send_lock = trio.Lock()
+        self._ids = itertools.count(1 if role is Role.DIALER else 2, 2)
+        self._nonces = itertools.count(1)
+        self._calls: dict[int, _PendingCall] = {}
+        self._streams: dict[int, Stream] = {}
+        self._opened_by_us: set[int] = set()
+        self._handlers: dict[int, trio.CancelScope] = {}
+        self._pings: dict[int, trio.Event] = {}
+        self._highest_peer_stream = 0
+        self._going_away = False  # we sent GoAway
+        self._peer_going_away: int | None = None  # the peer's last_stream_id
+        self._error: LibpipeError | None = None
+        self._closed = trio.Event()
+        self._quiet = trio.Event()
+        self._last_received = 0.0
+        self._first_bytes = b""
+        self._nursery: trio.Nursery | None = None
+        self.peer_hello: Hello | None = None
+        self.rtt: float | None = None
+
+    # --- identity -------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        """Verified under TLS; the peer's claim under ``--insecure``."""
+        if self._verified_peer_id is not None:
+            return self._verified_peer_id
+        assert self.peer_hello is not None
+        return self.peer_hello.peer_id
+
+    @property
+    def peer_verified(self) -> bool:
+        return self._verified_peer_id is not None
+
+    @property
+    def is_closed(self) -> bool:
+        return self._error is not None
+
+    @property
+    def is_usable(self) -> bool:
+        """Open, and neither side is winding it down: new calls may start."""
+        return self._error is None and not self._going_away and self._peer_going_away is None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls) + len(self._streams) + len(self._handlers)
+
+    @property
+    def peer_max_streams(self) -> int:
+        assert self.peer_hello is not None
+        value = self.peer_hello.info.get("max_open_streams")
+        return value if isinstance(value, int) and value > 0 else Limits().max_open_streams
+
+    def __repr__(self) -> str:
+        who = short_peer_id(self.peer_id) if self.peer_hello else "?"
+        return f"<Connection {who}@{self.address} in_flight={self.in_flight}>"
+
+    # --- lifetime ---------------------------------------------------------------
+
+    async def run(
+        self, task_status: trio.TaskStatus[Connection] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Exchange hellos, report started, then serve until the connection ends.
+
+        Raises only before ``started`` (admission failed); afterwards the
+        reason the connection ended is in ``error``, for calls to re-raise."""
+        try:
+            try:
+                await self._exchange_hello()
+            except LibpipeError as exc:
+                await self._report_to_peer(exc)
+                self._end(exc)
+                raise
+            task_status.started(self)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._keepalive)
+                await self._read_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._end(ConnectionClosedError("connection closed"))
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._stream)
+
+    @property
+    def error(self) -> LibpipeError | None:
+        return self._error
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def aclose(self, reason: str = "closing") -> None:
+        """Graceful close: tell the peer (GoAway), let in-flight calls and
+        streams finish (up to ``close_grace``), then close."""
+        if self._error is None and not self._going_away:
+            self._going_away = True
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._send(GoAway(self._highest_peer_stream, reason))
+            except LibpipeError:
+                pass
+        with trio.move_on_after(self.config.close_grace) as scope:
+            scope.shield = True
+            while self.in_flight and self._error is None:
+                self._quiet = trio.Event()
+                await self._quiet.wait()
+        self._end(ConnectionClosedError(f"connection closed ({reason})"))
+
+    def abort(self, error: LibpipeError | None = None) -> None:
+        """Close at once; everything in flight fails with ``error``."""
+        self._end(error or ConnectionClosedError("connection aborted"))
+
+    def _end(self, error: LibpipeError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        # A socket closes at once and wakes its blocked tasks; other streams
+        # are closed by ``run`` once its tasks are cancelled.
+        if isinstance(self._stream, SocketStream):
+            self._stream.close()
+        for call in self._calls.values():
+            call.error = error
+            call.done.set()
+        for stream in self._streams.values():
+            stream.fail(error)
+        for scope in self._handlers.values():
+            scope.cancel()
+        for pong in self._pings.values():
+            pong.set()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        self._quiet.set()
+        self._closed.set()
+
+    def _check_quiet(self) -> None:
+        if not self.in_flight:
+            self._quiet.set()
+
+    # --- sending ------------------------------------------------------------------
+
+    async def _send(self, event: object) -> None:
+        async with self._send_lock:
+            if self._error is not None:
+                raise self._error
+            await trio.lowlevel.checkpoint_if_cancelled()
+            buffers = self._wire.send(event)
+            small = sum(memoryview(b).nbytes for b in buffers) <= COALESCE_BYTES
+            try:
+                with trio.CancelScope(shield=small):
+                    if isinstance(self._stream, SocketStream):
+                        await self._stream.send_buffers(buffers)
+                    else:
+                        await self._stream.send_all(b"".join(buffers))
+            except BaseException as exc:
+                # Part of the frame may be on the wire: nothing can follow it.
+                self._end(_as_broken(exc, "sending"))
+                if isinstance(exc, trio.Cancelled):
+                    raise
+                raise self._error from exc
+
+    async def _send_quietly(self, event: object) -> None:
+        """For replies and cancels whose failure the connection already records."""
+        try:
+            with trio.CancelScope(shield=True):
+                await self._send(event)
+        except LibpipeError:
+            pass
+
+    async def _report_to_peer(self, exc: LibpipeError) -> None:
+        """Tell the peer why we drop it (best effort, bounded)."""
+        if self._error is not None:
+            return
+        with trio.move_on_after(1.0) as scope:
+            scope.shield = True
+            try:
+                await self._send(ErrorReply(0, exc.kind, exc.message, _plain(exc.details)))
+            except (LibpipeError, ValueError, TypeError):
+                pass
+
+    # --- receiving ------------------------------------------------------------------
+
+    async def _next_event(self) -> object:
+        while True:
+            event = self._wire.next_event()
+            if event is not NEED_DATA:
+                self._last_received = trio.current_time()
+                return event
+            if isinstance(self._stream, SocketStream):
+                buffer = self._wire.get_buffer(READ_SIZE)
+                n = await self._stream.receive_into(buffer)
+                if len(self._first_bytes) < 2:
+                    self._first_bytes += bytes(buffer[: 2 - len(self._first_bytes)][:n])
+                if n:
+                    self._wire.buffer_updated(n)
+                else:
+                    self._wire.receive_data(b"")
+            else:
+                try:
+                    data = await self._stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise _as_broken(exc, "receiving") from exc
+                if len(self._first_bytes) < 2:
+                    self._first_bytes += data[: 2 - len(self._first_bytes)]
+                self._wire.receive_data(data)
+
+    async def _exchange_hello(self) -> None:
+        features = frozenset({"zstd"}) if self.config.compression else frozenset()
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            peer_id=self._local_peer_id,
+            role="dialer" if self.role is Role.DIALER else "acceptor",
+            model_id=self._model_id,
+            features=features,
+            info={**self._info, "max_open_streams": self.config.limits.max_open_streams},
+        )
+        with trio.move_on_after(self._handshake_timeout) as scope:
+            await self._send(hello)
+            try:
+                event = await self._next_event()
+            except ProtocolError as exc:
+                if self._first_bytes in _TLS_RECORD_STARTS:
+                    raise AuthenticationError(
+                        f"{self.address} speaks TLS and we are --insecure"
+                    ) from exc
+                raise
+        if scope.cancelled_caught:
+            raise ProtocolError(f"{self.address} sent no hello within {self._handshake_timeout} s")
+        if isinstance(event, ConnectionEnded):
+            raise ConnectionBrokenError(
+                f"{self.address} closed the connection before its hello "
+                "(does it require TLS, or did it refuse us?)"
+            )
+        if isinstance(event, ErrorReply):
+            raise error_from_remote(event.kind, event.message, event.details)
+        if not isinstance(event, Hello):
+            raise ProtocolError(f"{self.address} sent {type(event).__name__} before its hello")
+        if event.version != PROTOCOL_VERSION:
+            raise IncompatiblePeerError(
+                f"{self.address} speaks protocol {event.version}, we speak {PROTOCOL_VERSION}",
+                peer_version=event.version,
+            )
+        claimed = event.peer_id
+        if self._verified_peer_id is not None and claimed != self._verified_peer_id:
+            raise AuthenticationError(
+                f"{self.address} claims to be {short_peer_id(claimed)} but its certificate "
+                f"is {short_peer_id(self._verified_peer_id)}"
+            )
+        if self._expected_peer_id is not None and claimed != self._expected_peer_id:
+            raise AuthenticationError(
+                f"{self.address} is {short_peer_id(claimed)}, "
+                f"expected {short_peer_id(self._expected_peer_id)}"
+            )
+        self.peer_hello = event
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                event = await self._next_event()
+                if isinstance(event, ConnectionEnded):
+                    self._end(
+                        ConnectionClosedError("connection closed")
+                        if self._going_away or self._peer_going_away is not None
+                        else ConnectionBrokenError(f"{self.address} closed the connection")
+                    )
+                    return
+                await self._dispatch(event)
+        except ProtocolError as exc:
+            logger.warning("dropping %r: %s", self, exc)
+            await self._report_to_peer(exc)
+            self._end(exc)
+        except LibpipeError as exc:
+            self._end(exc)
+        except _PeerFailed as exc:
+            self._end(exc.error)
+
+    async def _dispatch(self, event: object) -> None:
+        match event:
+            case Request() | StreamOpen():
+                self._start_handler(event)
+            case Response(stream_id=sid):
+                self._finish_call(sid, reply=Message(dict(event.meta), tuple(event.tensors)))
+            case StreamData(stream_id=sid) if sid in self._streams:
+                await self._streams[sid].deliver(Message(dict(event.meta), tuple(event.tensors)))
+            case StreamClose(stream_id=sid) if sid in self._streams:
+                stream = self._streams[sid]
+                await stream.deliver(END_OF_STREAM)
+                stream.receive_closed = True
+                if stream.send_closed:
+                    self._forget_stream(sid)
+            case ErrorReply(stream_id=0):
+                raise _PeerFailed(error_from_remote(event.kind, event.message, event.details))
+            case ErrorReply(stream_id=sid):
+                error = error_from_remote(event.kind, event.message, event.details)
+                if sid in self._calls:
+                    self._finish_call(sid, error=error)
+                elif sid in self._streams:
+                    self._streams[sid].fail(error)
+                    self._forget_stream(sid)
+            case Cancel(stream_id=sid):
+                if sid in self._handlers:
+                    self._handlers[sid].cancel()
+                if sid in self._streams:
+                    self._streams[sid].fail(ConnectionClosedError("the peer cancelled the stream"))
+                    self._forget_stream(sid)
+            case Notify(method=method):
+                handler = self._router.notify_handlers.get(method)
+                if handler is not None:
+                    ctx = self._context(method, 0)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(_contained, handler(ctx, dict(event.meta)), method)
+            case Ping(nonce=nonce):
+                await self._send_quietly(Pong(nonce))
+            case Pong(nonce=nonce) if nonce in self._pings:
+                self._pings[nonce].set()
+            case GoAway(last_stream_id=last):
+                self._peer_going_away = last
+                refused = ConnectionClosedError("the peer is closing and did not take this call")
+                for sid in [s for s in self._opened_by_us if s > last]:
+                    if sid in self._calls:
+                        self._finish_call(sid, error=refused)
+                    elif sid in self._streams:
+                        self._streams[sid].fail(refused)
+                        self._forget_stream(sid)
+            case _:
+                # Replies for calls that were cancelled meanwhile: nobody waits.
+                pass
+
+    # --- the peer's calls -------------------------------------------------------------
+
+    def _context(self, method: str, stream_id: int) -> CallContext:
+        assert self.peer_hello is not None
+        return CallContext(
+            peer_id=self.peer_id,
+            peer_verified=self.peer_verified,
+            address=self.address,
+            method=method,
+            stream_id=stream_id,
+            peer_info=self.peer_hello.info,
+        )
+
+    def _start_handler(self, event: Request | StreamOpen) -> None:
+        sid, method = event.stream_id, event.method
+        self._highest_peer_stream = max(self._highest_peer_stream, sid)
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._handlers[sid] = scope
+        opening = Message(dict(event.meta), tuple(event.tensors))
+        if isinstance(event, Request):
+            self._nursery.start_soon(self._run_unary, scope, sid, method, opening)
+        else:
+            stream = Stream(self, sid, method, opening, self.config.stream_buffer)
+            self._streams[sid] = stream
+            self._nursery.start_soon(self._run_stream, scope, stream)
+
+    async def _run_unary(
+        self, scope: trio.CancelScope, sid: int, method: str, request: Message
+    ) -> None:
+        reply: object | None = None
+        with scope:
+            try:
+                if self._going_away:
+                    raise ConnectionClosedError("connection is closing")
+                handler = self._router.unary_handlers.get(method)
+                if handler is None:
+                    raise InvalidRequestError(f"unknown method {method!r}")
+                result = await handler(self._context(method, sid), request)
+                if not isinstance(result, Message):
+                    raise TypeError(
+                        f"handler for {method!r} returned {type(result).__name__}, not Message"
+                    )
+                reply = Response(sid, result.meta, tuple(result.tensors))
+            except Exception as exc:
+                reply = _error_reply(sid, method, exc)
+        del self._handlers[sid]
+        if reply is not None and not scope.cancelled_caught:
+            await self._send_reply(reply, sid, method)
+        self._check_quiet()
+
+    async def _run_stream(self, scope: trio.CancelScope, stream: Stream) -> None:
+        sid, method = stream.stream_id, stream.method
+        reply: object | None = None
+        with scope:
+            try:
+                if self._going_away:
+                    raise ConnectionClosedError("connection is closing")
+                handler = self._router.stream_handlers.get(method)
+                if handler is None:
+                    raise InvalidRequestError(f"unknown stream method {method!r}")
+                await handler(self._context(method, sid), stream)
+                if not stream.send_closed:
+                    await stream.close_send()
+            except Exception as exc:
+                reply = _error_reply(sid, method, exc)
+        del self._handlers[sid]
+        # Whatever the peer still sends on this stream is dropped, not queued.
+        stream.discard()
+        if reply is not None and not scope.cancelled_caught and sid in self._streams:
+            self._forget_stream(sid)
+            await self._send_reply(reply, sid, method)
+        self._check_quiet()
+
+    async def _send_reply(self, reply: object, sid: int, method: str) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await self._send(reply)
+        except (ValueError, TypeError) as exc:
+            # The handler's answer cannot be encoded: say so instead.
+            logger.warning("reply to %s could not be encoded: %s", method, exc)
+            await self._send_quietly(
+                ErrorReply(sid, RemoteError.kind, f"unencodable reply: {exc}", {})
+            )
+        except LibpipeError as exc:
+            if self._error is None:
+                logger.warning("reply to %s could not be encoded: %s", method, exc)
+                await self._send_quietly(ErrorReply(sid, exc.kind, exc.message, {}))
+
+    # --- our calls -----------------------------------------------------------------
+
+    def _open_stream_id(self) -> int:
+        if self._error is not None:
+            raise self._error
+        if self._going_away or self._peer_going_away is not None:
+            raise ConnectionClosedError("connection is closing; use another one")
+        if len(self._opened_by_us) >= self.peer_max_streams:
+            raise BusyError(
+                f"{self.address} takes at most {self.peer_max_streams} concurrent streams",
+                limit=self.peer_max_streams,
+            )
+        sid = next(self._ids)
+        self._opened_by_us.add(sid)
+        return sid
+
+    def _finish_call(
+        self, sid: int, *, reply: Message | None = None, error: BaseException | None = None
+    ) -> None:
+        call = self._calls.pop(sid, None)
+        self._opened_by_us.discard(sid)
+        if call is not None:
+            call.reply, call.error = reply, error
+            call.done.set()
+        self._check_quiet()
+
+    def _forget_stream(self, sid: int) -> None:
+        self._streams.pop(sid, None)
+        self._opened_by_us.discard(sid)
+        self._check_quiet()
+
+    async def call(
+        self,
+        method: str,
+        meta: dict[str, Any] | None = None,
+        tensors: tuple[torch.Tensor, ...] = (),
+        *,
+        timeout: float | None = None,
+    ) -> Message:
+        """A unary call. Raises the peer's error as its own class,
+        ``DeadlineExceededError`` after ``timeout`` seconds (the peer is told
+        to stop), and lets the caller's cancel scope abandon the call; either
+        way only this call ends, not the connection."""
+        sid = self._open_stream_id()
+        call = _PendingCall(method)
+        self._calls[sid] = call
+        sent = False
+        try:
+            with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                await self._send(Request(sid, method, meta or {}, tuple(tensors)))
+                sent = True
+                await call.done.wait()
+            if scope.cancelled_caught:
+                raise DeadlineExceededError(
+                    f"{method} did not finish within {timeout} s", method=method
+                )
+        finally:
+            if not call.done.is_set():
+                self._finish_call(sid)
+                if sent:
+                    await self._send_quietly(Cancel(sid))
+            elif not sent:
+                self._opened_by_us.discard(sid)
+        if call.error is not None:
+            raise call.error
+        assert call.reply is not None
+        return call.reply
+
+    @asynccontextmanager
+    async def open_stream(
+        self,
+        method: str,
+        meta: dict[str, Any] | None = None,
+        tensors: tuple[torch.Tensor, ...] = (),
+    ) -> AsyncIterator[Stream]:
+        """A bidirectional stream. Leaving the block half-closes our side and
+        abandons what the peer has not sent yet; leaving it by an exception
+        or cancellation cancels the stream (only the stream)."""
+        sid = self._open_stream_id()
+        stream = Stream(
+            self, sid, method, Message(meta or {}, tuple(tensors)), self.config.stream_buffer
+        )
+        self._streams[sid] = stream
+        try:
+            await self._send(StreamOpen(sid, method, meta or {}, tuple(tensors)))
+        except BaseException:
+            self._forget_stream(sid)
+            raise
+        clean = False
+        try:
+            yield stream
+            clean = True
+        finally:
+            stream.discard()
+            if sid in self._streams and self._error is None:
+                if clean and stream.receive_closed:
+                    with trio.CancelScope(shield=True):
+                        await stream.close_send()
+                else:
+                    self._forget_stream(sid)
+                    await self._send_quietly(Cancel(sid))
+            self._forget_stream(sid)
+
+    async def send_stream_data(
+        self, sid: int, meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]
+    ) -> None:
+        await self._send(StreamData(sid, meta, tuple(tensors)))
+
+    async def send_stream_close(self, sid: int, meta: dict[str, Any]) -> None:
+        await self._send(StreamClose(sid, meta))
+        stream = self._streams.get(sid)
+        if stream is not None and stream.receive_closed:
+            self._forget_stream(sid)
+
+    async def notify(self, method: str, meta: dict[str, Any] | None = None) -> None:
+        """A one-way message (gossip piggybacking): no reply, no stream."""
+        if self._error is not None:
+            raise self._error
+        await self._send(Notify(method, meta or {}))
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds, measured with a Ping frame."""
+        nonce = next(self._nonces)
+        pong = trio.Event()
+        self._pings[nonce] = pong
+        try:
+            start = trio.current_time()
+            await self._send(Ping(nonce))
+            await pong.wait()
+            if self._error is not None:
+                raise self._error
+            self.rtt = trio.current_time() - start
+            return self.rtt
+        finally:
+            del self._pings[nonce]
+
+    async def _keepalive(self) -> None:
+        interval, idle_timeout = self.config.keepalive_interval, self.config.idle_timeout
+        while self._error is None:
+            silent = trio.current_time() - self._last_received
+            if silent >= idle_timeout:
+                self._end(ConnectionBrokenError(f"{self.address} silent for {silent:.1f} s"))
+                return
+            if silent >= interval:
+                try:
+                    await self._send(Ping(next(self._nonces)))
+                except LibpipeError:
+                    return
+            await trio.sleep(min(interval, idle_timeout - silent))
+
+
+class _PeerFailed(Exception):
+    """The peer reported a connection-level error (stream 0) and hangs up.
+
+    Not a ``LibpipeError``, so that it is never mistaken for our own error."""
+
+    def __init__(self, error: LibpipeError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _error_reply(sid: int, method: str, exc: Exception) -> ErrorReply:
+    if isinstance(exc, LibpipeError):
+        return ErrorReply(sid, exc.kind, exc.message, _plain(exc.details))
+    logger.exception("handler for %s failed", method, exc_info=exc)
+    return ErrorReply(sid, RemoteError.kind, f"{type(exc).__name__}: {exc}", {})
+
+
+def _plain(details: dict[str, Any]) -> dict[str, Any]:
+    """Details that msgpack can carry; others become their repr."""
+    plain_types = (str, int, float, bool, type(None), list, dict)
+    return {k: v if isinstance(v, plain_types) else repr(v) for k, v in details.items()}
+
+
+def _as_broken(exc: BaseException, doing: str) -> LibpipeError:
+    if isinstance(exc, LibpipeError):
+        return exc
+    if isinstance(exc, trio.Cancelled):
+        return ConnectionBrokenError(f"a send was cancelled mid-frame while {doing}")
+    return ConnectionBrokenError(f"connection failed while {doing}: {exc}")
+
+
+async def _contained(awaitable: Any, method: str) -> None:
+    try:
+        await awaitable
+    except Exception:
+        logger.exception("notify handler for %s failed", method)

@@ -1,0 +1,156 @@
+"""What RPC handlers and callers see: messages, call context, the router
+and bidirectional streams. No bytes here; the connection moves them."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import trio
+
+from ..errors import ConfigError, ConnectionClosedError
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message: a msgpack-able metadata map and tensors sent raw."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: tuple[torch.Tensor, ...] = ()
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Who is calling, for handlers that log, authorise or ban.
+
+    ``peer_verified`` is False on an insecure connection, where ``peer_id``
+    is only what the peer claimed in its hello."""
+
+    peer_id: str
+    peer_verified: bool
+    address: str
+    method: str
+    stream_id: int
+    peer_info: Mapping[str, Any]
+
+
+UnaryHandler = Callable[[CallContext, Message], Awaitable[Message]]
+StreamHandler = Callable[[CallContext, "Stream"], Awaitable[None]]
+NotifyHandler = Callable[[CallContext, dict[str, Any]], Awaitable[None]]
+
+
+class Router:
+    """Method name -> handler, for one server (or a client that also serves)."""
+
+    def __init__(self) -> None:
+        self.unary_handlers: dict[str, UnaryHandler] = {}
+        self.stream_handlers: dict[str, StreamHandler] = {}
+        self.notify_handlers: dict[str, NotifyHandler] = {}
+
+    def unary(self, method: str, handler: UnaryHandler) -> None:
+        self._check_free(method)
+        self.unary_handlers[method] = handler
+
+    def stream(self, method: str, handler: StreamHandler) -> None:
+        self._check_free(method)
+        self.stream_handlers[method] = handler
+
+    def notify(self, method: str, handler: NotifyHandler) -> None:
+        if method in self.notify_handlers:
+            raise ConfigError(f"notify method {method!r} is registered twice")
+        self.notify_handlers[method] = handler
+
+    def _check_free(self, method: str) -> None:
+        if not method or method in self.unary_handlers or method in self.stream_handlers:
+            raise ConfigError(f"method {method!r} is empty or registered twice")
+
+
+class _EndOfStream:
+    """Queued after the last message when the peer half-closes."""
+
+
+END_OF_STREAM = _EndOfStream()
+
+
+class Stream:
+    """A bidirectional stream of messages within one connection.
+
+    ``receive()`` raises ``trio.EndOfChannel`` once the peer has closed its
+    side, and the peer's error (as its ``libpipe.errors`` class) if it
+    ended the stream with one. Messages queue in a bounded buffer; when it
+    is full the connection stops reading, so the sender is slowed down
+    rather than memory growing."""
+
+    def __init__(
+        self, connection: Connection, stream_id: int, method: str, opening: Message, buffer: int
+    ) -> None:
+        self.stream_id = stream_id
+        self.method = method
+        self.opening = opening
+        self._connection = connection
+        self._inbox_send, self._inbox = trio.open_memory_channel[Any](buffer)
+        self.send_closed = False
+        self.receive_closed = False
+        self._failure: BaseException | None = None
+
+    async def send(
+        self, meta: dict[str, Any] | None = None, tensors: tuple[torch.Tensor, ...] = ()
+    ) -> None:
+        if self.send_closed:
+            raise ConnectionClosedError(f"stream {self.stream_id} is closed for sending")
+        await self._connection.send_stream_data(self.stream_id, meta or {}, tensors)
+
+    async def close_send(self, meta: dict[str, Any] | None = None) -> None:
+        """Half-close: this side sends nothing more (the peer sees end of stream)."""
+        if not self.send_closed:
+            self.send_closed = True
+            await self._connection.send_stream_close(self.stream_id, meta or {})
+
+    async def receive(self) -> Message:
+        try:
+            item = await self._inbox.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._failure is not None:
+                raise self._failure from None
+            raise trio.EndOfChannel from None
+        if isinstance(item, _EndOfStream):
+            self.receive_closed = True
+            self._inbox.close()
+            raise trio.EndOfChannel
+        if isinstance(item, BaseException):
+            self.receive_closed = True
+            self._inbox.close()
+            raise item
+        return item
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def deliver(self, item: Message | _EndOfStream | BaseException) -> None:
+        """Called by the connection's reader; blocks while the buffer is full."""
+        try:
+            await self._inbox_send.send(item)
+        except trio.BrokenResourceError:
+            # The local side stopped listening; drop what still arrives.
+            pass
+
+    def fail(self, error: BaseException) -> None:
+        """End the inbox with ``error`` after what is queued (connection
+        teardown; never blocks)."""
+        if self._failure is None:
+            self._failure = error
+        self._inbox_send.close()
+
+    def discard(self) -> None:
+        self._inbox.close()
