@@ -1,0 +1,388 @@
+"""Transport speed on loopback: libpipe against the raw sockets under it.
+
+In one run, on 127.0.0.1:
+
+* raw TCP: blocking sockets, ``sendall``/``recv_into``, echo server in a thread;
+* raw TLS: blocking ``ssl.SSLSocket`` (TLS 1.3, Ed25519 swarm certificates):
+  the OpenSSL limit of this machine;
+* raw trio TCP: ``trio.SocketStream`` ping-pong;
+* libpipe stream: ``net.SocketStream`` (the non-blocking socket libpipe
+  drives from trio), plain and TLS, bytes only;
+* libpipe RPC: full frames through the wire codec and the connection
+  (``Connection.call`` / a stream), plaintext and TLS.
+
+Measures (a) ping-pong of a small message (median and p99 microseconds),
+(b) a decode-step RPC: a (1, 1, 4096) fp16 tensor each way (median us),
+(c) one-way throughput of 16 MiB messages (MB/s). Ratios are libpipe over
+raw, measured in the same run. Targets: ``tls_stream_vs_raw_tls`` >= 0.70
+(libpipe TLS streaming over raw blocking TLS); ``rpc_rtt_vs_raw`` <= 2.0
+(libpipe's small-RPC round trip over raw trio ping-pong).
+
+    .venv/bin/python bench/transport.py [--rounds 2000 --messages 24 --json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import socket
+import ssl
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import trio
+
+from libpipe.net import Security, SwarmCA
+from libpipe.net._tls import accept, accept_socket, dial, open_listener
+
+SMALL = 64
+STEP_BYTES = 4096 * 2  # a (1, 1, 4096) fp16 hidden state
+BIG = 16 * 1024 * 1024
+HEADER = 64  # about a frame header with its tensor metadata
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    samples = sorted(samples)
+    return {
+        "median_us": statistics.median(samples) * 1e6,
+        "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6,
+    }
+
+
+# --- raw blocking sockets -----------------------------------------------------
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    while view.nbytes:
+        n = sock.recv_into(view)
+        if not n:
+            raise ConnectionError("peer closed")
+        view = view[n:]
+
+
+def _blocking_pair(tls: Security | None) -> tuple[socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    for s in (client, server):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is None:
+        return client, server
+    box: list[ssl.SSLSocket] = []
+    thread = threading.Thread(
+        target=lambda: box.append(tls.server_context.wrap_socket(server, server_side=True))
+    )
+    thread.start()
+    client = tls.client_context.wrap_socket(client)
+    thread.join()
+    return client, box[0]
+
+
+def raw_pingpong(tls: Security | None, size: int, rounds: int) -> dict[str, float]:
+    client, server = _blocking_pair(tls)
+
+    def echo() -> None:
+        buf = memoryview(bytearray(size))
+        for _ in range(rounds):
+            _recv_exact(server, buf)
+            server.sendall(buf)
+
+    thread = threading.Thread(target=echo)
+    thread.start()
+    message, back = b"x" * size, memoryview(bytearray(size))
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        client.sendall(message)
+        _recv_exact(client, back)
+        samples.append(time.perf_counter() - t0)
+    thread.join()
+    client.close()
+    server.close()
+    return _stats(samples)
+
+
+def raw_throughput(tls: Security | None, messages: int) -> float:
+    client, server = _blocking_pair(tls)
+    payload = bytes(BIG)
+
+    def sink() -> None:
+        buf = memoryview(bytearray(BIG))
+        for _ in range(messages):
+            _recv_exact(server, buf)
+        server.sendall(b"k")
+
+    thread = threading.Thread(target=sink)
+    thread.start()
+    t0 = time.perf_counter()
+    for _ in range(messages):
+        client.sendall(payload)
+    _recv_exact(client, memoryview(bytearray(1)))
+    elapsed = time.perf_counter() - t0
+    thread.join()
+    client.close()
+    server.close()
+    return messages * BIG / elapsed / 1e6
+
+
+# --- raw trio -------------------------------------------------------------------
+
+
+async def _trio_receive_exact(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    parts, got = [], 0
+    while got < size:
+        chunk = await stream.receive_some(size - got)
+        if not chunk:
+            raise ConnectionError("peer closed")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+async def trio_pingpong(size: int, rounds: int) -> dict[str, float]:
+    async def echo(stream: trio.SocketStream) -> None:
+        for _ in range(rounds):
+            await stream.send_all(await _trio_receive_exact(stream, size))
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, echo, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        message, samples = b"x" * size, []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            await stream.send_all(message)
+            await _trio_receive_exact(stream, size)
+            samples.append(time.perf_counter() - t0)
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    return _stats(samples)
+
+
+# --- libpipe's socket stream (bytes only) ------------------------------------------
+
+
+async def _stream_pair(security: Security, nursery: trio.Nursery):
+    listener = await open_listener("127.0.0.1", 0, security)
+    port = listener.getsockname()[1]
+    server_box: list = []
+
+    async def admit() -> None:
+        sock, address = await accept_socket(listener)
+        server_box.append(await accept(sock, security, address))
+
+    nursery.start_soon(admit)
+    client = await dial("127.0.0.1", port, security)
+    while not server_box:
+        await trio.sleep(0.001)
+    listener.close()
+    return client.stream, server_box[0].stream
+
+
+async def _receive_exact_into(stream, view: memoryview) -> None:
+    while view.nbytes:
+        n = await stream.receive_into(view)
+        if not n:
+            raise ConnectionError("peer closed")
+        view = view[n:]
+
+
+async def stream_pingpong(security: Security, size: int, rounds: int) -> dict[str, float]:
+    async with trio.open_nursery() as nursery:
+        client, server = await _stream_pair(security, nursery)
+
+        async def echo() -> None:
+            buf = memoryview(bytearray(size))
+            for _ in range(rounds):
+                await _receive_exact_into(server, buf)
+                await server.send_all(buf)
+
+        nursery.start_soon(echo)
+        message, back, samples = b"x" * size, memoryview(bytearray(size)), []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            await client.send_all(message)
+            await _receive_exact_into(client, back)
+            samples.append(time.perf_counter() - t0)
+    client.close()
+    server.close()
+    return _stats(samples)
+
+
+async def stream_throughput(security: Security, messages: int) -> float:
+    async with trio.open_nursery() as nursery:
+        client, server = await _stream_pair(security, nursery)
+
+        async def sink() -> None:
+            buf = memoryview(bytearray(BIG + HEADER))
+            for _ in range(messages):
+                await _receive_exact_into(server, buf)
+            await server.send_all(b"k")
+
+        nursery.start_soon(sink)
+        header, payload = bytes(HEADER), bytes(BIG)
+        t0 = time.perf_counter()
+        for _ in range(messages):
+            # A frame as the connection writes it: header, then the payload.
+            await client.send_buffers([header, payload])
+        await _receive_exact_into(client, memoryview(bytearray(1)))
+        elapsed = time.perf_counter() - t0
+    client.close()
+    server.close()
+    return messages * BIG / elapsed / 1e6
+
+
+# --- libpipe RPC (codec + connection) ------------------------------------------------
+
+
+def _rpc_available() -> str | None:
+    try:
+        import libpipe.net._endpoint  # noqa: F401
+    except ImportError as exc:
+        return f"libpipe RPC unavailable: {exc}"
+    return None
+
+
+async def rpc_pingpong(security: Security, tensor_bytes: int, rounds: int) -> dict[str, float]:
+    import torch
+
+    from libpipe.net._endpoint import connect, serve
+    from libpipe.net._rpc import Message, Router
+
+    router = Router()
+
+    async def echo(ctx, request: Message) -> Message:
+        return request
+
+    router.unary("echo", echo)
+    tensors = (torch.zeros((1, 1, tensor_bytes // 2), dtype=torch.float16),) if tensor_bytes else ()
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            functools.partial(serve, router, host="127.0.0.1", port=0, security=security)
+        )
+        async with connect(host, port, security=security) as conn:
+            samples = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                await conn.call("echo", {"step": 1}, tensors)
+                samples.append(time.perf_counter() - t0)
+        nursery.cancel_scope.cancel()
+    return _stats(samples)
+
+
+async def rpc_throughput(security: Security, messages: int) -> float:
+    import torch
+
+    from libpipe.net._endpoint import connect, serve
+    from libpipe.net._rpc import Router
+
+    router = Router()
+
+    async def sink(ctx, stream) -> None:
+        count = 0
+        async for _ in stream:
+            count += 1
+        await stream.send({"count": count})
+
+    router.stream("sink", sink)
+    tensor = torch.zeros(BIG // 2, dtype=torch.float16)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            functools.partial(serve, router, host="127.0.0.1", port=0, security=security)
+        )
+        async with connect(host, port, security=security) as conn:
+            async with conn.open_stream("sink") as stream:
+                t0 = time.perf_counter()
+                for _ in range(messages):
+                    await stream.send({}, (tensor,))
+                await stream.close_send()
+                reply = await stream.receive()
+                elapsed = time.perf_counter() - t0
+                assert reply.meta["count"] == messages
+        nursery.cancel_scope.cancel()
+    return messages * BIG / elapsed / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2000, help="ping-pong round trips per case")
+    parser.add_argument(
+        "--messages", type=int, default=24, help="16 MiB messages per throughput case"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of tables"
+    )
+    args = parser.parse_args(argv)
+
+    ca = SwarmCA.create()
+    tls = Security.tls(ca.issue("bench"))
+    plain = Security.insecure()
+    rounds, messages = args.rounds, args.messages
+    run: Callable = trio.run
+    results: dict[str, dict] = {"small": {}, "step": {}, "throughput_mb_s": {}}
+
+    for size, key in ((SMALL, "small"), (STEP_BYTES, "step")):
+        results[key]["raw_tcp"] = raw_pingpong(None, size, rounds)
+        results[key]["raw_tls"] = raw_pingpong(tls, size, rounds)
+        results[key]["raw_trio"] = run(trio_pingpong, size, rounds)
+        results[key]["libpipe_stream_plain"] = run(stream_pingpong, plain, size, rounds)
+        results[key]["libpipe_stream_tls"] = run(stream_pingpong, tls, size, rounds)
+    results["throughput_mb_s"]["raw_tcp"] = raw_throughput(None, messages)
+    results["throughput_mb_s"]["raw_tls"] = raw_throughput(tls, messages)
+    results["throughput_mb_s"]["libpipe_stream_plain"] = run(stream_throughput, plain, messages)
+    results["throughput_mb_s"]["libpipe_stream_tls"] = run(stream_throughput, tls, messages)
+
+    missing = _rpc_available()
+    if missing is None:
+        results["small"]["libpipe_rpc_plain"] = run(rpc_pingpong, plain, 0, rounds)
+        results["small"]["libpipe_rpc_tls"] = run(rpc_pingpong, tls, 0, rounds)
+        results["step"]["libpipe_rpc_plain"] = run(rpc_pingpong, plain, STEP_BYTES, rounds)
+        results["step"]["libpipe_rpc_tls"] = run(rpc_pingpong, tls, STEP_BYTES, rounds)
+        results["throughput_mb_s"]["libpipe_rpc_plain"] = run(rpc_throughput, plain, messages)
+        results["throughput_mb_s"]["libpipe_rpc_tls"] = run(rpc_throughput, tls, messages)
+
+    tp = results["throughput_mb_s"]
+    small = results["small"]
+    tls_best = tp.get("libpipe_rpc_tls", tp["libpipe_stream_tls"])
+    rtt = small.get("libpipe_rpc_plain", small["libpipe_stream_plain"])["median_us"]
+    ratios = {
+        "tls_stream_vs_raw_tls": tls_best / tp["raw_tls"],
+        "plain_stream_vs_raw_tcp": tp.get("libpipe_rpc_plain", tp["libpipe_stream_plain"])
+        / tp["raw_tcp"],
+        "rpc_rtt_vs_raw": rtt / small["raw_trio"]["median_us"],
+        "step_rtt_vs_raw": results["step"].get(
+            "libpipe_rpc_plain", results["step"]["libpipe_stream_plain"]
+        )["median_us"]
+        / results["step"]["raw_trio"]["median_us"],
+        "measured_with": "rpc" if missing is None else "stream (no codec)",
+    }
+    if args.json:
+        print(json.dumps({"results": results, "ratios": ratios, "note": missing}, indent=1))
+        return 0
+    for key, title in (
+        ("small", f"(a) ping-pong, {SMALL} B"),
+        ("step", "(b) decode step, (1,1,4096) fp16 each way"),
+    ):
+        print(f"\n{title}\n{'case':<24}{'median us':>12}{'p99 us':>12}")
+        for name, row in results[key].items():
+            print(f"{name:<24}{row['median_us']:>12.1f}{row['p99_us']:>12.1f}")
+    print(f"\n(c) one-way throughput, 16 MiB messages x {messages}\n{'case':<24}{'MB/s':>12}")
+    for name, value in tp.items():
+        print(f"{name:<24}{value:>12.0f}")
+    print("\nratios (libpipe / raw)")
+    for name, value in ratios.items():
+        print(f"{name:<24}{value:>12.2f}" if isinstance(value, float) else f"{name:<24}{value:>12}")
+    if missing:
+        print(f"\nnote: {missing}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
