@@ -365,6 +365,11 @@ class Connection:
             await self._send(hello)
             try:
                 event = await self._next_event()
+            except ConnectionBrokenError as exc:
+                raise ConnectionBrokenError(
+                    f"{self.address} dropped us before its hello "
+                    f"(does it require TLS, or did it refuse us?): {exc}"
+                ) from exc
             except ProtocolError as exc:
                 if self._first_bytes in _TLS_RECORD_STARTS:
                     raise AuthenticationError(

@@ -4,8 +4,8 @@ one, ``ConnectionPool`` keeps one per peer for callers that talk to many."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,14 +103,27 @@ async def connect(
     ``expected_peer_id`` pins the peer (from gossip); anything else is
     refused with ``AuthenticationError``. ``router`` lets the peer call us
     back over the same connection."""
-    async with trio.open_nursery() as nursery:
-        connection = await nursery.start(
-            _dial_and_run, host, port, security, expected_peer_id, router, hello, config
-        )
-        try:
-            yield connection
-        finally:
-            await connection.aclose()
+    with _single_errors():
+        async with trio.open_nursery() as nursery:
+            connection = await nursery.start(
+                _dial_and_run, host, port, security, expected_peer_id, router, hello, config
+            )
+            try:
+                yield connection
+            finally:
+                await connection.aclose()
+
+
+@contextmanager
+def _single_errors() -> Iterator[None]:
+    """Raise a lone error out of a nursery as itself, not as a group of one:
+    callers of ``connect`` catch ``AuthenticationError``, not groups."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _dial_and_run(
@@ -198,7 +211,7 @@ class ConnectionPool:
         self._nursery = await self._nursery_manager.__aenter__()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> bool | None:
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as closer:
                 for slot in self._slots.values():
@@ -206,7 +219,8 @@ class ConnectionPool:
                         closer.start_soon(slot.connection.aclose)
         self._slots.clear()
         self._nursery = None
-        return await self._nursery_manager.__aexit__(*exc_info)
+        with _single_errors():
+            return await self._nursery_manager.__aexit__(*exc_info)
 
     @property
     def connections(self) -> list[Connection]:

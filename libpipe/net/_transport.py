@@ -94,6 +94,9 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 await self._send_tls(buffers)
             else:
                 await self._send_plain(buffers)
+        except trio.ClosedResourceError as exc:
+            # Another task closed the socket while this one waited on it.
+            raise ConnectionClosedError("stream closed") from exc
         finally:
             self._sending = False
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -165,6 +168,8 @@ class SocketStream(trio.abc.HalfCloseableStream):
                     raise self._broken(exc) from exc
                 else:
                     break
+        except trio.ClosedResourceError as exc:
+            raise ConnectionClosedError("stream closed") from exc
         finally:
             self._receiving = False
         await trio.lowlevel.cancel_shielded_checkpoint()
