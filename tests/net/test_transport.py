@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+import trio
+
+import libpipe.net
+from libpipe.errors import ConnectionClosedError
+from libpipe.net._tls import Security, accept, accept_socket, dial, open_listener
+from libpipe.net._transport import SocketStream
+
+NET = pathlib.Path(libpipe.net.__file__).parent
+
+
+async def _pair(security: Security, nursery: trio.Nursery) -> tuple[SocketStream, SocketStream]:
+    listener = await open_listener("127.0.0.1", 0, security)
+    port = listener.getsockname()[1]
+    box: list[SocketStream] = []
+
+    async def admit() -> None:
+        with listener:
+            sock, address = await accept_socket(listener)
+            box.append((await accept(sock, security, address)).stream)
+
+    nursery.start_soon(admit)
+    client = (await dial("127.0.0.1", port, security)).stream
+    while not box:
+        await trio.sleep(0.001)
+    return client, box[0]
+
+
+async def _receive_exactly(stream: SocketStream, size: int) -> bytes:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    while view.nbytes:
+        n = await stream.receive_into(view)
+        assert n, "early EOF"
+        view = view[n:]
+    return bytes(buffer)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_many_and_large_buffers_arrive_in_order(tls: bool, server_security: Security) -> None:
+    security = server_security if tls else Security.insecure()
+    # More buffers than one sendmsg takes, and one larger than a socket buffer.
+    buffers = [bytes([i % 251]) * (i % 7 + 1) for i in range(3000)]
+    buffers.append(bytes(range(256)) * 40000)
+    expected = b"".join(buffers)
+    async with trio.open_nursery() as nursery:
+        client, server = await _pair(security, nursery)
+        received: list[bytes] = []
+
+        async def reader() -> None:
+            received.append(await _receive_exactly(server, len(expected)))
+
+        nursery.start_soon(reader)
+        await client.send_buffers(buffers)
+    assert received == [expected]
+    await client.send_eof()
+    assert await server.receive_some(10) == b""
+    client.close()
+    server.close()
+
+
+async def test_closed_stream_raises_closed_error() -> None:
+    async with trio.open_nursery() as nursery:
+        client, server = await _pair(Security.insecure(), nursery)
+        waiting: list[BaseException] = []
+
+        async def blocked_reader() -> None:
+            try:
+                await server.receive_some(10)
+            except ConnectionClosedError as exc:
+                waiting.append(exc)
+
+        nursery.start_soon(blocked_reader)
+        await trio.sleep(0.05)
+        server.close()
+    assert len(waiting) == 1
+    with pytest.raises(ConnectionClosedError):
+        await server.send_all(b"x")
+    client.close()
+
+
+async def test_concurrent_receivers_are_refused() -> None:
+    async with trio.open_nursery() as nursery:
+        client, server = await _pair(Security.insecure(), nursery)
+        nursery.start_soon(server.receive_some, 10)
+        await trio.sleep(0.01)
+        with pytest.raises(trio.BusyResourceError):
+            await server.receive_some(10)
+        await client.send_all(b"x")
+    client.close()
+    server.close()
+
+
+def test_net_imports_only_wire_from_libpipe() -> None:
+    allowed = {"wire", "errors"}
+    for path in NET.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert (node.module or "").split(".")[0] in allowed, (path.name, node.module)
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                assert not node.module.startswith("libpipe"), (path.name, node.module)
+
+
+def test_public_names_are_reexports() -> None:
+    public = [n for n in dir(libpipe.net) if not n.startswith("_")]
+    for name in ("Identity", "peer_id_from_public_key", "SwarmCA", "NodeCredentials", "Security"):
+        assert name in public
+    for name in public:
+        obj = getattr(libpipe.net, name)
+        if hasattr(obj, "__module__"):
+            assert obj.__module__.startswith("libpipe.net._"), name
