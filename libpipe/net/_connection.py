@@ -43,6 +43,7 @@ from ..errors import (
     LibpipeError,
     ProtocolError,
     RemoteError,
+    StreamStateError,
     error_from_remote,
 )
 from ..wire import (
@@ -425,6 +426,11 @@ class Connection:
             self._end(exc)
         except _PeerFailed as exc:
             self._end(exc.error)
+        except Exception as exc:
+            # A bug here must cost this connection only, never the server or
+            # pool whose nursery runs it.
+            logger.exception("internal error on %r", self)
+            self._end(ConnectionBrokenError(f"internal error: {type(exc).__name__}: {exc}"))
 
     async def _dispatch(self, event: object) -> None:
         match event:
@@ -556,6 +562,9 @@ class Connection:
         try:
             with trio.CancelScope(shield=True):
                 await self._send(reply)
+        except StreamStateError:
+            # The peer cancelled while the reply was being made: drop it.
+            pass
         except (ValueError, TypeError) as exc:
             # The handler's answer cannot be encoded: say so instead.
             logger.warning("reply to %s could not be encoded: %s", method, exc)

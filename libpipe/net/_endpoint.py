@@ -85,6 +85,9 @@ async def _serve_one(
         await connection.run()
     except LibpipeError as exc:
         logger.info("refused %s: %s", address, exc)
+    except Exception:
+        # One connection's failure must never stop the server.
+        logger.exception("connection from %s failed", address)
 
 
 @asynccontextmanager

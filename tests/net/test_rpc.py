@@ -399,3 +399,40 @@ async def test_pool_address_must_be_host_port(client_security: Security) -> None
     async with ConnectionPool(client_security) as pool:
         with pytest.raises(ConfigError):
             await pool.get("no-port")
+
+
+async def test_slow_reader_slows_the_sender_and_leaving_cancels_it() -> None:
+    sent = 0
+    handler_cancelled = trio.Event()
+    router = Router()
+
+    async def firehose(ctx: CallContext, stream: Stream) -> None:
+        nonlocal sent
+        chunk = torch.zeros(1 << 19, dtype=torch.float16)  # 1 MiB
+        try:
+            while True:
+                await stream.send({"i": sent}, (chunk,))
+                sent += 1
+        except trio.Cancelled:
+            handler_cancelled.set()
+            raise
+
+    router.stream("firehose", firehose)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            functools.partial(serve, router, host="127.0.0.1", port=0, security=Security.insecure())
+        )
+        async with connect(host, port, security=Security.insecure()) as conn:
+            async with conn.open_stream("firehose") as stream:
+                await wait_until(lambda: sent > 0)
+                await trio.sleep(0.3)
+                # The inbox (8) and the kernel's socket buffers hold a bounded
+                # number; the sender waits instead of piling up memory.
+                stalled_at = sent
+                assert stalled_at < 64
+                for expected in range(stalled_at + 5):
+                    assert (await stream.receive()).meta["i"] == expected
+            with trio.fail_after(5):
+                await handler_cancelled.wait()
+            assert (await conn.ping()) >= 0
+        nursery.cancel_scope.cancel()
