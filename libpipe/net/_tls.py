@@ -94,6 +94,29 @@ class Security:
             handshake_timeout=handshake_timeout,
         )
 
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        identity: str | os.PathLike[str] | None = None,
+        ca: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        allow_public_insecure: bool = False,
+    ) -> Security:
+        """The command line's ``--identity/--ca/--insecure/--allow-public-insecure``,
+        checked as a whole so that a contradiction is an error, not a guess."""
+        if insecure:
+            if identity is not None or ca is not None:
+                raise ConfigError("--insecure cannot be combined with --identity or --ca")
+            return cls.insecure(allow_public=allow_public_insecure)
+        if allow_public_insecure:
+            raise ConfigError("--allow-public-insecure only makes sense with --insecure")
+        if identity is None:
+            raise ConfigError(
+                "give --identity DIR (made by `libpipe ca issue`), or --insecure for local development"
+            )
+        return cls.from_files(identity, ca)
+
     @property
     def is_tls(self) -> bool:
         return self.credentials is not None

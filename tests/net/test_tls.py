@@ -168,3 +168,18 @@ def test_security_from_files(tmp_path, swarm_ca: SwarmCA) -> None:
     assert security.is_tls and security.client_context.minimum_version == ssl.TLSVersion.TLSv1_3
     with pytest.raises(ConfigError):
         Security.from_files(tmp_path / "id", tmp_path / "missing.crt")
+
+
+def test_security_from_command_line_options(tmp_path, swarm_ca: SwarmCA) -> None:
+    swarm_ca.issue("n").save(tmp_path / "id")
+    assert Security.from_options(identity=tmp_path / "id").is_tls
+    insecure = Security.from_options(insecure=True, allow_public_insecure=True)
+    assert not insecure.is_tls and insecure.allow_public_insecure
+    for bad in (
+        {},
+        {"insecure": True, "identity": tmp_path / "id"},
+        {"insecure": True, "ca": tmp_path / "ca.crt"},
+        {"identity": tmp_path / "id", "allow_public_insecure": True},
+    ):
+        with pytest.raises(ConfigError):
+            Security.from_options(**bad)
