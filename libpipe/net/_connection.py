@@ -118,7 +118,10 @@ class _PendingCall:
 class Connection:
     """A connection to one peer, carrying many concurrent calls and streams.
 
-    Made by ``connect``, ``serve`` or ``ConnectionPool``; never directly."""
+    ``connect``, ``serve`` and ``ConnectionPool`` make them over sockets; made
+    directly over any ``trio.abc.Stream`` (e.g. ``memory_stream_pair()``),
+    ``await run()`` drives it (``nursery.start(conn.run)`` returns after
+    the hellos)."""
 
     def __init__(
         self,
