@@ -59,8 +59,11 @@ class GossipConfig:
     dead_reclaim_time: float = 30.0
     # Bytes of piggybacked news per message.
     max_piggyback_bytes: int = 4096
-    # A node re-signs its record every record_refresh_interval.
-    record_refresh_interval: float = 30.0
+    # A node re-signs its record every 0.5-1.0 x record_refresh_interval
+    # (jittered, so a swarm started at once spreads its refreshes). Each refresh
+    # is news to every member, so it dominates a quiet swarm's traffic:
+    # about n * retransmit_limit(n) * record bytes / interval per node.
+    record_refresh_interval: float = 60.0
     # record_ttl = record_ttl_mult * record_refresh_interval: a record not
     # refreshed for that long is expired and dropped by every receiver.
     record_ttl_mult: float = 3.0
@@ -117,7 +120,7 @@ class GossipConfig:
             push_pull_interval=60.0,
             request_timeout=30.0,
             dead_reclaim_time=60.0,
-            record_refresh_interval=60.0,
+            record_refresh_interval=120.0,
         )
 
     @classmethod

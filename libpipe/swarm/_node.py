@@ -117,6 +117,8 @@ class GossipNode:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
+        # Cached: deriving it hashes the key, and it is compared on every message.
+        self.peer_id: str = identity.peer_id
         self.transport = transport
         self.config = config if config is not None else GossipConfig.lan()
         self.stats = GossipStats()
@@ -157,10 +159,6 @@ class GossipNode:
         self._add_member(Member(signed, 1, MemberState.ALIVE, 0.0))
 
     # --- public API ----------------------------------------------------------------
-
-    @property
-    def peer_id(self) -> str:
-        return self.identity.peer_id
 
     @property
     def address(self) -> str:
@@ -392,7 +390,7 @@ class GossipNode:
         self._signatures[member.record.signature] = member.peer_id
         if member.state.is_live:
             self._live += 1
-        if member.peer_id != self.identity.peer_id:
+        if member.peer_id != self.peer_id:
             self.probe_order.add(member.peer_id)
 
     def _set_record(self, member: Member, signed: SignedRecord) -> None:
@@ -577,6 +575,9 @@ class GossipNode:
             await trio.sleep(self.config.push_pull_period(self._live))
 
     async def _refresh_loop(self) -> None:
+        # Jittered over [interval/2, interval]: a swarm started at once must not
+        # re-announce all at once, and every refresh still lands well inside
+        # the TTL (record_ttl_mult > 1).
         while True:
-            await trio.sleep(self.config.record_refresh_interval)
+            await trio.sleep(self.config.record_refresh_interval * self._rng.uniform(0.5, 1.0))
             self._resign(self.members[self.peer_id].incarnation + 1, {})

@@ -22,11 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgpack
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import RecordError
-from ..net import peer_id_from_public_key
+from ..net import peer_id_from_public_key, verify_signature
 
 # Signatures cover DOMAIN + payload: a record signature is useless elsewhere.
 DOMAIN = b"libpipe/server-record/v1\x00"
@@ -206,14 +204,10 @@ def verify_signed(signed: SignedRecord, *, now: float, ttl: float, max_skew: flo
             reason="wrong_key",
             peer_id=record.peer_id,
         )
-    try:
-        Ed25519PublicKey.from_public_bytes(record.public_key).verify(
-            signed.signature, DOMAIN + signed.payload
-        )
-    except (InvalidSignature, ValueError):
+    if not verify_signature(record.public_key, signed.signature, DOMAIN + signed.payload):
         raise RecordError(
             "record signature does not verify", reason="bad_signature", peer_id=record.peer_id
-        ) from None
+        )
     if record.timestamp > now + max_skew:
         raise RecordError(
             "record is stamped in the future", reason="future", peer_id=record.peer_id

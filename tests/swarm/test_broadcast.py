@@ -52,3 +52,12 @@ def test_oversized_entry_is_skipped_not_blocking():
     q.queue("big", "B", 5000)
     assert q.take(1000) == ["s"]
     assert q.transmits("big") == 0
+
+
+def test_churn_does_not_grow_the_queue_without_bound():
+    q = queue(limit=100)
+    for i in range(10_000):
+        q.queue(f"k{i % 5}", i, 40)
+        q.take(45)
+    assert len(q) == 5
+    assert len(q._heap) <= 2 * 5 + 64 + 1
