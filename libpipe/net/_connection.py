@@ -20,9 +20,9 @@ socket except through ``_send``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -291,10 +291,16 @@ class Connection:
     # --- sending ------------------------------------------------------------------
 
     async def _send(self, event: object) -> None:
-        async with self._send_lock:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            # The uncontended case takes the lock without a trip through the
+            # scheduler (a small RPC pays for every one of those).
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
             if self._error is not None:
                 raise self._error
-            await trio.lowlevel.checkpoint_if_cancelled()
             buffers = self._wire.send(event)
             small = sum(memoryview(b).nbytes for b in buffers) <= COALESCE_BYTES
             try:
@@ -309,6 +315,8 @@ class Connection:
                 if isinstance(exc, trio.Cancelled):
                     raise
                 raise self._error from exc
+        finally:
+            self._send_lock.release()
 
     async def _send_quietly(self, event: object) -> None:
         """For replies and cancels whose failure the connection already records."""
@@ -626,12 +634,14 @@ class Connection:
         call = _PendingCall(method)
         self._calls[sid] = call
         sent = False
+        # Without a deadline there is no cancel scope to pay for.
+        scope = trio.move_on_after(timeout) if timeout is not None else contextlib.nullcontext()
         try:
-            with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            with scope:
                 await self._send(Request(sid, method, meta or {}, tuple(tensors)))
                 sent = True
                 await call.done.wait()
-            if scope.cancelled_caught:
+            if isinstance(scope, trio.CancelScope) and scope.cancelled_caught:
                 raise DeadlineExceededError(
                     f"{method} did not finish within {timeout} s", method=method
                 )
