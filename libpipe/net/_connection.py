@@ -165,6 +165,7 @@ class Connection:
         self._closed = trio.Event()
         self._quiet = trio.Event()
         self._last_received = 0.0
+        self._stalled = False  # the reader waits for room in a stream's inbox
         self._first_bytes = b""
         self._nursery: trio.Nursery | None = None
         self.peer_hello: Hello | None = None
@@ -450,7 +451,16 @@ class Connection:
             case Response(stream_id=sid):
                 self._finish_call(sid, reply=Message(dict(event.meta), tuple(event.tensors)))
             case StreamData(stream_id=sid) if sid in self._streams:
-                await self._streams[sid].deliver(Message(dict(event.meta), tuple(event.tensors)))
+                # While a full inbox holds the reader, the peer is not silent:
+                # we are not listening. Keepalive must not count that time.
+                self._stalled = True
+                try:
+                    await self._streams[sid].deliver(
+                        Message(dict(event.meta), tuple(event.tensors))
+                    )
+                finally:
+                    self._stalled = False
+                    self._last_received = trio.current_time()
             case StreamClose(stream_id=sid) if sid in self._streams:
                 stream = self._streams[sid]
                 await stream.deliver(END_OF_STREAM)
@@ -728,7 +738,7 @@ class Connection:
     async def _keepalive(self) -> None:
         interval, idle_timeout = self.config.keepalive_interval, self.config.idle_timeout
         while self._error is None:
-            silent = trio.current_time() - self._last_received
+            silent = 0.0 if self._stalled else trio.current_time() - self._last_received
             if silent >= idle_timeout:
                 self._end(ConnectionBrokenError(f"{self.address} silent for {silent:.1f} s"))
                 return

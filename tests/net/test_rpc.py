@@ -447,3 +447,22 @@ async def test_leaving_a_stream_early_cancels_the_peer_handler() -> None:
             await cancelled.wait()
         await wait_until(lambda: server.in_flight == 0)
         assert (await client.call("echo", {"after": 1})).meta["after"] == 1
+
+
+async def test_a_stream_left_unread_is_not_taken_for_a_silent_peer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    router = echo_router()
+
+    async def burst(ctx: CallContext, stream: Stream) -> None:
+        for i in range(20):
+            await stream.send({"i": i})
+
+    router.stream("burst", burst)
+    config = ConnectionConfig(keepalive_interval=1.0, idle_timeout=3.0)
+    async with memory_pair(router, config) as (client, _):
+        async with client.open_stream("burst") as stream:
+            # The inbox fills and the reader waits far past idle_timeout.
+            await trio.sleep(30)
+            assert not client.is_closed
+            assert [m.meta["i"] async for m in stream] == list(range(20))
