@@ -581,21 +581,18 @@ class Connection:
 
     async def _send_reply(self, reply: object, sid: int, method: str) -> None:
         try:
-            with trio.CancelScope(shield=True):
-                await self._send(reply)
+            await self._send(reply)
         except StreamStateError:
             # The peer cancelled while the reply was being made: drop it.
             pass
-        except (ValueError, TypeError) as exc:
-            # The handler's answer cannot be encoded: say so instead.
-            logger.warning("reply to %s could not be encoded: %s", method, exc)
-            await self._send_quietly(
-                ErrorReply(sid, RemoteError.kind, f"unencodable reply: {exc}", {})
-            )
-        except LibpipeError as exc:
+        except (LibpipeError, ValueError, TypeError) as exc:
             if self._error is None:
+                # The handler's answer cannot be encoded: the caller hears
+                # why instead of waiting forever.
                 logger.warning("reply to %s could not be encoded: %s", method, exc)
-                await self._send_quietly(ErrorReply(sid, exc.kind, exc.message, {}))
+                await self._send_quietly(
+                    ErrorReply(sid, RemoteError.kind, f"unencodable reply: {exc}", {})
+                )
 
     # --- our calls -----------------------------------------------------------------
 

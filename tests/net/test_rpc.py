@@ -62,7 +62,11 @@ def echo_router() -> Router:
         async for message in stream:
             await stream.send({"n": message.meta["n"] * 2}, message.tensors)
 
+    async def unencodable(ctx: CallContext, request: Message) -> Message:
+        return Message({"x": object()})
+
     router.unary("echo", echo)
+    router.unary("unencodable", unencodable)
     router.unary("fail", fail)
     router.unary("crash", crash)
     router.unary("forever", forever)
@@ -111,6 +115,8 @@ async def test_remote_errors_come_back_as_their_class() -> None:
             await client.call("crash")
         with pytest.raises(InvalidRequestError, match="unknown method"):
             await client.call("nope")
+        with pytest.raises(RemoteError, match="unencodable reply"):
+            await client.call("unencodable")
         assert (await client.call("echo", {"still": "ok"})).meta["still"] == "ok"
 
 
