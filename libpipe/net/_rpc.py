@@ -122,10 +122,6 @@ class Stream:
             self.receive_closed = True
             self._inbox.close()
             raise trio.EndOfChannel
-        if isinstance(item, BaseException):
-            self.receive_closed = True
-            self._inbox.close()
-            raise item
         return item
 
     def __aiter__(self) -> Stream:
@@ -137,7 +133,7 @@ class Stream:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
-    async def deliver(self, item: Message | _EndOfStream | BaseException) -> None:
+    async def deliver(self, item: Message | _EndOfStream) -> None:
         """Called by the connection's reader; blocks while the buffer is full."""
         try:
             await self._inbox_send.send(item)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -472,3 +473,14 @@ async def test_a_stream_left_unread_is_not_taken_for_a_silent_peer(
             await trio.sleep(30)
             assert not client.is_closed
             assert [m.meta["i"] async for m in stream] == list(range(20))
+
+
+async def test_tls_client_to_plaintext_server_is_refused_on_both_sides(
+    client_security: Security, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="libpipe.net"):
+        async with running_server(Security.insecure()) as (host, port):
+            with pytest.raises(AuthenticationError, match="does not speak TLS"):
+                async with connect(host, port, security=client_security):
+                    pass
+            await wait_until(lambda: "speaks TLS and we are --insecure" in caplog.text)
