@@ -1,0 +1,196 @@
+"""Every event survives the trip, however the bytes are cut."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import libpipe.wire as wire
+from libpipe.wire import (
+    Cancel,
+    ConnectionEnded,
+    ErrorReply,
+    GoAway,
+    Notify,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    StreamClose,
+    StreamData,
+    StreamOpen,
+)
+from libpipe.wire._tensors import DTYPES
+
+MODES = ["whole", "bytewise", "get_buffer", "trailing"]
+
+
+def test_public_surface():
+    assert set(wire.__all__ if hasattr(wire, "__all__") else dir(wire)) >= {
+        "PROTOCOL_VERSION",
+        "NEED_DATA",
+        "Limits",
+        "Role",
+        "WireConnection",
+        "Hello",
+        "Request",
+        "Response",
+        "StreamOpen",
+        "StreamData",
+        "StreamClose",
+        "ErrorReply",
+        "Cancel",
+        "Notify",
+        "Ping",
+        "Pong",
+        "GoAway",
+        "ConnectionEnded",
+        "cast_for_wire",
+        "FrameKind",
+    }
+    assert wire.PROTOCOL_VERSION == 1
+
+
+def _same(a, b):
+    assert type(a) is type(b)
+    for name in a.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if name == "tensors":
+            assert len(x) == len(y)
+            for s, t in zip(x, y, strict=True):
+                assert s.dtype == t.dtype and s.shape == t.shape
+                assert torch.equal(s, t)
+        else:
+            assert x == y, name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unary_call_every_feed_mode(pair, mode):
+    t = torch.randn(1, 3, 8).half()
+    req = Request(1, "forward", {"span": [0, 4], "x": None}, (t, torch.arange(5)))
+    _same(pair.deliver(pair.dialer, req, mode), req)
+    resp = Response(1, {"ok": True}, (t * 2,))
+    _same(pair.deliver(pair.acceptor, resp, mode), resp)
+    assert pair.dialer.open_streams == {} == pair.acceptor.open_streams
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_and_connection_events_every_feed_mode(pair, mode):
+    events = [
+        (pair.dialer, StreamOpen(3, "session", {"max_length": 16})),
+        (pair.acceptor, StreamData(3, {"step": 0}, (torch.ones(2, 2, dtype=torch.bfloat16),))),
+        (pair.dialer, StreamData(3, {}, ())),
+        (pair.dialer, StreamClose(3, {"why": "done"})),
+        (pair.acceptor, StreamClose(3)),
+        (pair.dialer, Notify("gossip", {"records": [b"\x00\x01"]})),
+        (pair.acceptor, Ping(2**64 - 1)),
+        (pair.dialer, Pong(2**64 - 1)),
+        (pair.dialer, Request(5, "m")),
+        (pair.acceptor, ErrorReply(5, "cache_full", "no room", {"free": 3})),
+        (pair.dialer, Request(7, "m")),
+        (pair.dialer, Cancel(7)),
+        (pair.acceptor, ErrorReply(0, "protocol", "bye")),
+        (pair.acceptor, GoAway(7, "draining")),
+    ]
+    for sender, event in events:
+        _same(pair.deliver(sender, event, mode), event)
+
+
+def test_eof_at_frame_boundary_is_connection_ended(pair):
+    pair.acceptor.receive_data(b"")
+    assert isinstance(pair.acceptor.next_event(), ConnectionEnded)
+
+
+def test_send_returns_tensor_memory_not_a_copy(pair):
+    t = torch.randn(4, 1024).half()
+    buffers = pair.dialer.send(Request(1, "m", {}, (t,)))
+    views = [b for b in buffers if isinstance(b, memoryview)]
+    assert len(views) == 1 and views[0].nbytes == t.numel() * 2
+    t[0, 0] = 7.0  # the buffer aliases the tensor
+    assert bytes(views[0][:2]) == t[0, :1].numpy().tobytes()
+
+
+def test_large_frame_via_get_buffer_lands_in_place(pair):
+    t = torch.randn(256, 1024).half()
+    data = b"".join(bytes(b) for b in pair.dialer.send(Request(1, "m", {}, (t,))))
+    conn = pair.acceptor
+    pos = 0
+    first = None
+    while pos < len(data):
+        assert conn.next_event() is wire.NEED_DATA
+        buf = conn.get_buffer(64 * 1024)
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        conn.buffer_updated(n)
+        pos += n
+        if first is None and pos > 64 * 1024:
+            first = buf.obj  # the frame's own buffer once the header was parsed
+        del buf
+    event = conn.next_event()
+    assert torch.equal(event.tensors[0], t)
+    assert event.tensors[0].untyped_storage().data_ptr() >= 0
+    # received tensors are writable and 8-byte aligned
+    event.tensors[0][0, 0] = 1.0
+    assert event.tensors[0].data_ptr() % 8 == 0
+
+
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4)
+
+
+@settings(
+    deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    specs=st.lists(st.tuples(st.sampled_from(sorted(DTYPES)), shapes), max_size=4),
+    meta=st.dictionaries(
+        st.text(max_size=5),
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.text(max_size=8)
+        | st.binary(max_size=8)
+        | st.floats(allow_nan=False),
+        max_size=4,
+    ),
+    cut=st.lists(st.integers(1, 200), max_size=6),
+)
+def test_tensors_of_every_dtype_and_shape_at_any_split(make_pair, specs, meta, cut):
+    pair = make_pair()
+    gen = torch.Generator().manual_seed(0)
+    tensors = []
+    for name, shape in specs:
+        dtype = DTYPES[name]
+        if dtype.is_floating_point:
+            t = torch.randn(shape, generator=gen).to(dtype)
+        elif dtype is torch.bool:
+            t = torch.randint(0, 2, shape, generator=gen).bool()
+        else:
+            t = torch.randint(-100 if dtype.is_signed else 0, 100, shape, generator=gen).to(dtype)
+        tensors.append(t)
+    event = StreamOpen(1, "s", meta, tuple(tensors))
+    data = b"".join(bytes(b) for b in pair.dialer.send(event))
+    pieces, pos = [], 0
+    for c in cut:
+        pieces.append(data[pos : pos + c])
+        pos += c
+    pieces.append(data[pos:])
+    got = []
+    for piece in pieces:
+        if piece:
+            got += [e for e in _feed_piece(pair.acceptor, piece)]
+    assert len(got) == 1
+    _same(got[0], event)
+    for t in got[0].tensors:
+        assert math.prod(t.shape) == t.numel()
+
+
+def _feed_piece(conn, piece):
+    conn.receive_data(piece)
+    out = []
+    while (e := conn.next_event()) is not wire.NEED_DATA:
+        out.append(e)
+    return out
