@@ -541,6 +541,8 @@ class GossipNode:
 
     def _reap(self) -> None:
         """Forget members that have been dead or gone for ``dead_reclaim_time``."""
+        if len(self.members) == self._live:
+            return  # nobody is dead: skip the scan (it runs every probe round)
         horizon = trio.current_time() - self.config.dead_reclaim_time
         gone = [
             m.peer_id
@@ -575,9 +577,13 @@ class GossipNode:
             await trio.sleep(self.config.push_pull_period(self._live))
 
     async def _refresh_loop(self) -> None:
-        # Jittered over [interval/2, interval]: a swarm started at once must not
-        # re-announce all at once, and every refresh still lands well inside
-        # the TTL (record_ttl_mult > 1).
+        # Periods are uniform over [interval/2, interval] (mean 0.75 x), so a
+        # swarm started at once drifts apart, and every refresh lands well
+        # inside the TTL (record_ttl_mult > 1). The first wait is uniform over
+        # one mean period, so the swarm refreshes at its steady rate from the
+        # start instead of in a burst.
+        interval = self.config.record_refresh_interval
+        await trio.sleep(interval * self._rng.uniform(0.0, 0.75))
         while True:
-            await trio.sleep(self.config.record_refresh_interval * self._rng.uniform(0.5, 1.0))
             self._resign(self.members[self.peer_id].incarnation + 1, {})
+            await trio.sleep(interval * self._rng.uniform(0.5, 1.0))
