@@ -93,14 +93,18 @@ async def _scenario(n: int, config: GossipConfig, seed: int, detect: bool) -> di
         nodes.append(newcomer)
         everyone = {node.peer_id for node in nodes}
         result["converge_s"] = await _until(
-            lambda: all(len(node.members) == len(nodes) for node in nodes)
-            and all({r.record.peer_id for r in node.view()} == everyone for node in nodes)
+            lambda: (
+                all(len(node.members) == len(nodes) for node in nodes)
+                and all({r.record.peer_id for r in node.view()} == everyone for node in nodes)
+            )
         )
 
         changed = nodes[n // 2]
         changed.update_local_record(span=(8, 16))
         result["spread_s"] = await _until(
-            lambda: all(node.members[changed.peer_id].record.record.span == (8, 16) for node in nodes)
+            lambda: all(
+                node.members[changed.peer_id].record.record.span == (8, 16) for node in nodes
+            )
         )
 
         # A third of a mean refresh period: refreshes run at their steady rate

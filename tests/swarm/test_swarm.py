@@ -90,7 +90,9 @@ async def test_graceful_leave_is_seen_by_all(autojump_clock, swarm, config):
     # sent a bounded number of times) finds the leaver silent and declares
     # it dead after a suspicion instead. Either way it is gone from every view.
     bound = config.suspicion_max_timeout(10) + 5 * config.probe_interval
-    await swarm.wait_for(lambda: not any(s is not None and s.is_live for s in states()), limit=bound)
+    await swarm.wait_for(
+        lambda: not any(s is not None and s.is_live for s in states()), limit=bound
+    )
     assert swarm.converged()
     assert states().count(MemberState.LEFT) >= len(swarm.alive()) - 2
     with pytest.raises(ConnectionClosedError):
