@@ -28,6 +28,7 @@ import enum
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from ..errors import (
     BadMagicError,
@@ -60,12 +61,12 @@ from ._events import (
     StreamOpen,
 )
 from ._frame import (
+    FLAG_COMPRESSED,
     HEADER,
     HEADER_SIZE,
     KNOWN_FLAGS,
     MAGIC,
     PROTOCOL_VERSION,
-    Flags,
     FrameKind,
     Limits,
     Role,
@@ -222,7 +223,7 @@ class WireConnection:
         self._staging = bytearray(_STAGING_SIZE)
         self._start = 0
         self._end = 0
-        self._body: bytearray | None = None
+        self._body: np.ndarray | None = None
         self._body_filled = 0
         self._body_header: tuple[FrameKind, int, int, int, int, _Verdict] | None = None
         self._eof = False
@@ -274,7 +275,7 @@ class WireConnection:
                 size=len(meta),
                 limit=self.limits.max_metadata_bytes,
             )
-        flags = Flags.COMPRESSED if compressed else 0
+        flags = FLAG_COMPRESSED if compressed else 0
         head = HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, flags, stream_id, len(meta), payload_len)
         if payload_len:
             head = b"".join((head, meta, _PADDING[: -len(meta) % 8]))
@@ -369,7 +370,7 @@ class WireConnection:
         if self._body is not None:
             room = len(self._body) - self._body_filled
             take = min(room, n)
-            self._body[self._body_filled : self._body_filled + take] = data[:take]
+            memoryview(self._body)[self._body_filled : self._body_filled + take] = data[:take]
             self._body_filled += take
             if take == n:
                 return
@@ -438,7 +439,7 @@ class WireConnection:
             assert self._body_header is not None
             body, header = self._body, self._body_header
             self._body, self._body_header = None, None
-            return self._decode(header, body, copy_payload=False)
+            return self._decode(header, memoryview(body), copy_payload=False)
         available = self._end - self._start
         if available < HEADER_SIZE:
             start = self._staging[self._start : self._start + min(available, len(MAGIC))]
@@ -464,9 +465,11 @@ class WireConnection:
                 return self._decode(header, view, copy_payload=True)
             finally:
                 view.release()
-        body = bytearray(body_len)
+        # Uninitialised: every byte will be written by the peer's data, and
+        # zero-filling a large payload would cost as much as receiving it.
+        body = np.empty(body_len, dtype=np.uint8)
         have = self._end - self._start - HEADER_SIZE
-        body[:have] = self._staging[self._start + HEADER_SIZE : self._end]
+        memoryview(body)[:have] = self._staging[self._start + HEADER_SIZE : self._end]
         self._start = self._end = 0
         self._body, self._body_filled, self._body_header = body, have, header
         if self._eof:
@@ -506,7 +509,7 @@ class WireConnection:
             )
         if payload_len and kind not in _TENSOR_KINDS:
             raise PayloadMismatchError(f"{kind.name} carries no payload, got {payload_len} bytes")
-        if flags & Flags.COMPRESSED:
+        if flags & FLAG_COMPRESSED:
             if kind not in _TENSOR_KINDS or not payload_len:
                 raise InvalidMessageError(f"COMPRESSED flag on a {kind.name} without payload")
             if not self._accept_compressed:
@@ -562,7 +565,7 @@ class WireConnection:
     def _decode(
         self,
         header: tuple[FrameKind, int, int, int, int, _Verdict],
-        body: bytearray | memoryview,
+        body: memoryview,
         *,
         copy_payload: bool,
     ) -> Any:
@@ -592,7 +595,7 @@ class WireConnection:
                 payload,
                 payload_offset,
                 payload_len,
-                bool(flags & Flags.COMPRESSED),
+                bool(flags & FLAG_COMPRESSED),
                 self.limits,
             )
         else:

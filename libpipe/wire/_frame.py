@@ -35,6 +35,9 @@ MAX_STREAM_ID = 2**32 - 1
 class FrameKind(enum.IntEnum):
     """Append-only: a value, once released, keeps its meaning."""
 
+    # Enum's own __hash__ is Python code; kinds are hashed on every frame.
+    __hash__ = int.__hash__
+
     HELLO = 1
     REQUEST = 2
     RESPONSE = 3
@@ -49,13 +52,11 @@ class FrameKind(enum.IntEnum):
     GO_AWAY = 12
 
 
-class Flags(enum.IntFlag):
-    # At least one tensor of the payload is zstd-compressed; a receiver that
-    # did not offer "zstd" rejects the frame from the header alone.
-    COMPRESSED = 0x0001
-
-
-KNOWN_FLAGS = int(Flags.COMPRESSED)
+# At least one tensor of the payload is zstd-compressed; a receiver that did
+# not offer "zstd" rejects the frame from the header alone. Plain ints: flags
+# are tested on every frame.
+FLAG_COMPRESSED = 0x0001
+KNOWN_FLAGS = FLAG_COMPRESSED
 
 
 class Role(enum.Enum):
@@ -64,6 +65,8 @@ class Role(enum.Enum):
 
     DIALER = "dialer"  # odd stream ids
     ACCEPTOR = "acceptor"  # even stream ids
+
+    __hash__ = object.__hash__  # members are singletons; C-level hash
 
     def owns(self, stream_id: int) -> bool:
         return stream_id % 2 == (1 if self is Role.DIALER else 0)

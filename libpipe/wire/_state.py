@@ -26,10 +26,15 @@ class StreamState(enum.Enum):
     RESPONDER_DONE = "responder-done"
     CLOSED = "closed"
 
+    # members are singletons: identity hashing is C code, Enum's is Python
+    __hash__ = object.__hash__
+
 
 class Party(enum.Enum):
     OPENER = "opener"
     RESPONDER = "responder"
+
+    __hash__ = object.__hash__
 
 
 _S, _P, _K = StreamState, Party, FrameKind

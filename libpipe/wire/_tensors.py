@@ -43,6 +43,20 @@ DTYPES: dict[str, torch.dtype] = {
 }
 WIRE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+# numpy stand-ins: numpy views of buffers are cheaper to make than torch's
+# (bench/wire.py, decode-step row); bf16 travels as int16 and is re-viewed.
+NUMPY: dict[str, np.dtype[Any]] = {
+    "f16": np.dtype(np.float16),
+    "bf16": np.dtype(np.int16),
+    "f32": np.dtype(np.float32),
+    "f64": np.dtype(np.float64),
+    "u8": np.dtype(np.uint8),
+    "i8": np.dtype(np.int8),
+    "i16": np.dtype(np.int16),
+    "i32": np.dtype(np.int32),
+    "i64": np.dtype(np.int64),
+    "bool": np.dtype(np.uint8),
+}
 
 CODEC_RAW = "raw"
 CODEC_ZSTD = "zstd"  # zstd over the element bytes as they are (1-byte dtypes)
@@ -90,11 +104,12 @@ def tensor_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
         t = t.cpu()
     if not t.is_contiguous():
         t = t.contiguous()
-    if t.dtype is torch.bool:
-        t = t.view(torch.uint8)
-    if t.dim() == 0:
-        t = t.reshape(1)
-    return t, memoryview(t.view(-1).view(torch.uint8).numpy())
+    if t.dim() == 0 or t.numel() == 0:
+        # memoryview.cast wants at least one dimension and no zero extents
+        t = t.reshape(-1)
+    if t.dtype is torch.bfloat16:
+        return t, memoryview(t.view(torch.int16).numpy()).cast("B")
+    return t, memoryview(t.numpy()).cast("B")
 
 
 def shuffle(raw: memoryview, itemsize: int) -> bytes:
@@ -254,14 +269,11 @@ def decode_tensors(
         else:
             buffer = _decompress(memoryview(payload)[start : start + nbytes], codec, name, size)
             start = 0
-        if dtype is torch.bool:
-            t = torch.frombuffer(buffer, dtype=torch.uint8, count=numel, offset=start)
-            if numel and int(t.max()) > 1:
-                raise InvalidMessageError("a bool tensor holds bytes other than 0 and 1")
-            t = t.view(torch.bool)
-        else:
-            t = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=start)
-        out.append(t.view(shape))
+        array = np.frombuffer(buffer, dtype=NUMPY[name], count=numel, offset=start)
+        if dtype is torch.bool and int(array.max()) > 1:
+            raise InvalidMessageError("a bool tensor holds bytes other than 0 and 1")
+        t = torch.from_numpy(array.reshape(shape))
+        out.append(t if t.dtype is dtype else t.view(dtype))
     return tuple(out)
 
 
