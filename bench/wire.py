@@ -58,18 +58,23 @@ def connected(compression: bool) -> tuple[WireConnection, WireConnection]:
 
 
 def deliver(receiver: WireConnection, buffers: list[bytes | memoryview]) -> object:
-    """What net/ does with a socket: recv_into the codec's buffer."""
-    for buf in buffers:
-        src = memoryview(buf).cast("B")
-        pos = 0
-        while pos < src.nbytes:
-            dst = receiver.get_buffer(256 * 1024)
-            n = min(dst.nbytes, src.nbytes - pos)
-            dst[:n] = src[pos : pos + n]
-            receiver.buffer_updated(n)
-            pos += n
-    event = receiver.next_event()
-    assert event is not NEED_DATA
+    """What net/ does with a socket: ask the codec for an event and, when it
+    needs data, recv_into the buffer it offers. Like a kernel socket buffer,
+    one "recv" fills the offered buffer from as many sent buffers as fit."""
+    sources = [memoryview(b).cast("B") for b in buffers]
+    index, pos = 0, 0
+    while (event := receiver.next_event()) is NEED_DATA:
+        dst = receiver.get_buffer(256 * 1024)
+        filled = 0
+        while filled < dst.nbytes and index < len(sources):
+            src = sources[index]
+            n = min(dst.nbytes - filled, src.nbytes - pos)
+            dst[filled : filled + n] = src[pos : pos + n]
+            filled, pos = filled + n, pos + n
+            if pos == src.nbytes:
+                index, pos = index + 1, 0
+        assert filled, "the frame ended but the codec wants more"
+        receiver.buffer_updated(filled)
     return event
 
 

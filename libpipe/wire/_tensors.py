@@ -213,7 +213,7 @@ def decode_tensors(
         name, shape, codec, nbytes = desc
         if type(name) is not str or name not in DTYPES:
             raise InvalidMessageError(f"tensor {i}: unknown dtype {name!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list:
             raise InvalidMessageError(f"tensor {i}: shape must be an array of non-negative ints")
         if len(shape) > limits.max_tensor_dims:
             raise LimitExceededError(
@@ -227,6 +227,17 @@ def decode_tensors(
             raise InvalidMessageError(f"tensor {i}: nbytes must be a non-negative int")
         numel = 1
         for d in shape:
+            if type(d) is not int or d < 0:
+                raise InvalidMessageError(
+                    f"tensor {i}: shape must be an array of non-negative ints, not {shape!r}"
+                )
+            # even an empty tensor may not name an extent torch cannot hold
+            if d > limits.max_payload_bytes:
+                raise LimitExceededError(
+                    f"tensor {i}: extent {d} over the payload limit {limits.max_payload_bytes}",
+                    size=d,
+                    limit=limits.max_payload_bytes,
+                )
             numel *= d
         size = numel * ITEMSIZE[name]
         decoded_total += size

@@ -179,6 +179,11 @@ def test_bool_tensor_with_other_bytes(pair, tools):
     _reject(pair, tools, frame, InvalidMessageError, "bool")
 
 
+def test_huge_extent_of_an_empty_tensor(pair, tools):
+    frame = _tensor_frame(tools, [["f16", [0, 2**40], "raw", 0]], b"")
+    _reject(pair, tools, frame, LimitExceededError, "extent")
+
+
 def test_too_many_tensors(make_pair, tools):
     pair = make_pair(limits=Limits(max_tensors=2))
     frame = _tensor_frame(tools, [["u8", [0], "raw", 0]] * 3, b"")
