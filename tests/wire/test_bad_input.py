@@ -201,7 +201,7 @@ def test_decoded_size_over_the_payload_limit(make_pair, tools):
     pair = make_pair(limits=Limits(max_payload_bytes=1 << 20))
     frame = tools.raw_frame(
         K.REQUEST,
-        {"method": "m", "tensors": [["f16", [1 << 30], "shuffle-zstd", 8]]},
+        {"method": "m", "tensors": [["f16", [1 << 10, 1 << 10], "shuffle-zstd", 8]]},
         bytes(8),
         stream_id=1,
         flags=1,
