@@ -215,6 +215,10 @@ class GossipNode:
                     joined = False
                     nursery.cancel_scope.cancel()
                 else:
+                    # Announce ourselves too: the bootstrap peer's gossip alone
+                    # is one source, and news from one source can die out
+                    # before it reaches everyone.
+                    self._queue_alive(self.local_record)
                     nursery.start_soon(self._probe_loop)
                     nursery.start_soon(self._gossip_loop)
                     nursery.start_soon(self._push_pull_loop)

@@ -98,6 +98,13 @@ class Swarm:
                 return False
         return True
 
+    async def settle(self) -> float:
+        """Wait for convergence, bounded by anti-entropy: news that gossip
+        happens to miss (it is sent a bounded number of times) is repaired
+        by the next push-pull."""
+        limit = self.config.push_pull_period(len(self.nodes)) + 5 * self.config.probe_interval
+        return await self.wait_for(self.converged, limit=limit)
+
     async def wait_for(
         self, predicate: Callable[[], bool], *, limit: float, step: float = 0.1
     ) -> float:

@@ -27,7 +27,7 @@ async def test_hundred_nodes_converge_within_bounded_rounds(autojump_clock, swar
 
 async def test_killed_node_is_declared_dead_by_all_within_bound(autojump_clock, swarm, config):
     nodes = await swarm.add(100)
-    await swarm.wait_for(swarm.converged, limit=10 * config.probe_interval)
+    await swarm.settle()
     victim = nodes[7]
     swarm.kill(victim)
     # Found within a pass of probes, then at most the unconfirmed suspicion
@@ -48,7 +48,7 @@ async def test_node_behind_lossy_link_refutes_suspicion_and_stays(
     # of a suspicion.
     swarm.config = config.replace(record_refresh_interval=100.0)
     nodes = await swarm.add(30)
-    await swarm.wait_for(swarm.converged, limit=10 * config.probe_interval)
+    await swarm.settle()
     lossy = nodes[5]
     network.set_loss(lossy.address, 0.6)
     seen = set()
@@ -64,7 +64,7 @@ async def test_node_behind_lossy_link_refutes_suspicion_and_stays(
 
 async def test_false_accusation_is_refuted_with_higher_incarnation(autojump_clock, swarm, config):
     _, b, c = await swarm.add(3)
-    await swarm.wait_for(swarm.converged, limit=5.0)
+    await swarm.settle()
     accused = b.members[c.peer_id].incarnation
     b.on_suspect(c.peer_id, accused, b.peer_id)
     assert b.members[c.peer_id].state is MemberState.SUSPECT
@@ -75,7 +75,7 @@ async def test_false_accusation_is_refuted_with_higher_incarnation(autojump_cloc
 
 async def test_graceful_leave_is_seen_by_all(autojump_clock, swarm, config):
     nodes = await swarm.add(10)
-    await swarm.wait_for(swarm.converged, limit=5.0)
+    await swarm.settle()
     leaver = nodes[3]
     await leaver.leave()
     swarm.dead.add(leaver.peer_id)
@@ -103,7 +103,7 @@ async def test_join_through_any_one_reachable_peer(autojump_clock, swarm, config
     first = await swarm.add(4)
     late = swarm.make()
     await swarm.start(late, ["nobody-listens-here", first[2].address])
-    await swarm.wait_for(swarm.converged, limit=5.0)
+    await swarm.settle()
 
 
 async def test_join_fails_with_typed_error_when_no_peer_answers(autojump_clock, swarm, network):
@@ -122,7 +122,7 @@ async def test_running_twice_is_refused(autojump_clock, swarm):
 
 async def test_record_updates_reach_every_node(autojump_clock, swarm, config):
     nodes = await swarm.add(30)
-    await swarm.wait_for(swarm.converged, limit=10.0)
+    await swarm.settle()
     server = nodes[11]
     server.update_local_record(span=(4, 12), state=RecordState.ONLINE, throughput_decode=35.5)
 
@@ -146,7 +146,7 @@ async def test_local_record_updates_are_validated(autojump_clock, swarm):
 
 async def test_records_expire_from_the_view_when_not_refreshed(autojump_clock, swarm, config):
     nodes = await swarm.add(5)
-    await swarm.wait_for(swarm.converged, limit=5.0)
+    await swarm.settle()
     observer = nodes[1]
     # Seen from a clock one TTL ahead, every other record is stale.
     swarm.skew[observer.address] = config.record_ttl + 1
@@ -158,7 +158,7 @@ async def test_records_expire_from_the_view_when_not_refreshed(autojump_clock, s
 
 async def test_view_rpc_returns_verifiable_records(autojump_clock, swarm, network):
     nodes = await swarm.add(6)
-    await swarm.wait_for(swarm.converged, limit=5.0)
+    await swarm.settle()
     client = network.endpoint("client")
     reply = await client.request(nodes[4].address, "swarm.view", {})
     records = [decode_signed(w) for w in reply["records"]]
@@ -171,7 +171,7 @@ async def test_forged_tampered_and_expired_gossip_is_dropped_and_counted(
     autojump_clock, swarm, network, config
 ):
     nodes = await swarm.add(4)
-    await swarm.wait_for(swarm.converged, limit=5.0)
+    await swarm.settle()
     target, victim = nodes[0], nodes[1]
     attacker = swarm.make()  # never started: it only crafts records
     held = target.members[victim.peer_id].record
