@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from libpipe.errors import ProtocolError, error_kinds
-from libpipe.wire import NEED_DATA, PROTOCOL_VERSION
+from libpipe.wire import NEED_DATA, PROTOCOL_VERSION, FrameKind
 from libpipe.wire._frame import HEADER, MAGIC
 
 PROTO = Path(__file__).resolve().parents[2] / "proto"
@@ -35,6 +35,14 @@ def test_every_frame_kind_and_error_kind_has_a_vector():
     errors = {v["error"] for v in VECTORS if "error" in v}
     protocol_kinds = {k for k, cls in error_kinds().items() if issubclass(cls, ProtocolError)}
     assert errors == protocol_kinds - {"protocol"}
+
+
+def test_the_spec_lists_every_frame_kind_and_error_kind():
+    spec = (PROTO / "PROTOCOL.md").read_text()
+    for kind in FrameKind:
+        assert f"| {int(kind)} | {kind.name} |" in spec
+    for kind, cls in error_kinds().items():
+        assert f"| `{kind}` | `{cls.__name__}` |" in spec
 
 
 def _receive(conn, data):
