@@ -139,9 +139,13 @@ class GossipNode:
             record = ServerRecord(
                 peer_id=identity.peer_id,
                 public_key=identity.public_key_bytes,
-                addresses=tuple(addresses) if addresses is not None else (transport.address,),
+                addresses=(
+                    _sequence(addresses, "addresses")
+                    if addresses is not None
+                    else (transport.address,)
+                ),
                 model_id=model_id,
-                span=tuple(span),  # type: ignore[arg-type]
+                span=_sequence(span, "span"),  # type: ignore[arg-type]
                 dtype=dtype,
                 version=version,
                 throughput_decode=0.0,
@@ -187,10 +191,9 @@ class GossipNode:
         unknown = set(changes) - UPDATABLE_FIELDS
         if unknown:
             raise ConfigError("these record fields cannot be updated", fields=sorted(unknown))
-        if "addresses" in changes:
-            changes["addresses"] = tuple(changes["addresses"])
-        if "span" in changes:
-            changes["span"] = tuple(changes["span"])
+        for name in ("addresses", "span"):
+            if name in changes:
+                changes[name] = _sequence(changes[name], name)
         return self._resign(self.members[self.peer_id].incarnation + 1, changes)
 
     async def run(
@@ -591,3 +594,10 @@ class GossipNode:
         while True:
             self._resign(self.members[self.peer_id].incarnation + 1, {})
             await trio.sleep(interval * self._rng.uniform(0.5, 1.0))
+
+
+def _sequence(value: Any, name: str) -> tuple[Any, ...]:
+    """A list or tuple field as a tuple; a string would silently split into characters."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"record field {name!r} must be a list or tuple", field=name)
+    return tuple(value)

@@ -33,11 +33,11 @@ class Swarm:
     def make(self, **kwargs) -> GossipNode:
         self._seed += 1
         address = f"node-{self._seed}"
+        kwargs.setdefault("model_id", "test/model")
+        kwargs.setdefault("span", (0, 4))
         return GossipNode(
             Identity.generate(),
             self.network.endpoint(address),
-            model_id="test/model",
-            span=(0, 4),
             config=self.config,
             rng=random.Random(self._seed),
             clock=self._clock(address),

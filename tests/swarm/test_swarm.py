@@ -142,6 +142,12 @@ async def test_local_record_updates_are_validated(autojump_clock, swarm):
         node.update_local_record(span=(8, 2))
     with pytest.raises(ConfigError):
         node.update_local_record(free_cache_bytes=-1)
+    with pytest.raises(ConfigError):
+        node.update_local_record(addresses="10.0.0.1:5000")
+    with pytest.raises(ConfigError):
+        node.update_local_record(span=4)
+    with pytest.raises(ConfigError):
+        swarm.make(span=(0, 4, 8))
 
 
 async def test_records_expire_from_the_view_when_not_refreshed(autojump_clock, swarm, config):
