@@ -18,7 +18,11 @@ from ._frame import MAX_STREAM_ID, FrameKind
 
 
 def _check_stream_id(event: object, stream_id: object, *, zero_ok: bool = False) -> None:
-    if type(stream_id) is not int or not (0 if zero_ok else 1) <= stream_id <= MAX_STREAM_ID:
+    if (
+        type(stream_id) is not int
+        or not (stream_id > 0 or zero_ok)
+        or not 0 <= stream_id <= MAX_STREAM_ID
+    ):
         raise InvalidMessageError(
             f"{type(event).__name__}.stream_id must be an int in "
             f"[{0 if zero_ok else 1}, {MAX_STREAM_ID}], not {stream_id!r}"
@@ -34,10 +38,15 @@ def _check_str(event: object, name: str, value: object, *, empty_ok: bool = True
 
 
 def _check_map(event: object, name: str, value: object) -> None:
-    if not isinstance(value, Mapping) or not all(type(k) is str for k in value):
-        raise InvalidMessageError(
-            f"{type(event).__name__}.{name} must be a dict with str keys, not {type(value).__name__}"
-        )
+    if isinstance(value, Mapping):
+        for k in value:
+            if type(k) is not str:
+                break
+        else:
+            return
+    raise InvalidMessageError(
+        f"{type(event).__name__}.{name} must be a dict with str keys, not {type(value).__name__}"
+    )
 
 
 def _check_tensors(event: object, tensors: object) -> None:
