@@ -112,14 +112,24 @@ def tensor_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
     return t, memoryview(t.numpy()).cast("B")
 
 
-def shuffle(raw: memoryview, itemsize: int) -> bytes:
-    # element bytes are little-endian: reversing them puts the high byte first
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize)[:, ::-1].T.tobytes()
+def shuffle(raw: memoryview, itemsize: int) -> np.ndarray:
+    """Byte planes, most significant first (elements are little-endian, so
+    plane p holds byte ``itemsize - 1 - p`` of every element). One strided
+    copy per plane: several times faster than transposing a 2-D view."""
+    src = np.frombuffer(raw, dtype=np.uint8)
+    n = src.size // itemsize
+    out = np.empty(src.size, dtype=np.uint8)
+    for p in range(itemsize):
+        out[p * n : (p + 1) * n] = src[itemsize - 1 - p :: itemsize]
+    return out
 
 
 def unshuffle_into(planes: bytes, itemsize: int, out: memoryview) -> None:
-    dst = np.frombuffer(out, dtype=np.uint8).reshape(-1, itemsize)
-    dst[:, ::-1] = np.frombuffer(planes, dtype=np.uint8).reshape(itemsize, -1).T
+    src = np.frombuffer(planes, dtype=np.uint8)
+    dst = np.frombuffer(out, dtype=np.uint8)
+    n = src.size // itemsize
+    for p in range(itemsize):
+        dst[itemsize - 1 - p :: itemsize] = src[p * n : (p + 1) * n]
 
 
 class TensorEncoder:
@@ -276,7 +286,7 @@ def decode_tensors(
             continue
         start = payload_offset + offset
         if codec == CODEC_RAW:
-            buffer: bytearray | memoryview = payload
+            buffer: bytearray | memoryview | np.ndarray = payload
         else:
             buffer = _decompress(memoryview(payload)[start : start + nbytes], codec, name, size)
             start = 0
@@ -288,7 +298,7 @@ def decode_tensors(
     return tuple(out)
 
 
-def _decompress(data: memoryview, codec: str, name: str, size: int) -> bytearray:
+def _decompress(data: memoryview, codec: str, name: str, size: int) -> np.ndarray:
     """Exactly ``size`` bytes or ``DecompressionError``: the frame header must
     declare that size, and the decoder stops at it (no zstd bombs)."""
     try:
@@ -311,9 +321,9 @@ def _decompress(data: memoryview, codec: str, name: str, size: int) -> bytearray
             f"zstd payload decodes to {len(plain)} bytes (frame complete: {dobj.eof}, "
             f"{len(dobj.unused_data)} trailing bytes), the tensor needs {size}"
         )
-    out = bytearray(size)
+    out = np.empty(size, dtype=np.uint8)  # every byte is written below
     if codec == CODEC_SHUFFLE_ZSTD:
         unshuffle_into(plain, ITEMSIZE[name], memoryview(out))
     else:
-        out[:] = plain
+        out[:] = np.frombuffer(plain, dtype=np.uint8)
     return out

@@ -55,7 +55,7 @@ def test_small_payload_is_not_compressed(pair):
 @pytest.mark.parametrize("itemsize", [2, 4, 8])
 def test_shuffle_round_trip(itemsize):
     raw = bytes(range(256)) * itemsize
-    planes = shuffle(memoryview(raw), itemsize)
+    planes = shuffle(memoryview(raw), itemsize).tobytes()
     assert planes[: len(raw) // itemsize] == raw[itemsize - 1 :: itemsize]  # high bytes first
     out = bytearray(len(raw))
     unshuffle_into(planes, itemsize, memoryview(out))
