@@ -353,9 +353,12 @@ class WireConnection:
         if not stream.ours:
             self._peer_open -= 1
         if by_us:
-            self._ended_by_us[stream_id] = None
-            if len(self._ended_by_us) > self._ended_cap:
-                del self._ended_by_us[next(iter(self._ended_by_us))]
+            self._remember_ended(stream_id)
+
+    def _remember_ended(self, stream_id: int) -> None:
+        self._ended_by_us[stream_id] = None
+        if len(self._ended_by_us) > self._ended_cap:
+            del self._ended_by_us[next(iter(self._ended_by_us))]
 
     # --- receiving -------------------------------------------------------------------
 
@@ -392,8 +395,12 @@ class WireConnection:
         return memoryview(self._staging)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if nbytes <= 0:
-            raise ValueError("buffer_updated needs a positive byte count")
+        if self._body is not None:
+            room = len(self._body) - self._body_filled
+        else:
+            room = len(self._staging) - self._end
+        if not 0 < nbytes <= room:
+            raise ValueError(f"buffer_updated({nbytes}) but the buffer offered {room} bytes")
         if self._body is not None:
             self._body_filled += nbytes
         else:
@@ -602,6 +609,10 @@ class WireConnection:
             tensors = ()
         event = _build_event(kind, stream_id, meta, tensors)
         if verdict is _Verdict.DISCARD:
+            if kind in OPENING:
+                # refused (above our GoAway): what the peer sends on it until
+                # it learns so is dropped too
+                self._remember_ended(stream_id)
             return _DISCARDED
         self._apply_receive(event, kind, stream_id)
         return event

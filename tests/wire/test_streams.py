@@ -207,3 +207,23 @@ def test_go_away(pair, tools):
         pair.acceptor.send(Request(2, "m"))
     pair.deliver(pair.acceptor, Response(1))
     assert pair.acceptor.next_event() is NEED_DATA
+
+
+def test_frames_on_a_stream_refused_by_go_away_are_dropped(pair, tools):
+    pair.acceptor.send(GoAway(0, "draining"))  # still in flight to the dialer
+    crossing = b"".join(
+        bytes(b)
+        for event in (StreamOpen(1, "s"), StreamData(1), Cancel(1))
+        for b in pair.dialer.send(event)
+    )
+    assert tools.feed(pair.acceptor, crossing) == []
+    assert pair.acceptor.open_streams == {}
+    assert not pair.acceptor.errored
+
+
+def test_buffer_updated_checks_its_count(pair):
+    room = len(pair.acceptor.get_buffer(16))
+    with pytest.raises(ValueError, match="offered"):
+        pair.acceptor.buffer_updated(room + 1)
+    with pytest.raises(ValueError, match="offered"):
+        pair.acceptor.buffer_updated(0)
