@@ -148,6 +148,16 @@ def zstd_rows(t: torch.Tensor, *, repeat: int) -> dict[str, dict[str, float]]:
             "compress_MBps": size / comp / 1e6,
             "decompress_MBps": size / decomp / 1e6,
         }
+    # the fixed cost on a decode-step sized tensor (one token of hidden 4096)
+    step = raw[: 4096 * 2]
+    step_packed = cctx.compress(shuffle(step, 2))
+    rows["decode_step"] = {
+        "ratio": step.nbytes / len(step_packed),
+        "compress_us": timed(lambda: cctx.compress(shuffle(step, 2)), repeat=repeat, number=200)
+        * 1e6,
+        "decompress_us": timed(lambda: dctx.decompress(step_packed), repeat=repeat, number=200)
+        * 1e6,
+    }
     # the whole codec path with compression negotiated
     sender, receiver = connected(compression=True)
     event = StreamData(1, {}, (t,))
@@ -176,6 +186,8 @@ def main() -> None:
         "decode_step": small,
         "prefill_16MiB": large,
         "zstd_activations": {"shape": list(acts.shape), **zrows},
+        "zstd_decode_step_us": zrows["decode_step"]["compress_us"]
+        + zrows["decode_step"]["decompress_us"],
     }
     if args.json:
         print(json.dumps(result, indent=1))
@@ -200,6 +212,11 @@ def main() -> None:
         print(
             f"{name:<12}{r['ratio']:>8.3f}{r['compress_MBps']:>12.0f}{r['decompress_MBps']:>13.0f}"
         )
+    d = zrows["decode_step"]
+    print(
+        f"{'8 KiB step':<12}{d['ratio']:>8.3f}   compress {d['compress_us']:.1f} us, "
+        f"decompress {d['decompress_us']:.1f} us"
+    )
     c = zrows["codec"]
     print(f"{'codec':<12}{c['ratio']:>8.3f}   round trip {c['roundtrip_MBps']:.0f} MB/s")
     print(
