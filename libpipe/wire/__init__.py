@@ -6,6 +6,7 @@ so ``net/`` drives it over sockets and tests drive it over plain bytes.
 
 from ._connection import FEATURE_ZSTD as FEATURE_ZSTD
 from ._connection import NEED_DATA as NEED_DATA
+from ._connection import Sentinel as Sentinel
 from ._connection import WireConnection as WireConnection
 from ._events import Cancel as Cancel
 from ._events import ConnectionEnded as ConnectionEnded

@@ -75,7 +75,9 @@ from ._state import CONNECTION_KINDS, OPENING, TRANSITIONS, Party, StreamState
 from ._tensors import TensorEncoder, decode_tensors
 
 
-class _Sentinel:
+class Sentinel:
+    """A named marker returned in place of an event (compare with ``is``)."""
+
     def __init__(self, name: str) -> None:
         self._name = name
 
@@ -83,7 +85,7 @@ class _Sentinel:
         return self._name
 
 
-NEED_DATA: Any = _Sentinel("NEED_DATA")
+NEED_DATA = Sentinel("NEED_DATA")
 
 # The feature a Hello lists to offer zstd payloads.
 FEATURE_ZSTD = "zstd"
@@ -420,7 +422,7 @@ class WireConnection:
             self._staging = grown
         self._start, self._end = 0, unread
 
-    def next_event(self) -> Event | ConnectionEnded | Any:
+    def next_event(self) -> Event | ConnectionEnded | Sentinel:
         """The next event, ``NEED_DATA``, or ``ConnectionEnded`` after a clean
         EOF. Raises a ``ProtocolError`` subclass for anything malformed."""
         if self._error is not None:
@@ -434,7 +436,7 @@ class WireConnection:
             self._error = exc
             raise
 
-    def _next_frame(self) -> Any:
+    def _next_frame(self) -> Event | ConnectionEnded | Sentinel:
         if self._body is not None:
             if self._body_filled < len(self._body):
                 if self._eof:
@@ -575,7 +577,7 @@ class WireConnection:
         body: memoryview,
         *,
         copy_payload: bool,
-    ) -> Any:
+    ) -> Event | Sentinel:
         kind, flags, meta_len, payload_len, stream_id, verdict = header
         try:
             meta = msgpack.unpackb(body[:meta_len], raw=False, use_list=True)
@@ -641,4 +643,4 @@ class WireConnection:
             self._move(stream_id, TRANSITIONS[(stream.state, party, kind)], by_us=False)
 
 
-_DISCARDED = _Sentinel("DISCARDED")
+_DISCARDED = Sentinel("DISCARDED")
