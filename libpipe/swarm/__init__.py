@@ -20,6 +20,7 @@ from ._record import SignedRecord as SignedRecord
 from ._record import Signer as Signer
 from ._record import decode_signed as decode_signed
 from ._record import sign_record as sign_record
+from ._record import verified_records as verified_records
 from ._record import verify_signed as verify_signed
 from ._rpc_transport import RpcTransport as RpcTransport
 from ._state import Member as Member

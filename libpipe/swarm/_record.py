@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -214,6 +215,34 @@ def verify_signed(signed: SignedRecord, *, now: float, ttl: float, max_skew: flo
         )
     if now - record.timestamp > ttl:
         raise RecordError("record has expired", reason="expired", peer_id=record.peer_id)
+
+
+def verified_records(
+    wires: Any,
+    *,
+    now: float,
+    ttl: float,
+    max_skew: float,
+    rejected: Counter[str] | None = None,
+) -> list[SignedRecord]:
+    """The authentic, fresh records among ``wires`` (a ``swarm.view`` reply's
+    ``records``); the rest are dropped and counted by reason in ``rejected``.
+
+    For clients: the peer that answered relays records, it cannot vouch for
+    them, so each one is checked against its own owner's key."""
+    if not isinstance(wires, list):
+        raise RecordError("a view is a list of signed records", reason="malformed")
+    good = []
+    for wire in wires:
+        try:
+            signed = decode_signed(wire)
+            verify_signed(signed, now=now, ttl=ttl, max_skew=max_skew)
+        except RecordError as exc:
+            if rejected is not None:
+                rejected[exc.details.get("reason", "unknown")] += 1
+            continue
+        good.append(signed)
+    return good
 
 
 def is_expired(record: ServerRecord, *, now: float, ttl: float) -> bool:

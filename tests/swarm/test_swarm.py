@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import pytest
 import trio
@@ -12,8 +13,9 @@ from libpipe.errors import (
     ConnectionBrokenError,
     ConnectionClosedError,
     InvalidRequestError,
+    RecordError,
 )
-from libpipe.swarm import MemberState, RecordState, decode_signed, verify_signed
+from libpipe.swarm import MemberState, RecordState, verified_records
 from libpipe.swarm._record import DOMAIN
 
 
@@ -162,15 +164,30 @@ async def test_records_expire_from_the_view_when_not_refreshed(autojump_clock, s
     assert len(observer.view()) == 5
 
 
-async def test_view_rpc_returns_verifiable_records(autojump_clock, swarm, network):
+async def test_view_rpc_returns_verifiable_records(autojump_clock, swarm, network, config):
     nodes = await swarm.add(6)
     await swarm.settle()
     client = network.endpoint("client")
     reply = await client.request(nodes[4].address, "swarm.view", {})
-    records = [decode_signed(w) for w in reply["records"]]
-    for signed in records:
-        verify_signed(signed, now=nodes[0]._clock(), ttl=60.0, max_skew=1.0)
-    assert {s.record.peer_id for s in records} == {n.peer_id for n in nodes}
+    now = nodes[0]._clock()
+    rejected: Counter[str] = Counter()
+    good = verified_records(
+        reply["records"], now=now, ttl=config.record_ttl, max_skew=1.0, rejected=rejected
+    )
+    assert {s.record.peer_id for s in good} == {n.peer_id for n in nodes}
+    # A relay that slips in a tampered record cannot get it past the client.
+    tampered = [dataclasses.replace(good[0].record, span=(0, 99)).encode(), good[0].signature]
+    again = verified_records(
+        [*reply["records"], tampered, "junk"],
+        now=now,
+        ttl=config.record_ttl,
+        max_skew=1.0,
+        rejected=rejected,
+    )
+    assert len(again) == len(good)
+    assert rejected == {"bad_signature": 1, "malformed": 1}
+    with pytest.raises(RecordError):
+        verified_records({"not": "a list"}, now=now, ttl=1.0, max_skew=1.0)
 
 
 async def test_forged_tampered_and_expired_gossip_is_dropped_and_counted(
