@@ -1,6 +1,15 @@
 """Gossip membership and signed server records (SWIM, shaped like memberlist).
 
-See ``_node.py`` for the theory of operation.
+A server embeds one ``GossipNode`` on its RPC router and connection pool::
+
+    transport = RpcTransport(router, pool, "203.0.113.7:31337")
+    node = GossipNode(identity, transport, model_id=..., span=(0, 8))
+    await nursery.start(node.run, ["198.51.100.2:31337"])  # any one peer
+    node.update_local_record(state=RecordState.ONLINE, throughput_decode=...)
+
+A client asks any peer for ``swarm.view`` and keeps ``verified_records(...)``.
+Tests and benchmarks run hundreds of nodes over ``MemoryNetwork`` in virtual
+time. ``_node.py`` holds the theory of operation.
 """
 
 from ._broadcast import BroadcastQueue as BroadcastQueue
