@@ -16,6 +16,7 @@ from libpipe.wire import (
     ConnectionEnded,
     ErrorReply,
     GoAway,
+    Hello,
     Notify,
     Ping,
     Pong,
@@ -201,3 +202,60 @@ def _feed_piece(conn, piece):
     while (e := conn.next_event()) is not wire.NEED_DATA:
         out.append(e)
     return out
+
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=10)
+    | st.binary(max_size=10),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+maps = st.dictionaries(st.text(max_size=6), values, max_size=4)
+names = st.text(min_size=1, max_size=12)
+connection_events = st.one_of(
+    st.builds(Notify, names, maps),
+    st.builds(Ping, st.integers(0, 2**64 - 1)),
+    st.builds(Pong, st.integers(0, 2**64 - 1)),
+    st.builds(ErrorReply, st.just(0), names, st.text(max_size=20), maps),
+)
+
+
+@settings(
+    deadline=None, max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    events=st.lists(connection_events, min_size=1, max_size=4),
+    request_meta=maps,
+    mode=st.sampled_from(MODES),
+)
+def test_messages_round_trip(make_pair, events, request_meta, mode):
+    pair = make_pair()
+    for event in events:
+        _same(pair.deliver(pair.acceptor, event, mode), event)
+    _same(
+        pair.deliver(pair.dialer, Request(1, "m", request_meta), mode),
+        Request(1, "m", request_meta),
+    )
+    reply = Response(1, request_meta)
+    _same(pair.deliver(pair.acceptor, reply, mode), reply)
+
+
+@settings(
+    deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    peer_id=names,
+    model_id=st.text(max_size=10),
+    features=st.frozensets(names, max_size=3),
+    info=maps,
+)
+def test_hello_round_trip(make_pair, peer_id, model_id, features, info):
+    pair = make_pair(handshake=False)
+    hello = Hello(1, peer_id, "dialer", model_id, features, info)
+    _same(pair.deliver(pair.dialer, hello), hello)
