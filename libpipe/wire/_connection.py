@@ -451,9 +451,10 @@ class WireConnection:
             return self._decode(header, memoryview(body), copy_payload=False)
         available = self._end - self._start
         if available < HEADER_SIZE:
-            start = self._staging[self._start : self._start + min(available, len(MAGIC))]
-            if not MAGIC.startswith(start):
-                raise BadMagicError(f"frame starts with {bytes(start).hex()}, not {MAGIC.hex()}")
+            if available:
+                start = self._staging[self._start : self._start + min(available, len(MAGIC))]
+                if not MAGIC.startswith(start):
+                    raise BadMagicError(f"frame starts with {start.hex()}, not {MAGIC.hex()}")
             if self._eof:
                 if available == 0:
                     return ConnectionEnded()
