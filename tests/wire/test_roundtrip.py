@@ -259,3 +259,10 @@ def test_hello_round_trip(make_pair, peer_id, model_id, features, info):
     pair = make_pair(handshake=False)
     hello = Hello(1, peer_id, "dialer", model_id, features, info)
     _same(pair.deliver(pair.dialer, hello), hello)
+
+
+def test_non_contiguous_and_fp32_tensors_are_sent_as_their_values(pair):
+    t = torch.arange(24, dtype=torch.float32).view(4, 6).t()  # a transposed view
+    assert not t.is_contiguous()
+    got = pair.deliver(pair.dialer, Request(1, "m", {}, (t, t[::2])))
+    assert torch.equal(got.tensors[0], t) and torch.equal(got.tensors[1], t[::2])
