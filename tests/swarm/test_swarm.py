@@ -47,20 +47,29 @@ async def test_node_behind_lossy_link_refutes_suspicion_and_stays(
     autojump_clock, swarm, network, config
 ):
     # No record refreshes during the test: a refutation is the only way out
-    # of a suspicion.
-    swarm.config = config.replace(record_refresh_interval=100.0)
+    # of a suspicion. News reaches each member with probability about
+    # 1 - exp(-retransmit_limit); at the local preset's 8 a refutation misses
+    # one of 30 members in ~1% of suspicions, and that member then declares
+    # the node dead (until the verdict itself draws a second refutation).
+    # 12 makes "never dead" a claim this test can hold to.
+    swarm.config = config.replace(record_refresh_interval=100.0, retransmit_mult=6)
     nodes = await swarm.add(30)
     await swarm.settle()
     lossy = nodes[5]
-    network.set_loss(lossy.address, 0.6)
+    network.set_loss(lossy.address, 0.4)
     seen = set()
-    for _ in range(150):  # 15 virtual seconds of a bad link
+    for _ in range(300):  # 30 virtual seconds of a bad link
         await trio.sleep(0.1)
         seen |= {n.members[lossy.peer_id].state for n in swarm.alive() if n is not lossy}
     network.set_loss(lossy.address, 0.0)
-    await swarm.wait_for(lambda: swarm.all_see(lossy.peer_id, MemberState.ALIVE), limit=5.0)
     assert MemberState.SUSPECT in seen
     assert MemberState.DEAD not in seen
+    # A suspicion raised just before the link healed may have missed the
+    # suspect itself (its news is sent a bounded number of times); then the
+    # next push-pull, or the death verdict, tells it, and it refutes. Either
+    # way it is back everywhere within a suspicion's lifetime.
+    bound = config.suspicion_max_timeout(30) + 5 * config.probe_interval
+    await swarm.wait_for(lambda: swarm.all_see(lossy.peer_id, MemberState.ALIVE), limit=bound)
     assert lossy.stats.refutations > 0
 
 
