@@ -6,6 +6,7 @@ from ._ca import SwarmCA as SwarmCA
 from ._ca import peer_id_from_certificate as peer_id_from_certificate
 from ._connection import Connection as Connection
 from ._connection import ConnectionConfig as ConnectionConfig
+from ._delay_proxy import DelayProxy as DelayProxy
 from ._endpoint import ConnectionPool as ConnectionPool
 from ._endpoint import HelloInfo as HelloInfo
 from ._endpoint import connect as connect

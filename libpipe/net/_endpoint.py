@@ -106,7 +106,7 @@ async def connect(
     ``expected_peer_id`` pins the peer (from gossip); anything else is
     refused with ``AuthenticationError``. ``router`` lets the peer call us
     back over the same connection."""
-    with _single_errors():
+    with single_errors():
         async with trio.open_nursery() as nursery:
             connection = await nursery.start(
                 _dial_and_run, host, port, security, expected_peer_id, router, hello, config
@@ -118,7 +118,7 @@ async def connect(
 
 
 @contextmanager
-def _single_errors() -> Iterator[None]:
+def single_errors() -> Iterator[None]:
     """Raise a lone error out of a nursery as itself, not as a group of one:
     callers of ``connect`` catch ``AuthenticationError``, not groups."""
     try:
@@ -222,7 +222,7 @@ class ConnectionPool:
                         closer.start_soon(slot.connection.aclose)
         self._slots.clear()
         self._nursery = None
-        with _single_errors():
+        with single_errors():
             return await self._nursery_manager.__aexit__(*exc_info)
 
     @property
