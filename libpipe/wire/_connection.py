@@ -448,6 +448,11 @@ class WireConnection:
             assert self._body_header is not None
             body, header = self._body, self._body_header
             self._body, self._body_header = None, None
+            # The header was judged when it arrived; frames this side sent
+            # since (Cancel, ErrorReply, GoAway) may have ended the stream.
+            kind, flags, meta_len, payload_len, stream_id, _ = header
+            verdict = self._check_receive(kind, stream_id)
+            header = (kind, flags, meta_len, payload_len, stream_id, verdict)
             return self._decode(header, memoryview(body), copy_payload=False)
         available = self._end - self._start
         if available < HEADER_SIZE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from libpipe.errors import (
     BadMagicError,
@@ -227,3 +228,89 @@ def test_buffer_updated_checks_its_count(pair):
         pair.acceptor.buffer_updated(room + 1)
     with pytest.raises(ValueError, match="offered"):
         pair.acceptor.buffer_updated(0)
+
+
+def _large_frame(sender, event):
+    """The bytes of ``event`` carrying a tensor too big for the staging
+    buffer, so its body is received into a buffer of its own."""
+    data = b"".join(bytes(b) for b in sender.send(event))
+    assert len(data) > 128 * 1024
+    return data
+
+
+def _big():
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 64, 2048, generator=generator).to(torch.float16),)
+
+
+@pytest.mark.parametrize("mode", ["receive_data", "get_buffer"])
+def test_cancel_while_a_large_response_is_half_received(pair, tools, mode):
+    """The response's header was accepted while the call was open; the
+    Cancel ends the call before the body completes, so the completed frame
+    must be judged again, and dropped."""
+    pair.deliver(pair.dialer, Request(1, "m"))
+    data = _large_frame(pair.acceptor, Response(1, {}, _big()))
+    half = len(data) // 2
+    assert tools.feed(pair.dialer, data[:half]) == []
+    pair.dialer.send(Cancel(1))
+    if mode == "get_buffer":
+        rest = memoryview(data)[half:]
+        while rest:
+            buffer = pair.dialer.get_buffer(1)
+            n = min(len(buffer), len(rest))
+            buffer[:n] = rest[:n]
+            del buffer
+            pair.dialer.buffer_updated(n)
+            rest = rest[n:]
+        assert pair.dialer.next_event() is NEED_DATA
+    else:
+        assert tools.feed(pair.dialer, data[half:]) == []
+    assert not pair.dialer.errored
+    assert pair.dialer.open_streams == {}
+    # the connection goes on
+    pair.deliver(pair.dialer, Request(3, "m"))
+    assert pair.deliver(pair.acceptor, Response(3)) == Response(3)
+
+
+def test_cancel_while_large_stream_data_is_half_received(pair, tools):
+    pair.deliver(pair.dialer, StreamOpen(1, "s"))
+    data = _large_frame(pair.acceptor, StreamData(1, {}, _big()))
+    assert tools.feed(pair.dialer, data[:1000]) == []
+    pair.dialer.send(Cancel(1))
+    assert tools.feed(pair.dialer, data[1000:]) == []
+    assert not pair.dialer.errored
+
+
+def test_error_reply_while_a_large_open_is_half_received(pair, tools):
+    """The responder refuses a stream while the opener's large first data
+    frame is still arriving."""
+    pair.deliver(pair.dialer, StreamOpen(1, "s"))
+    data = _large_frame(pair.dialer, StreamData(1, {}, _big()))
+    assert tools.feed(pair.acceptor, data[:1000]) == []
+    pair.acceptor.send(ErrorReply(1, "invalid_request", "no"))
+    assert tools.feed(pair.acceptor, data[1000:]) == []
+    assert not pair.acceptor.errored
+
+
+def test_go_away_while_a_large_open_is_half_received(pair, tools):
+    """A GoAway sent while a large open above its last stream id is arriving
+    refuses that open: it is dropped, like one that arrives after."""
+    data = _large_frame(pair.dialer, Request(1, "m", {}, _big()))
+    assert tools.feed(pair.acceptor, data[:1000]) == []
+    pair.acceptor.send(GoAway(0, "draining"))
+    assert tools.feed(pair.acceptor, data[1000:]) == []
+    assert pair.acceptor.open_streams == {}
+    assert not pair.acceptor.errored
+
+
+def test_half_close_while_large_data_is_half_received_still_delivers(pair, tools):
+    """Our half-close does not end the peer's half: its frame still counts."""
+    pair.deliver(pair.dialer, StreamOpen(1, "s"))
+    event = StreamData(1, {"k": 1}, _big())
+    data = _large_frame(pair.acceptor, event)
+    assert tools.feed(pair.dialer, data[:1000]) == []
+    pair.dialer.send(StreamClose(1))
+    (received,) = tools.feed(pair.dialer, data[1000:])
+    assert received.meta == {"k": 1}
+    assert torch.equal(received.tensors[0], event.tensors[0])
+    assert pair.dialer.open_streams == {1: StreamState.OPENER_DONE}
