@@ -1,4 +1,4 @@
-"""model layer: Llama-family blocks, checkpoint loading, KV caches.
+"""model layer: Llama-family blocks, checkpoint loading, KV caches, LoRA adapters.
 
 Torch only; nothing here knows about networking (see DESIGN.md, 'Layers').
 """
@@ -12,6 +12,9 @@ from ._device import resolve_dtype as resolve_dtype
 from ._kv_cache import KVCache as KVCache
 from ._kv_cache import KVCachePool as KVCachePool
 from ._llama import ClientHead as ClientHead
+from ._lora import LoraAdapter as LoraAdapter
+from ._lora import load_lora_adapter as load_lora_adapter
+from ._lora import write_random_lora_adapter as write_random_lora_adapter
 from ._random_checkpoint import PRESETS as PRESETS
 from ._random_checkpoint import write_random_checkpoint as write_random_checkpoint
 from ._span import BlockSpan as BlockSpan

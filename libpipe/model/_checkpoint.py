@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from ..errors import CheckpointError
 from ._config import ModelConfig
 from ._device import resolve_device, resolve_dtype
 from ._llama import ClientHead, block_tensor_shapes, head_tensor_shapes
+from ._lora import load_lora_adapter
 from ._span import DEFAULT_PREFILL_CHUNK, BlockSpan
 
 SINGLE_FILE = "model.safetensors"
@@ -44,11 +46,14 @@ def load_span(
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    adapters: Sequence[str | Path] = (),
 ) -> BlockSpan:
     """Blocks ``[start, end)`` of the checkpoint in ``model_dir``, frozen.
 
     ``dtype`` defaults to the device's compute dtype (fp32 on CPU, fp16 on
-    GPUs); the progress bar goes to stderr unless ``progress=False``."""
+    GPUs); the progress bar goes to stderr unless ``progress=False``.
+    ``adapters`` are LoRA adapter directories (PEFT layout), each named
+    after its directory; only their tensors for these blocks are read."""
     model_dir = Path(model_dir)
     dev = resolve_device(device)
     compute = resolve_dtype(dev, dtype)
@@ -63,6 +68,8 @@ def load_span(
     }
     state = _read(model_dir, wanted, dev, compute, progress, f"blocks {start}:{end}")
     span.layers.load_state_dict(state, strict=True, assign=True)
+    for path in adapters:
+        span.add_adapter(load_lora_adapter(path, config, start, end, device=dev, dtype=compute))
     return span.requires_grad_(False).eval()
 
 

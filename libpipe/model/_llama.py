@@ -10,7 +10,8 @@ outputs agree with it to fp32 rounding.
 Attention reaches its keys and values through a ``KVView`` (``_span.py``):
 none for a full-sequence forward, one session's cache for prefill and
 decode, or the caches of many sessions for a batched decode step. The block
-does not need to know which.
+does not need to know which. Likewise a LoRA adapter (``_lora.py``) reaches
+the projections through a ``BlockAdapter``: none for the base model.
 """
 
 from __future__ import annotations
@@ -124,6 +125,18 @@ def attend(
     )
 
 
+class BlockAdapter(Protocol):
+    """Per-request low-rank updates of a block's projections (``_lora.py``)."""
+
+    def project(self, name: str, linear: nn.Linear, x: Tensor) -> Tensor:
+        """``linear(x)`` plus this adapter's update of projection ``name``."""
+        ...
+
+
+def _project(name: str, linear: nn.Linear, x: Tensor, adapter: BlockAdapter | None) -> Tensor:
+    return linear(x) if adapter is None else adapter.project(name, linear, x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -139,19 +152,28 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, hkv * dh, bias=config.q_bias)
         self.o_proj = nn.Linear(h * dh, d, bias=config.attention_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView | None, layer: int) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv: KVView | None,
+        layer: int,
+        adapter: BlockAdapter | None = None,
+    ) -> Tensor:
         bsz, t, _ = x.shape  # x: [B, T, D]
         h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x).view(bsz, t, h, dh).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(bsz, t, hkv, dh).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(bsz, t, hkv, dh).transpose(1, 2)  # [B, Hkv, T, Dh]
+        q = _project("q_proj", self.q_proj, x, adapter).view(bsz, t, h, dh).transpose(1, 2)
+        k = _project("k_proj", self.k_proj, x, adapter).view(bsz, t, hkv, dh).transpose(1, 2)
+        v = _project("v_proj", self.v_proj, x, adapter).view(bsz, t, hkv, dh).transpose(1, 2)
+        # q: [B, H, T, Dh]; k, v: [B, Hkv, T, Dh]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is None:
             y = attend(q, k, v, causal=t > 1)
         else:
             y = kv.attend(layer, q, k, v)  # [B, H, T, Dh]
         y = y.transpose(1, 2).reshape(bsz, t, h * dh)  # [B, T, H*Dh]
-        return self.o_proj(y)
+        return _project("o_proj", self.o_proj, y, adapter)
 
 
 class MLP(nn.Module):
@@ -164,8 +186,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=b)
         self.down_proj = nn.Linear(f, d, bias=b)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, adapter: BlockAdapter | None = None) -> Tensor:
+        gate = F.silu(_project("gate_proj", self.gate_proj, x, adapter))
+        return _project(
+            "down_proj",
+            self.down_proj,
+            gate * _project("up_proj", self.up_proj, x, adapter),
+            adapter,
+        )
 
 
 class Block(nn.Module):
@@ -179,9 +207,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView | None = None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv: KVView | None = None,
+        adapter: BlockAdapter | None = None,
+    ) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, self.layer, adapter)
+        return h + self.mlp(self.post_attention_layernorm(h), adapter)
 
 
 def block_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

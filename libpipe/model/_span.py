@@ -17,6 +17,12 @@
    copying every prefix into one padded, masked buffer for a single SDPA
    call gave 77 tok/s, per-session calls 134 tok/s; the loop costs
    microseconds per session.
+
+LoRA adapters (``_lora.py``) are registered by name with ``add_adapter``
+and chosen per call (``adapter=``) or per session; the base weights never
+change, so requests with different adapters (or none) share one span, even
+in one batched decode step. Deep prompts (``prompts=``, fine-tuning) are
+added to the first positions of the hidden states before each block.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from types import TracebackType
 import torch
 from torch import Tensor, nn
 
-from ..errors import InvalidRequestError, SessionError
+from ..errors import ConfigError, InvalidRequestError, SessionError
 from ._config import ModelConfig
 from ._kv_cache import KVCache, KVCachePool
-from ._llama import Block, Rotary, attend
+from ._llama import Block, BlockAdapter, Rotary, attend
+from ._lora import LoraAdapter, RowsLora
 
 # Positions per prefill chunk: [B, H, 512, 8192] fp32 scores are 512 MiB per
 # sequence for 32 heads in the math backend; smaller chunks cost more passes.
@@ -68,19 +75,85 @@ class BlockSpan(nn.Module):
         self.prefill_chunk = prefill_chunk
         self.layers = nn.ModuleList(Block(config, i) for i in range(end - start))
         self.rotary = Rotary(config, device)
+        self.adapters: dict[str, LoraAdapter] = {}
+
+    # --- adapters ----------------------------------------------------------------
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Make ``adapter`` available to requests that name it."""
+        if not adapter.name or adapter.name in self.adapters:
+            raise ConfigError(f"adapter name {adapter.name!r} is empty or already loaded")
+        if (adapter.start, adapter.end) != (self.start, self.end):
+            raise ConfigError(
+                f"adapter {adapter.name!r} was loaded for blocks [{adapter.start}, {adapter.end}), "
+                f"this span is [{self.start}, {self.end})"
+            )
+        self.adapters[adapter.name] = adapter
+
+    def _adapter(self, name: str | None) -> LoraAdapter | None:
+        if name is None or name == "":
+            return None
+        if not isinstance(name, str) or name not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none"
+            raise InvalidRequestError(f"unknown adapter {name!r} (loaded: {known})")
+        return self.adapters[name]
 
     # --- 1. full sequence, no cache ------------------------------------------
 
-    def forward(self, hidden: Tensor, start: int | None = None, end: int | None = None) -> Tensor:
-        """``hidden: [B, T, D]`` through blocks ``[start, end)`` (default: all)."""
+    def forward(
+        self,
+        hidden: Tensor,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        adapter: str | None = None,
+        prompts: Tensor | None = None,
+    ) -> Tensor:
+        """``hidden: [B, T, D]`` through blocks ``[start, end)`` (default: all).
+
+        ``prompts: [end - start, B, P, D]``: before block ``start + i``,
+        ``prompts[i]`` is added to the first ``P`` positions."""
         start, end = self._sub_span(start, end)
         self._check_hidden(hidden)
+        lora = self._adapter(adapter)
         bsz, t, _ = hidden.shape
+        if prompts is not None:
+            self._check_prompts(prompts, end - start, bsz, t)
         positions = torch.arange(t, device=self.device).expand(bsz, t)  # [B, T]
         cos, sin = self.rotary(positions, self.dtype)
-        for block in self.layers[start - self.start : end - self.start]:
-            hidden = block(hidden, cos, sin)
+        for i, block in enumerate(self.layers[start - self.start : end - self.start]):
+            if prompts is not None:
+                p = prompts.shape[2]
+                hidden = torch.cat([hidden[:, :p] + prompts[i], hidden[:, p:]], dim=1)
+            hidden = block(hidden, cos, sin, None, _block_lora(lora, start + i))
         return hidden
+
+    def backward(
+        self,
+        hidden: Tensor,
+        grad_output: Tensor,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        adapter: str | None = None,
+        prompts: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Gradients of the loss w.r.t. ``hidden`` (and ``prompts``) given its
+        gradient w.r.t. ``forward``'s output; recomputes the forward, so
+        nothing is kept between a bulk forward and its backward."""
+        self._check_hidden(hidden)
+        self._check_hidden(grad_output)
+        if grad_output.shape != hidden.shape:
+            raise InvalidRequestError(
+                f"gradient has shape {list(grad_output.shape)}, inputs {list(hidden.shape)}"
+            )
+        with torch.enable_grad():
+            x = hidden.detach().requires_grad_(True)
+            p = None if prompts is None else prompts.detach().requires_grad_(True)
+            out = self.forward(x, start, end, adapter=adapter, prompts=p)
+            wrt = [x] if p is None else [x, p]
+            grads = torch.autograd.grad(out, wrt, grad_output)
+        return grads[0], (grads[1] if p is not None else None)
 
     # --- 2. sessions with a KV cache -------------------------------------------
 
@@ -92,11 +165,13 @@ class BlockSpan(nn.Module):
         max_length: int,
         start: int | None = None,
         end: int | None = None,
+        adapter: str | None = None,
     ) -> InferenceSession:
         """Reserve a cache for ``max_length`` positions of blocks ``[start, end)``.
 
         Raises ``CacheFullError`` if the pool cannot hold it."""
         start, end = self._sub_span(start, end)
+        lora = self._adapter(adapter)
         limit = self.config.max_position_embeddings
         if (
             isinstance(max_length, bool)
@@ -114,7 +189,7 @@ class BlockSpan(nn.Module):
             self.config.head_dim,
             self.dtype,
         )
-        return InferenceSession(self, cache, start, end)
+        return InferenceSession(self, cache, start, end, lora)
 
     @torch.no_grad()
     def step(self, session: InferenceSession, hidden: Tensor) -> Tensor:
@@ -148,8 +223,10 @@ class BlockSpan(nn.Module):
         positions = torch.arange(pos, pos + t, device=self.device).expand(bsz, t)  # [B, Tc]
         cos, sin = self.rotary(positions, self.dtype)
         view = _SessionView(session.cache.tensor, session.start - self.start, pos, t)
-        for block in self.layers[session.start - self.start : session.end - self.start]:
-            x = block(x, cos, sin, view)
+        for i, block in enumerate(
+            self.layers[session.start - self.start : session.end - self.start]
+        ):
+            x = block(x, cos, sin, view, _block_lora(session.adapter, session.start + i))
         session.cache.length = pos + t
         return x
 
@@ -183,8 +260,8 @@ class BlockSpan(nn.Module):
         )  # [R]
         cos, sin = self.rotary(row_pos[:, None], self.dtype)  # [R, 1, Dh]
         view = _BatchView(sessions, first.start - self.start)
-        for block in self.layers[first.start - self.start : first.end - self.start]:
-            x = block(x, cos, sin, view)
+        for i, block in enumerate(self.layers[first.start - self.start : first.end - self.start]):
+            x = block(x, cos, sin, view, _rows_lora(sessions, first.start + i))
         for s in sessions:
             s.cache.length += 1
         return list(x.split([s.cache.batch for s in sessions], dim=0))
@@ -199,6 +276,28 @@ class BlockSpan(nn.Module):
                 f"blocks [{start}, {end}) are not within this span [{self.start}, {self.end})"
             )
         return start, end
+
+    def _check_prompts(self, prompts: Tensor, blocks: int, batch: int, t: int) -> None:
+        if not isinstance(prompts, Tensor):
+            raise InvalidRequestError(f"prompts must be a tensor, got {type(prompts).__name__}")
+        shape = list(prompts.shape)
+        d = self.config.hidden_size
+        if (
+            prompts.dim() != 4
+            or shape[0] != blocks
+            or shape[1] != batch
+            or not 0 < shape[2] <= t
+            or shape[3] != d
+        ):
+            raise InvalidRequestError(
+                f"deep prompts have shape {shape}, expected [{blocks}, {batch}, P, {d}] "
+                f"with 0 < P <= {t}"
+            )
+        if prompts.dtype != self.dtype or prompts.device != self.device:
+            raise InvalidRequestError(
+                f"deep prompts are {prompts.dtype} on {prompts.device}, "
+                f"this span computes in {self.dtype} on {self.device}"
+            )
 
     def _check_hidden(
         self, hidden: Tensor, *, batch: int | None = None, t: int | None = None
@@ -231,10 +330,18 @@ class BlockSpan(nn.Module):
 class InferenceSession:
     """One client's generation state on one span: its cache and position."""
 
-    def __init__(self, span: BlockSpan, cache: KVCache, start: int, end: int) -> None:
+    def __init__(
+        self,
+        span: BlockSpan,
+        cache: KVCache,
+        start: int,
+        end: int,
+        adapter: LoraAdapter | None = None,
+    ) -> None:
         self.span = span
         self.cache = cache
         self.start, self.end = start, end
+        self.adapter = adapter
 
     @property
     def position(self) -> int:
@@ -279,6 +386,17 @@ class InferenceSession:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _block_lora(adapter: LoraAdapter | None, index: int) -> BlockAdapter | None:
+    return None if adapter is None else adapter.for_block(index)
+
+
+def _rows_lora(sessions: Sequence[InferenceSession], index: int) -> BlockAdapter | None:
+    """One adapter per session's rows, or None when no session has one."""
+    if all(s.adapter is None for s in sessions):
+        return None
+    return RowsLora([(s.cache.batch, _block_lora(s.adapter, index)) for s in sessions])
 
 
 class _SessionView:
