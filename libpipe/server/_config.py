@@ -1,0 +1,100 @@
+"""What a block server is told: one frozen dataclass, built from flags or by tests.
+
+Every field documents where its default comes from. Checks that need no
+file or device run here, so a wrong flag fails before any weight is read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..swarm import GossipConfig
+
+# A volunteer GPU rarely spares more than a few GiB for caches after the
+# weights; 1 GiB holds ~2000 tokens of a 70B model's 10 blocks (GQA, fp16).
+DEFAULT_CACHE_BYTES = 1 << 30
+# The issue's long-context target on GQA models.
+DEFAULT_MAX_LENGTH = 8192
+# PETALS' default for an inference session that hears nothing.
+DEFAULT_IDLE_TIMEOUT = 60.0
+# systemd waits 90 s between SIGTERM and SIGKILL; half of it leaves room to exit.
+DEFAULT_DRAIN_GRACE = 30.0
+# Rows in one batched decode pass; beyond ~64 a CPU or small GPU is
+# compute-bound and a bigger batch only adds latency to every member.
+DEFAULT_MAX_BATCH = 64
+# How often a changed load (free cache, sessions) is re-announced: each
+# re-signing is news for the whole swarm, so not on every session.
+DEFAULT_RECORD_INTERVAL = 1.0
+CACHE_DIR_ENV = "LIBPIPE_CACHE_DIR"
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """``"A:B"`` -> ``(A, B)``, half-open, ``0 <= A < B``."""
+    start, sep, end = text.partition(":")
+    if not sep or not start.strip().isdigit() or not end.strip().isdigit():
+        raise ConfigError(f"--blocks must be A:B (e.g. 0:8), got {text!r}")
+    a, b = int(start), int(end)
+    if not a < b:
+        raise ConfigError(f"--blocks {text}: the start must be below the end")
+    return a, b
+
+
+def default_cache_dir() -> Path:
+    """``$LIBPIPE_CACHE_DIR``, else ``~/.cache/libpipe``."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "libpipe"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_dir: Path
+    blocks: tuple[int, int]
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port; the server reports the one it bound
+    device: str = "cpu"
+    dtype: str | None = None  # None: the device's default (fp32 on CPU, fp16 on GPUs)
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    max_length: int = DEFAULT_MAX_LENGTH  # capped by the model's max_position_embeddings
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    drain_grace: float = DEFAULT_DRAIN_GRACE
+    batching: bool = True  # batch decode steps of concurrent sessions (off: one at a time)
+    max_batch: int = DEFAULT_MAX_BATCH
+    # Positions per prefill chunk (attention scratch ~ chunk x context).
+    prefill_chunk: int = 512
+    # (decode steps/s, forward tokens/s) to announce instead of measuring.
+    throughput: tuple[float, float] | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    peers: tuple[str, ...] = ()
+    announce_address: str | None = None
+    gossip: GossipConfig = field(default_factory=GossipConfig.lan)
+    record_interval: float = DEFAULT_RECORD_INTERVAL
+    progress: bool = True  # progress bars while loading and measuring
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        object.__setattr__(self, "peers", tuple(self.peers))
+        start, end = self.blocks
+        if not 0 <= start < end:
+            raise ConfigError(f"blocks must satisfy 0 <= start < end, got {self.blocks}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("cache_bytes",):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        for name in ("max_length", "max_batch", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("idle_timeout", "drain_grace", "record_interval"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.throughput is not None and not all(v > 0 for v in self.throughput):
+            raise ConfigError(f"throughput values must be positive, got {self.throughput}")
+        if self.announce_address is None and self.host in ("0.0.0.0", "::", ""):
+            raise ConfigError(
+                f"listening on {self.host or 'all interfaces'}: give --announce-address "
+                "HOST:PORT so that peers know where to reach this server"
+            )

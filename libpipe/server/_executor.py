@@ -1,0 +1,217 @@
+"""The compute queue of one device: priorities and continuous batching.
+
+Theory of operation: every piece of model work a request needs becomes a
+job in one priority queue, and a single dispatcher task runs the jobs one
+batch at a time on a worker thread (``trio.to_thread.run_sync`` with a
+limiter of one), so the event loop keeps answering pings and moving bytes
+while a long prefill computes. Priorities: interactive decode steps first,
+then prefill chunks of sessions, then bulk forward/backward; FIFO within a
+priority.
+
+Continuous batching: when the dispatcher takes a decode step, it also
+takes every other decode step queued at that moment for the same sub-span
+(``BlockSpan.decode_batch`` needs one), up to ``max_batch`` sessions, and
+runs them as one pass. Steps that arrive while a batch computes queue up
+and form the next batch, so under load batches grow by themselves and
+nobody waits for a batch to "fill". If a batched pass fails, its members
+run again one by one, so a bad step fails only its own session.
+
+A job that its caller abandons (cancellation) before it starts is dropped;
+one that already runs is waited for, shielded, so no job ever touches a
+session's cache after its handler has let go of it.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from torch import Tensor
+
+from ..errors import DrainingError
+from ..model import InferenceSession
+
+logger = logging.getLogger("libpipe.server")
+
+
+class Priority(enum.IntEnum):
+    DECODE = 0  # one position of an inference session: a user waits on it
+    PREFILL = 1  # a chunk of a session's prompt
+    BULK = 2  # forward and backward calls
+
+
+@dataclass(eq=False)
+class _Job:
+    priority: int
+    seq: int
+    fn: Callable[[], Any] | None = None
+    session: InferenceSession | None = None
+    hidden: Tensor | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    started: bool = False
+    abandoned: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+    def __lt__(self, other: _Job) -> bool:
+        return (self.priority, self.seq) < (other.priority, other.seq)
+
+    @property
+    def batch_key(self) -> tuple[int, int, int] | None:
+        s = self.session
+        return None if s is None else (id(s.span), s.start, s.end)
+
+
+@dataclass
+class ExecutorStats:
+    """Counters for ``info``-style introspection, tests and benchmarks."""
+
+    jobs: int = 0
+    batches: int = 0  # decode passes
+    batched_steps: int = 0  # decode steps run inside those passes
+    largest_batch: int = 0
+
+
+class Executor:
+    """One device's queue; ``await nursery.start(executor.run)`` before use."""
+
+    def __init__(self, *, batching: bool = True, max_batch: int = 64) -> None:
+        self.batching = batching
+        self.max_batch = max_batch
+        self.stats = ExecutorStats()
+        self._heap: list[_Job] = []
+        self._seq = itertools.count()
+        self._wakeup = trio.Event()
+        self._running = False
+        self._limiter = trio.CapacityLimiter(1)
+
+    @property
+    def queued(self) -> int:
+        return sum(not j.abandoned for j in self._heap)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Dispatch jobs until cancelled; jobs still queued then fail with DrainingError."""
+        self._running = True
+        task_status.started()
+        batch: list[_Job] = []
+        try:
+            while True:
+                batch = self._take_batch()
+                if not batch:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    continue
+                for job in batch:
+                    job.started = True
+                await trio.to_thread.run_sync(self._execute, batch, limiter=self._limiter)
+                for job in batch:
+                    job.done.set()
+                batch = []
+        finally:
+            self._running = False
+            stopping = DrainingError("the server is stopping")
+            for job in batch + self._heap:
+                if not job.done.is_set():
+                    job.error = job.error or stopping
+                    job.done.set()
+            self._heap.clear()
+
+    async def call(self, priority: Priority, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the worker thread at ``priority``; its result or error."""
+        return await self._submit(_Job(priority, next(self._seq), fn=fn))
+
+    async def decode(self, session: InferenceSession, hidden: Tensor) -> Tensor:
+        """One position of ``session`` (``hidden: [B, 1, D]``), batched with its peers."""
+        job = _Job(Priority.DECODE, next(self._seq), session=session, hidden=hidden)
+        return await self._submit(job)
+
+    async def _submit(self, job: _Job) -> Any:
+        if not self._running:
+            raise DrainingError("the server is not running its compute queue")
+        heapq.heappush(self._heap, job)
+        self._wakeup.set()
+        try:
+            await job.done.wait()
+        except trio.Cancelled:
+            if job.started:
+                with trio.CancelScope(shield=True):
+                    await job.done.wait()
+            else:
+                job.abandoned = True
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    # --- dispatcher side (event loop) ---------------------------------------------
+
+    def _take_batch(self) -> list[_Job]:
+        while self._heap and self._heap[0].abandoned:
+            heapq.heappop(self._heap)
+        if not self._heap:
+            return []
+        first = heapq.heappop(self._heap)
+        key = first.batch_key
+        if key is None or not self.batching:
+            return [first]
+        batch, rest = [first], []
+        for job in self._heap:
+            if job.abandoned:
+                continue
+            if len(batch) < self.max_batch and job.batch_key == key:
+                batch.append(job)
+            else:
+                rest.append(job)
+        if len(batch) > 1:
+            batch.sort()
+            heapq.heapify(rest)
+            self._heap = rest
+        return batch
+
+    # --- worker thread ------------------------------------------------------------------
+
+    def _execute(self, batch: list[_Job]) -> None:
+        self.stats.jobs += len(batch)
+        if batch[0].fn is not None:
+            _run_one(batch[0])
+            return
+        if len(batch) > 1:
+            self.stats.batches += 1
+            self.stats.batched_steps += len(batch)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            first = batch[0].session
+            assert first is not None
+            try:
+                outs = first.span.decode_batch(
+                    [j.session for j in batch],  # type: ignore[misc]
+                    [j.hidden for j in batch],  # type: ignore[misc]
+                )
+            except Exception as exc:
+                # decode_batch advances no session unless all succeed; run
+                # them alone so that only the faulty one hears of it.
+                logger.info(
+                    "batched decode of %d sessions failed (%s); running alone", len(batch), exc
+                )
+            else:
+                for job, out in zip(batch, outs, strict=True):
+                    job.result = out
+                return
+        for job in batch:
+            _run_one(job)
+
+
+def _run_one(job: _Job) -> None:
+    try:
+        if job.fn is not None:
+            job.result = job.fn()
+        else:
+            assert job.session is not None
+            job.result = job.session.step(job.hidden)
+    except Exception as exc:
+        job.error = exc

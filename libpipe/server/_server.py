@@ -1,0 +1,162 @@
+"""BlockServer: one span of blocks served over the RPC layer, and gossiped.
+
+Start-up order: load the span (worker thread, progress bar), learn its
+throughput (disk cache or a measurement), then open the compute queue, the
+listener and the gossip node on one router and connection pool. Only then
+does ``nursery.start(server.run)`` return the address, so a caller never
+sees a server that cannot yet compute.
+
+Shutdown is ``drain()``: the state becomes ``draining`` (announced at once),
+new sessions and calls get ``DrainingError``, open sessions go on for up to
+``drain_grace`` seconds; those still open then end with ``DrainingError``,
+the node leaves the swarm and ``run`` returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import trio
+
+from .. import __version__
+from ..errors import ConfigError
+from ..model import KVCachePool, load_span
+from ..net import ConnectionPool, HelloInfo, Router, Security, serve, short_peer_id
+from ..swarm import GossipNode, RecordState, RpcTransport
+from ._config import ServerConfig
+from ._executor import Executor
+from ._gossip import RecordPublisher
+from ._handlers import RpcHandlers, Serving
+from ._sessions import SessionTable
+from ._throughput import Throughput, load_or_measure
+
+logger = logging.getLogger("libpipe.server")
+
+# After the grace period, how long kicked sessions get to hear their error
+# (each waits at most for the step it is running).
+KICK_WAIT = 5.0
+
+
+class BlockServer:
+    """``address = await nursery.start(server.run)``; ``await server.drain()`` to stop."""
+
+    def __init__(self, config: ServerConfig, security: Security) -> None:
+        self.config = config
+        self.security = security
+        self.address: str | None = None
+        self.serving: Serving | None = None
+        self.node: GossipNode | None = None
+        self._publisher: RecordPublisher | None = None
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.security.peer_id
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        me = short_peer_id(self.peer_id)
+        span = await trio.to_thread.run_sync(
+            functools.partial(
+                load_span,
+                cfg.model_dir,
+                *cfg.blocks,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                progress=cfg.progress,
+                prefill_chunk=cfg.prefill_chunk,
+            )
+        )
+        if cfg.throughput is not None:
+            throughput = Throughput(*cfg.throughput)
+        else:
+            throughput = await trio.to_thread.run_sync(
+                functools.partial(load_or_measure, span, cfg.cache_dir, progress=cfg.progress)
+            )
+        max_length = min(cfg.max_length, span.config.max_position_embeddings)
+        with KVCachePool(cfg.cache_bytes, span.device) as pool:
+            serving = Serving(
+                config=cfg,
+                span=span,
+                pool=pool,
+                executor=Executor(batching=cfg.batching, max_batch=cfg.max_batch),
+                sessions=SessionTable(),
+                peer_id=self.peer_id,
+                throughput=throughput,
+                max_length=max_length,
+            )
+            self.serving = serving
+            router = Router()
+            RpcHandlers(serving).register(router)
+            hello = HelloInfo(model_id=span.config.model_id, info={"span": list(cfg.blocks)})
+            with trio.CancelScope() as self._scope:
+                async with (
+                    ConnectionPool(self.security, router=router, hello=hello) as connections,
+                    trio.open_nursery() as nursery,
+                ):
+                    await nursery.start(serving.executor.run)
+                    host, port = await nursery.start(
+                        functools.partial(
+                            serve,
+                            router,
+                            host=cfg.host,
+                            port=cfg.port,
+                            security=self.security,
+                            hello=hello,
+                        )
+                    )
+                    self.address = cfg.announce_address or _host_port(host, port)
+                    self.node = GossipNode(
+                        self.security.identity,
+                        RpcTransport(router, connections, self.address),
+                        model_id=span.config.model_id,
+                        span=cfg.blocks,
+                        dtype=serving.dtype_name,
+                        version=__version__,
+                        state=RecordState.JOINING,
+                        config=cfg.gossip,
+                    )
+                    await nursery.start(self.node.run, list(cfg.peers))
+                    serving.state = RecordState.ONLINE
+                    self._publisher = RecordPublisher(self.node, serving, cfg.record_interval)
+                    self._publisher.publish()
+                    nursery.start_soon(self._publisher.run)
+                    logger.info(
+                        "server %s online at %s: blocks %d:%d of %s, %s on %s",
+                        me, self.address, *cfg.blocks, span.config.model_id,
+                        serving.dtype_name, span.device,
+                    )  # fmt: skip
+                    task_status.started(self.address)
+        logger.info("server %s stopped", me)
+
+    async def drain(self) -> None:
+        """Finish open work (bounded by ``drain_grace``), leave the swarm, stop ``run``."""
+        serving, scope = self.serving, self._scope
+        if serving is None or scope is None:
+            raise ConfigError("the server is not running")
+        if serving.state is RecordState.DRAINING:
+            return
+        serving.state = RecordState.DRAINING
+        if self._publisher is not None:
+            self._publisher.poke()
+        grace = self.config.drain_grace
+        logger.info(
+            "draining: %d session(s), %d call(s) open; grace %g s",
+            len(serving.sessions), serving.sessions.calls_in_flight, grace,
+        )  # fmt: skip
+        with trio.move_on_after(grace) as waited:
+            await serving.sessions.wait_idle()
+        if waited.cancelled_caught:
+            logger.warning("drain grace over: ending %d session(s)", len(serving.sessions))
+            serving.sessions.kick_all()
+            with trio.move_on_after(KICK_WAIT):
+                await serving.sessions.wait_idle()
+        if self.node is not None:
+            with trio.move_on_after(self.config.gossip.request_timeout):
+                await self.node.leave()
+        scope.cancel()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
