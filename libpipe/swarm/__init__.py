@@ -7,6 +7,8 @@ A server embeds one ``GossipNode`` on its RPC router and connection pool::
     await nursery.start(node.run, ["198.51.100.2:31337"])  # any one peer
     node.update_local_record(state=RecordState.ONLINE, throughput_decode=...)
 
+A server without a fixed span runs a ``Rebalancer`` beside the node: it
+chooses the span to start with and moves it when the swarm clearly gains.
 A client asks any peer for ``swarm.view`` and keeps ``verified_records(...)``.
 Tests and benchmarks run hundreds of nodes over ``MemoryNetwork`` in virtual
 time. ``_node.py`` holds the theory of operation.
@@ -23,6 +25,9 @@ from ._probe import ProbeOrder as ProbeOrder
 from ._probe import ProbeResult as ProbeResult
 from ._probe import probe_round as probe_round
 from ._pushpull import push_pull_round as push_pull_round
+from ._rebalance import MoveCallback as MoveCallback
+from ._rebalance import RebalanceConfig as RebalanceConfig
+from ._rebalance import Rebalancer as Rebalancer
 from ._record import RecordState as RecordState
 from ._record import ServerRecord as ServerRecord
 from ._record import SignedRecord as SignedRecord
