@@ -1,0 +1,104 @@
+"""Bulk work over a span of blocks: ``forward`` (and ``backward`` for
+fine-tuning), stateless on the servers, spread over replicas.
+
+Routes use the "throughput" objective: each server's cost is its bulk
+time per token plus the work already in flight there (``SwarmContext.load``,
+tokens), randomised among near-equal choices, so concurrent calls fan out
+over replicas in proportion to their throughput.
+
+Failover is simpler than for sessions because nothing is cached: a hop
+that fails is banned, and blocks from its start are routed again and
+recomputed from its input, within the ``FailureLedger``'s bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+from torch import Tensor
+
+from ..errors import InvalidRequestError, RemoteError
+from ._context import SwarmContext, hop_error
+from ._failover import FailureLedger
+from ._routing import PlannedHop
+
+
+async def call_hop(
+    ctx: SwarmContext,
+    hop: PlannedHop,
+    method: str,
+    tensors: Sequence[Tensor],
+    *,
+    expect: int,
+) -> tuple[Tensor, ...]:
+    """One unary ``method`` (``forward``/``backward``) on one hop, counted in
+    the load map while in flight. Raises the hop's failure as a
+    ``LibpipeError``; ``expect`` is how many tensors the reply must hold."""
+    tokens = float(tensors[0].shape[0] * tensors[0].shape[1])
+    ctx.load[hop.peer_id] += tokens
+    try:
+        with trio.fail_after(ctx.policy.step_timeout):
+            connection = await ctx.connect(hop.server)
+            reply = await connection.call(
+                method, {"start": hop.start, "end": hop.end}, tuple(tensors)
+            )
+    except BaseException as exc:
+        error = hop_error(exc)
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        ctx.load[hop.peer_id] -= tokens
+        if ctx.load[hop.peer_id] <= 0:
+            del ctx.load[hop.peer_id]
+    if len(reply.tensors) < expect or reply.tensors[0].shape != tensors[0].shape:
+        raise RemoteError(
+            f"{method} on {hop.describe()} answered {[list(t.shape) for t in reply.tensors]}, "
+            f"expected {expect} tensor(s) shaped {list(tensors[0].shape)}"
+        )
+    ctx.view.answered(hop.peer_id)
+    return tuple(t.to(tensors[0].dtype) for t in reply.tensors)
+
+
+async def forward_span(
+    ctx: SwarmContext, hidden: Tensor, *, start: int = 0, end: int | None = None
+) -> Tensor:
+    """``hidden: [B, T, H]`` through blocks ``[start, end)`` (default: to
+    the last block), spread over replicas, failed hops recomputed elsewhere."""
+    end = ctx.num_blocks if end is None else end
+    if not 0 <= start < end <= ctx.num_blocks:
+        raise InvalidRequestError(
+            f"blocks [{start}, {end}) are not within the model's {ctx.num_blocks}"
+        )
+    _check_hidden(ctx, hidden)
+    x = hidden.to(ctx.wire_dtype).contiguous()
+    ledger = FailureLedger(ctx.policy, f"forward over blocks [{start}, {end})")
+    block = start
+    while block < end:
+        plan = await ctx.plan(ledger, start=block, end=end, objective="throughput")
+        for hop in plan:
+            try:
+                (x,) = await call_hop(ctx, hop, "forward", (x,), expect=1)
+            except Exception as exc:
+                error = hop_error(exc)
+                if error is None:
+                    raise
+                ctx.view.ban(hop.peer_id, str(error))
+                await ledger.record(hop.describe(), error)
+                break
+            block = hop.end
+    return x
+
+
+def _check_hidden(ctx: SwarmContext, hidden: Tensor) -> None:
+    if not isinstance(hidden, Tensor) or not hidden.dtype.is_floating_point:
+        raise InvalidRequestError("hidden states must be a floating-point tensor")
+    if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
+        raise InvalidRequestError(
+            f"hidden states must be [B>0, T>0, {ctx.hidden_size}], got {list(hidden.shape)}"
+        )
+    if hidden.shape[2] != ctx.hidden_size:
+        raise InvalidRequestError(
+            f"hidden states must be [B, T, {ctx.hidden_size}], got {list(hidden.shape)}"
+        )

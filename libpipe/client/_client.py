@@ -1,0 +1,275 @@
+"""``libpipe.Client``: what an application embeds to run a model on a swarm.
+
+The client loads only the embeddings, the final norm and the LM head; the
+blocks run on servers it learns from the peers it is given. While open it
+refreshes its view of the swarm every ``refresh_interval`` seconds (one
+background task, inside the client's own nursery: leaving ``async with``
+ends it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+import trio
+from torch import Tensor
+
+from ..errors import ConfigError, ConnectionClosedError
+from ..model import ClientHead, ModelConfig, load_client_head
+from ..net import ConnectionPool, Security, parse_address
+from ..swarm import GossipConfig
+from ._bulk import forward_span
+from ._context import SwarmContext
+from ._failover import RetryPolicy
+from ._generate import InferenceSession, as_token_ids, check_max_new_tokens, generate_tokens
+from ._routing import PlannedHop
+from ._sampling import SamplingConfig
+from ._session import RemoteSession
+from ._tokenizer import TextCodec, require_codec
+from ._view import KNOWN_DTYPES, SwarmView
+
+# How often an open client learns the swarm again (new servers, new spans,
+# throughputs, free cache) and re-measures RTTs.
+DEFAULT_REFRESH_INTERVAL = 30.0
+
+Prompt = str | Sequence[int] | Tensor
+
+
+class Client:
+    """``async with Client(model=DIR, peers=["host:port"], identity=..., ca=...) as c:``
+
+    ``model`` is the checkpoint directory (config.json, the head's tensors,
+    optionally tokenizer.json). Security: ``identity`` (a directory made by
+    ``libpipe ca issue``) and optionally ``ca``, or ``insecure=True`` for
+    local development. ``wire_dtype`` is the dtype of activations on the
+    wire (default: the head's compute dtype, so fp32 on CPU: exact)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        peers: Sequence[str],
+        *,
+        ca: str | os.PathLike[str] | None = None,
+        identity: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        security: Security | None = None,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        wire_dtype: torch.dtype | None = None,
+        server_dtypes: Collection[str] = KNOWN_DTYPES,
+        retry: RetryPolicy | None = None,
+        refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
+        gossip: GossipConfig | None = None,
+    ) -> None:
+        if isinstance(peers, str) or not peers:
+            raise ConfigError("peers must be a non-empty list of 'host:port' addresses")
+        for address in peers:
+            parse_address(address)
+        if security is not None and (insecure or identity is not None or ca is not None):
+            raise ConfigError("give either security or identity/ca/insecure, not both")
+        if not refresh_interval > 0:
+            raise ConfigError(f"refresh_interval must be positive, got {refresh_interval!r}")
+        unknown = set(server_dtypes) - set(KNOWN_DTYPES)
+        if unknown or not server_dtypes:
+            raise ConfigError(
+                f"server_dtypes must be among {', '.join(KNOWN_DTYPES)}, got {sorted(server_dtypes)}"
+            )
+        self.model_dir = Path(model)
+        self.config = ModelConfig.from_file(self.model_dir)
+        self._security = security or Security.from_options(
+            identity=identity, ca=ca, insecure=insecure
+        )
+        self.peers = list(peers)
+        self._device, self._dtype, self._wire_dtype = device, dtype, wire_dtype
+        self._server_dtypes = tuple(server_dtypes)
+        self._policy = retry or RetryPolicy()
+        self._refresh_interval = refresh_interval
+        self._gossip = gossip or GossipConfig()
+        self.stop_tokens = _eos_tokens(self.model_dir)
+        self._head: ClientHead | None = None
+        self._ctx: SwarmContext | None = None
+        self._codec: TextCodec | None = None
+        self._exits: Any = None
+        self.last_route: list[PlannedHop] = []
+
+    # --- lifetime ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        self._exits = self._lifetime()
+        await self._exits.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        exits, self._exits = self._exits, None
+        return await exits.__aexit__(exc_type, exc, tb)
+
+    @asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[None]:
+        head = await trio.to_thread.run_sync(
+            lambda: load_client_head(
+                self.model_dir, device=self._device, dtype=self._dtype, progress=False
+            )
+        )
+        self._codec = TextCodec.from_checkpoint(self.model_dir, self.config.vocab_size)
+        view = SwarmView(
+            model_id=self.config.model_id,
+            num_blocks=self.config.num_hidden_layers,
+            kv_values_per_token_block=2 * self.config.num_key_value_heads * self.config.head_dim,
+            dtypes=self._server_dtypes,
+            record_ttl=self._gossip.record_ttl,
+            max_clock_skew=self._gossip.max_clock_skew,
+        )
+        async with ConnectionPool(self._security) as pool, trio.open_nursery() as nursery:
+            ctx = SwarmContext(
+                view=view,
+                pool=pool,
+                peers=self.peers,
+                policy=self._policy,
+                wire_dtype=self._wire_dtype or head.dtype,
+                num_blocks=self.config.num_hidden_layers,
+                hidden_size=self.config.hidden_size,
+            )
+            await ctx.refresh()
+            self._head, self._ctx = head, ctx
+            nursery.start_soon(self._refresh_forever, ctx)
+            try:
+                yield
+            finally:
+                self._head = self._ctx = None
+                nursery.cancel_scope.cancel()
+
+    async def _refresh_forever(self, ctx: SwarmContext) -> None:
+        while True:
+            await trio.sleep(self._refresh_interval)
+            await ctx.refresh()
+
+    def _open(self) -> tuple[ClientHead, SwarmContext]:
+        if self._head is None or self._ctx is None:
+            raise ConnectionClosedError("the client is not open (use `async with Client(...)`)")
+        return self._head, self._ctx
+
+    # --- what applications call ------------------------------------------------------
+
+    @property
+    def view(self) -> SwarmView:
+        """The servers known now, with their RTTs and bans."""
+        return self._open()[1].view
+
+    def inference_session(self, *, max_length: int, batch: int = 1) -> InferenceSession:
+        """``async with client.inference_session(max_length=...) as s:`` then
+        ``logits = await s.step(token_ids)``."""
+        head, ctx = self._open()
+        limit = self.config.max_position_embeddings
+        if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > limit:
+            raise ConfigError(f"max_length {max_length} exceeds the model's {limit} positions")
+        return InferenceSession(RemoteSession(ctx, max_length=max_length, batch=batch), head)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_tokens: Collection[int] | None = None,
+    ) -> list[int]:
+        """The new token ids (greedy unless ``temperature > 0``). ``prompt``
+        is token ids, or text when the checkpoint has a tokenizer.
+        ``stop_tokens`` defaults to the checkpoint's ``eos_token_id``."""
+        return [
+            token
+            async for token in self.stream(
+                prompt,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,
+                stop_tokens=stop_tokens,
+            )
+        ]
+
+    async def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_tokens: Collection[int] | None = None,
+    ) -> AsyncIterator[int]:
+        """Like ``generate``, yielding each token as soon as it is chosen."""
+        self._open()
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        ids = as_token_ids(self._prompt_ids(prompt), self.config.vocab_size)
+        stops = self.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
+        total = ids.shape[1] + max_new_tokens
+        async with self.inference_session(max_length=total) as session:
+            async for token in generate_tokens(
+                session,
+                ids,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                stop_tokens=stops,
+            ):
+                self.last_route = session.route
+                yield token
+
+    async def forward(self, hidden: Tensor, *, start: int = 0, end: int | None = None) -> Tensor:
+        """``hidden: [B, T, H]`` through blocks ``[start, end)`` (default:
+        all), bulk mode: no cache, spread over replicas, retried on failure."""
+        _, ctx = self._open()
+        return await forward_span(ctx, hidden, start=start, end=end)
+
+    # --- text ----------------------------------------------------------------------------
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._codec is not None or (self.model_dir / "tokenizer.json").exists()
+
+    def encode(self, text: str) -> list[int]:
+        return self._text().encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._text().decode(list(ids))
+
+    def _text(self) -> TextCodec:
+        if self._codec is None:
+            self._codec = TextCodec.from_checkpoint(self.model_dir, self.config.vocab_size)
+        return require_codec(self._codec, self.model_dir)
+
+    def _prompt_ids(self, prompt: Prompt) -> Sequence[int] | Tensor:
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        return prompt
+
+
+def _eos_tokens(model_dir: Path) -> frozenset[int]:
+    """The checkpoint's ``eos_token_id`` (an int or a list in config.json)."""
+    try:
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return frozenset()  # ModelConfig.from_file has already vouched for the file
+    eos = raw.get("eos_token_id")
+    if isinstance(eos, int) and not isinstance(eos, bool):
+        return frozenset({eos})
+    if isinstance(eos, list):
+        return frozenset(e for e in eos if isinstance(e, int) and not isinstance(e, bool))
+    return frozenset()

@@ -1,0 +1,121 @@
+"""From the client's swarm view to a chain of servers, via ``placement.route``.
+
+The algorithm (Dijkstra over block boundaries, WS-RR cache penalty,
+throughput spreading) lives in ``libpipe.placement`` so that the simulator
+routes with the very same code; here we only translate. A server's
+per-block times come from the throughputs it measured over its whole span
+(steps/s and tokens/s), divided over its blocks; a server that has not
+measured yet is charged ``DEFAULT_TAU`` per block, pessimistic like the
+default RTT.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import NoRouteError
+from ..placement import ServerView, route
+from ._view import ServerEntry, SwarmView
+
+# Per-block seconds charged to a server that announced no throughput yet:
+# a CPU block of a small model takes about a millisecond, a 7B block on a
+# consumer GPU a few; 20 ms keeps such a server the last choice.
+DEFAULT_TAU = 0.02
+
+
+@dataclass(frozen=True)
+class PlannedHop:
+    """Blocks ``[start, end)`` to compute on ``server``."""
+
+    server: ServerEntry
+    start: int
+    end: int
+
+    @property
+    def peer_id(self) -> str:
+        return self.server.peer_id
+
+    def describe(self) -> str:
+        return f"{self.server.peer_id[:12]}@{self.server.address}[{self.start}:{self.end})"
+
+
+def server_views(
+    entries: list[ServerEntry], view: SwarmView, *, start: int, end: int
+) -> list[ServerView]:
+    """Routing's picture of ``entries``, spans clipped to ``[start, end)``."""
+    out = []
+    for e in entries:
+        lo, hi = max(e.span[0], start), min(e.span[1], end)
+        if lo >= hi:
+            continue
+        blocks = e.blocks
+        out.append(
+            ServerView(
+                peer_id=e.peer_id,
+                start=lo,
+                end=hi,
+                tau_decode=_per_block(e.throughput_decode, blocks),
+                tau_forward=_per_block(e.throughput_forward, blocks),
+                rtt=view.rtt_of(e.peer_id),
+                free_cache_bytes=e.free_cache_bytes,
+                cache_bytes_per_token_block=e.cache_bytes_per_token // blocks,
+            )
+        )
+    return out
+
+
+def plan_route(
+    view: SwarmView,
+    *,
+    start: int,
+    end: int,
+    objective: Literal["latency", "throughput"] = "latency",
+    session_tokens: int = 0,
+    batch: int = 1,
+    load: Mapping[str, float] | None = None,
+    rng: random.Random | None = None,
+) -> list[PlannedHop]:
+    """The best chain over blocks ``[start, end)`` among routable servers.
+
+    Raises ``NoRouteError`` naming the uncovered blocks (and, when servers
+    are banned or were left out, why)."""
+    entries = view.routable(max_length=session_tokens or None)
+    views = server_views(entries, view, start=start, end=end)
+    try:
+        chosen = route(
+            views,
+            end,
+            start=start,
+            session_tokens=session_tokens,
+            batch=batch,
+            objective=objective,
+            load=load,
+            rng=rng,
+        )
+    except NoRouteError as exc:
+        raise NoRouteError(
+            f"{exc.message}{_why_not(view)}", **exc.details, known_servers=len(view.servers)
+        ) from None
+    by_id = {e.peer_id: e for e in entries}
+    return [PlannedHop(by_id[h.peer_id], h.start, h.end) for h in chosen.hops]
+
+
+def _per_block(throughput: float, blocks: int) -> float:
+    if throughput <= 0:
+        return DEFAULT_TAU
+    return 1.0 / throughput / blocks
+
+
+def _why_not(view: SwarmView) -> str:
+    notes = []
+    banned = [p for p in view.servers if view.is_banned(p)]
+    if banned:
+        notes.append(f"{len(banned)} server(s) banned after failures")
+    offline = [e.peer_id for e in view.servers.values() if e.state != "online"]
+    if offline:
+        notes.append(f"{len(offline)} not online")
+    notes.extend(f"{n} left out ({why})" for why, n in sorted(view.skipped.items()))
+    return f" ({'; '.join(notes)})" if notes else ""

@@ -1,0 +1,370 @@
+"""A multi-hop inference session that survives its servers.
+
+Theory of operation. A session holds one ``inference`` stream per hop of
+its route; the hops cover blocks ``[0, L)``. Every hop keeps every input it
+was sent (its *history*, positions ``0 .. position``), so that any hop can
+be rebuilt elsewhere. Invariant between steps: each hop's server caches
+exactly the positions ``[0, position)`` of its history.
+
+A step sends the new positions through the hops in order. When hop ``i``
+fails (connection lost, timeout, an error, draining), the session:
+
+1. bans its server in the swarm view, counts the failure (``FailureLedger``:
+   backoff, and a bound that ends in ``RetriesExhaustedError``);
+2. closes hops ``i..`` and keeps hop ``i``'s history up to ``position``:
+   the *replay input* at block ``hops[i].start``;
+3. routes again from that block to ``L``, opens a session on each new hop
+   and sends it the replay input in one step at position 0 (its output is
+   the next new hop's replay input), so the new servers rebuild their KV
+   caches;
+4. carries on with the step that failed, from hop ``i``.
+
+A failure during 3 is handled the same way from the hop that failed. The
+servers compute the same blocks on the same inputs, so the outputs, and
+the tokens chosen from them, are exactly those of a run without failures.
+Rolling back (``rollback(p)``) only moves ``position``: the next step is
+sent at ``p`` and each server rolls its cache back itself (RPC.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+import trio
+from torch import Tensor
+
+from ..errors import (
+    CacheFullError,
+    ConfigError,
+    InvalidRequestError,
+    LibpipeError,
+    RemoteError,
+    SessionError,
+)
+from ..net import Stream
+from ._context import SwarmContext, hop_error
+from ._failover import FailureLedger
+from ._routing import PlannedHop
+from ._view import ServerEntry
+
+logger = logging.getLogger("libpipe.client")
+
+# Seconds we wait for a server to acknowledge a graceful close before
+# cancelling the stream (either way it frees the cache).
+CLOSE_GRACE = 1.0
+
+
+class _HopFailed(Exception):
+    """Hop ``index`` of the session failed with ``error`` (internal)."""
+
+    def __init__(self, index: int, hop: PlannedHop, error: LibpipeError) -> None:
+        super().__init__(str(error))
+        self.index, self.hop, self.error = index, hop, error
+
+
+@dataclass
+class _Hop:
+    """One server's part of the session: its stream and its input history."""
+
+    planned: PlannedHop
+    stream: Stream
+    exits: contextlib.AsyncExitStack
+    chunks: list[tuple[int, Tensor]]  # (position, input [B, t, H]), in order
+
+    @property
+    def start(self) -> int:
+        return self.planned.start
+
+    @property
+    def end(self) -> int:
+        return self.planned.end
+
+    def remember(self, position: int, hidden: Tensor) -> None:
+        """Keep ``hidden`` as the input at ``position``, forgetting whatever
+        was kept from ``position`` on (a rollback overwrites)."""
+        self.chunks = _truncate(self.chunks, position)
+        self.chunks.append((position, hidden))
+
+    def history(self, position: int) -> Tensor | None:
+        """Inputs for positions ``[0, position)``, or None when empty."""
+        kept = _truncate(self.chunks, position)
+        if not kept:
+            return None
+        return torch.cat([c for _, c in kept], dim=1)  # [B, position, H]
+
+
+def _truncate(chunks: list[tuple[int, Tensor]], position: int) -> list[tuple[int, Tensor]]:
+    out = []
+    for begin, chunk in chunks:
+        if begin >= position:
+            break
+        out.append((begin, chunk[:, : position - begin]))
+    return out
+
+
+class RemoteSession:
+    """Hidden states in, hidden states out, over a chain of servers (see
+    the module docstring). Use through ``Client.inference_session``."""
+
+    def __init__(self, ctx: SwarmContext, *, max_length: int, batch: int) -> None:
+        for name, value in (("max_length", max_length), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        self._ctx = ctx
+        self.max_length = max_length
+        self.batch = batch
+        self._hops: list[_Hop] = []
+        self._position = 0
+        # Input at block `_covered()` for positions [0, position) while the
+        # chain is incomplete (after a failure).
+        self._replay: Tensor | None = None
+        self._steps = itertools.count()
+        self._busy = False
+        self._closed = False
+        self.failovers = 0
+
+    @property
+    def position(self) -> int:
+        """Positions the servers hold (the next input's position)."""
+        return self._position
+
+    @property
+    def route(self) -> list[PlannedHop]:
+        return [h.planned for h in self._hops]
+
+    async def __aenter__(self) -> RemoteSession:
+        ledger = FailureLedger(self._ctx.policy, "opening an inference session")
+        try:
+            await self._complete_chain(ledger)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        hops, self._hops = self._hops, []
+        with trio.CancelScope(shield=True):
+            for hop in hops:
+                await _close_hop(hop)
+
+    async def step(self, hidden: Tensor) -> Tensor:
+        """Send ``hidden: [batch, t, H]`` (positions ``position ..``) through
+        every block; returns the last block's outputs, same shape."""
+        self._check_usable()
+        if hidden.dim() != 3 or hidden.shape[0] != self.batch or hidden.shape[1] == 0:
+            raise InvalidRequestError(
+                f"hidden states must be [{self.batch}, t>0, H], got {list(hidden.shape)}"
+            )
+        if hidden.shape[2] != self._ctx.hidden_size:
+            raise InvalidRequestError(
+                f"hidden size is {self._ctx.hidden_size}, got {hidden.shape[2]}"
+            )
+        t = hidden.shape[1]
+        if self._position + t > self.max_length:
+            raise SessionError(
+                f"{t} more positions would pass the session's max_length {self.max_length} "
+                f"(at {self._position})"
+            )
+        self._busy = True
+        try:
+            out = await self._run(hidden.to(self._ctx.wire_dtype).contiguous())
+        finally:
+            self._busy = False
+        self._position += t
+        return out
+
+    def rollback(self, position: int) -> None:
+        """Forget positions ``>= position``; the next step starts there."""
+        self._check_usable()
+        if (
+            isinstance(position, bool)
+            or not isinstance(position, int)
+            or not 0 <= position <= self._position
+        ):
+            raise InvalidRequestError(
+                f"cannot roll back to {position!r}: session is at {self._position}"
+            )
+        self._position = position
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise SessionError("the inference session is closed")
+        if self._busy:
+            raise SessionError("a step of this session is already running")
+
+    # --- the chain -------------------------------------------------------------------
+
+    async def _run(self, x: Tensor) -> Tensor:
+        """``x``: input of block 0 at ``position``; returns the last block's output."""
+        ledger = FailureLedger(self._ctx.policy, f"step at position {self._position}")
+        i = 0
+        while True:
+            try:
+                if i == len(self._hops):
+                    if self._covered() == self._ctx.num_blocks:
+                        return x
+                    await self._complete_chain(ledger)
+                    continue
+                x_next = await self._step_hop(i, x)
+            except _HopFailed as failure:
+                await self._fail(failure, ledger)
+                i = min(i, len(self._hops))
+                continue
+            x, i = x_next, i + 1
+
+    def _covered(self) -> int:
+        return self._hops[-1].end if self._hops else 0
+
+    async def _complete_chain(self, ledger: FailureLedger) -> None:
+        """Route from the first uncovered block to the end, open the new
+        hops and replay their histories into them."""
+        while self._covered() < self._ctx.num_blocks:
+            start = self._covered()
+            plan = await self._ctx.plan(
+                ledger,
+                start=start,
+                end=self._ctx.num_blocks,
+                objective="latency",
+                session_tokens=self.max_length,
+                batch=self.batch,
+            )
+            try:
+                for planned in plan:
+                    await self._open_hop(planned)
+                    if self._replay is not None:
+                        self._replay = await self._replay_into(len(self._hops) - 1)
+            except _HopFailed as failure:
+                await self._fail(failure, ledger)
+        self._replay = None
+
+    async def _fail(self, failure: _HopFailed, ledger: FailureLedger) -> None:
+        """Ban the server, drop hops from the failed one on, keep its input."""
+        self.failovers += 1
+        entry = failure.hop.server
+        self._ctx.view.ban(entry.peer_id, str(failure.error))
+        logger.warning(
+            "hop %s failed (%s: %s); routing blocks %d.. again",
+            failure.hop.describe(),
+            type(failure.error).__name__,
+            failure.error,
+            failure.hop.start,
+        )
+        if failure.index < len(self._hops):
+            dropped = self._hops[failure.index :]
+            del self._hops[failure.index :]
+            self._replay = dropped[0].history(self._position)
+            with trio.CancelScope(shield=True):
+                for hop in dropped:
+                    await _close_hop(hop)
+        await ledger.record(failure.hop.describe(), failure.error)
+
+    async def _open_hop(self, planned: PlannedHop) -> None:
+        index = len(self._hops)
+        exits = contextlib.AsyncExitStack()
+        try:
+            with trio.fail_after(self._ctx.policy.step_timeout):
+                connection = await self._ctx.connect(planned.server)
+                stream = await exits.enter_async_context(
+                    connection.open_stream(
+                        "inference",
+                        {
+                            "start": planned.start,
+                            "end": planned.end,
+                            "batch": self.batch,
+                            "max_length": self.max_length,
+                        },
+                    )
+                )
+                opened = await stream.receive()
+            if opened.meta.get("position") != 0:
+                raise RemoteError(f"session opened at {opened.meta.get('position')!r}, not 0")
+        except BaseException as exc:
+            await _shielded_close(exits)
+            error = hop_error(exc)
+            if error is None:
+                raise
+            _note_cache_full(self._ctx, planned.server, error)
+            raise _HopFailed(index, planned, error) from None
+        self._ctx.view.answered(planned.peer_id)
+        self._hops.append(_Hop(planned, stream, exits, []))
+
+    async def _replay_into(self, index: int) -> Tensor:
+        """Give hop ``index`` the replay input (positions ``[0, position)``)."""
+        assert self._replay is not None
+        return await self._send(index, 0, self._replay)
+
+    async def _step_hop(self, index: int, x: Tensor) -> Tensor:
+        return await self._send(index, self._position, x)
+
+    async def _send(self, index: int, position: int, x: Tensor) -> Tensor:
+        hop = self._hops[index]
+        hop.remember(position, x)
+        step = next(self._steps)
+        t = x.shape[1]
+        try:
+            with trio.fail_after(self._ctx.policy.step_timeout):
+                await hop.stream.send({"position": position, "step": step}, (x,))
+                reply = await hop.stream.receive()
+            out = _check_reply(reply.meta, reply.tensors, position + t, step, x)
+        except BaseException as exc:
+            error = hop_error(exc)
+            if error is None:
+                raise
+            raise _HopFailed(index, hop.planned, error) from None
+        return out
+
+
+def _check_reply(
+    meta: dict[str, Any], tensors: tuple[Tensor, ...], position: int, step: int, x: Tensor
+) -> Tensor:
+    if meta.get("position") != position or meta.get("step", step) != step:
+        raise RemoteError(
+            f"server answered position {meta.get('position')!r} step {meta.get('step')!r}, "
+            f"expected {position} step {step}"
+        )
+    if len(tensors) != 1 or tensors[0].shape != x.shape:
+        raise RemoteError(
+            f"server answered tensors {[list(t.shape) for t in tensors]}, expected {list(x.shape)}"
+        )
+    return tensors[0].to(x.dtype)
+
+
+def _note_cache_full(ctx: SwarmContext, server: ServerEntry, error: LibpipeError) -> None:
+    if isinstance(error, CacheFullError):
+        free = error.details.get("free")
+        ctx.view.note_cache_full(server.peer_id, free if isinstance(free, int) else 0)
+
+
+async def _close_hop(hop: _Hop) -> None:
+    """Half-close, give the server a moment to close too, then let go."""
+    with trio.move_on_after(CLOSE_GRACE):
+        try:
+            await hop.stream.close_send()
+            while True:
+                await hop.stream.receive()
+        except (LibpipeError, trio.EndOfChannel, trio.BrokenResourceError, OSError):
+            pass
+    await _shielded_close(hop.exits)
+
+
+async def _shielded_close(exits: contextlib.AsyncExitStack) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await exits.aclose()
+        except (LibpipeError, OSError, trio.BrokenResourceError):
+            pass
