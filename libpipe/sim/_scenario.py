@@ -1,7 +1,9 @@
 """Scenarios: a model, servers, clients, the network between them, a workload.
 
 Scenarios are data (``scenarios/*.json``, or any file a user writes); this
-module turns one into frozen, validated objects. Units in the files are the
+module turns one into the placement layer's own types (``PlacementProblem``:
+the very inputs the placement algorithms take) plus the few costs only a
+session's life needs (prefill transfer, session open). Units in the files are the
 ones the paper publishes its constants in (ms, GB = 1e9 bytes), so a reader
 can check a file against the paper line by line; here everything becomes
 seconds and bytes.
@@ -19,7 +21,6 @@ File layout (every field checked, unknown fields refused)::
              hop's RTT for the prompt), session_open_ms
     workload: arrival_rate (sessions/s), prompt_tokens, max_new_tokens,
              [min_new_tokens = max_new_tokens], duration_s
-    petals_cache_tokens: the fixed per-block cache PETALS reserves (tokens)
     and either
       topology: {kind: "clusters", intra_rtt_ms, inter_rtt_ms}
               | {kind: "matrix", nodes: [...], rtt_ms: [[...]]}
@@ -36,16 +37,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..placement import ModelSpec, Network, PlacementProblem, ServerSpec, Workload
 from ._fields import Fields
-from ._topology import Topology, clustered_topology, random_geometric_topology
+from ._topology import random_geometric_topology
 
 GB = 1e9
 MS = 1e-3
@@ -58,41 +61,14 @@ MAX_SCATTERED_NODES = 1000
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    num_blocks: int
-    hidden_size: int
-    kv_dim: int  # width of K (and of V) per token per block: kv_heads * head_dim
-    block_bytes: int
-    cache_dtype_bytes: int
+class SessionCosts:
+    """Per-hop costs of a session's first token, outside the routing objective.
 
-    @property
-    def cache_bytes_per_token_block(self) -> int:
-        """K and V of one token in one block (the paper's s_c per token)."""
-        return 2 * self.kv_dim * self.cache_dtype_bytes
+    The prompt crosses each hop once (RTT + ``prefill_transfer``) and a
+    session is opened once (``session_open``); both come from the paper's
+    calibration of PETALS.
+    """
 
-
-@dataclass(frozen=True)
-class ServerClass:
-    """A kind of hardware, with the paper's per-block timings."""
-
-    name: str
-    tau_decode: float  # seconds per block per decode step
-    prefill_per_token: float  # seconds per block per prompt token
-    prefill_fixed: float  # seconds per block per prefill
-    memory_bytes: int
-    max_blocks: int | None
-
-    def prefill_time(self, prompt_tokens: int) -> float:
-        """tau_I(l_in): one block's prefill of a prompt."""
-        return self.prefill_per_token * prompt_tokens + self.prefill_fixed
-
-
-@dataclass(frozen=True)
-class NetworkCosts:
-    """Fixed per-hop costs on top of the RTT (calibrated against PETALS)."""
-
-    per_token_overhead: float
     prefill_overhead: float
     prefill_per_token: float
     session_open: float
@@ -102,71 +78,63 @@ class NetworkCosts:
 
 
 @dataclass(frozen=True)
-class ServerSpec:
-    peer_id: str
-    server_class: ServerClass
-    node: str
-
-
-@dataclass(frozen=True)
-class ClientSpec:
-    node: str
-    weight: float
-
-
-@dataclass(frozen=True)
-class WorkloadSpec:
-    arrival_rate: float
-    prompt_tokens: int
-    max_new_tokens: int
-    min_new_tokens: int
-    duration: float
-
-    @property
-    def session_tokens(self) -> int:
-        """Tokens a session's cache is sized for (l_in + l_max)."""
-        return self.prompt_tokens + self.max_new_tokens
-
-
-@dataclass(frozen=True)
 class Scenario:
+    """A placement problem (model, servers in join order, workload, network)
+    and what the simulator adds: session costs, output lengths, duration."""
+
     name: str
     description: str
-    model: ModelSpec
-    server_classes: tuple[ServerClass, ...]
-    servers: tuple[ServerSpec, ...]  # in join order
-    clients: tuple[ClientSpec, ...]
-    topology: Topology
-    network: NetworkCosts
-    workload: WorkloadSpec
-    petals_cache_tokens: int
+    problem: PlacementProblem
+    costs: SessionCosts
+    min_new_tokens: int  # output lengths are uniform in [min_new_tokens, l_max]
+    duration: float  # seconds of arrivals
+    server_classes: Mapping[str, str]  # server name -> class name (for reports)
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.problem.model
+
+    @property
+    def servers(self) -> tuple[ServerSpec, ...]:
+        return self.problem.servers
+
+    @property
+    def workload(self) -> Workload:
+        return self.problem.workload
+
+    @property
+    def network(self) -> Network:
+        return self.problem.network
 
     def with_workload(
         self,
         *,
         arrival_rate: float | None = None,
-        max_new_tokens: int | None = None,
+        l_max: int | None = None,
         duration: float | None = None,
     ) -> Scenario:
         """The same scenario under another load (the command line's overrides)."""
         workload = self.workload
+        min_new = self.min_new_tokens
         if arrival_rate is not None:
-            if not arrival_rate > 0:
+            if not (math.isfinite(arrival_rate) and arrival_rate > 0):
                 raise ConfigError(f"arrival rate must be > 0 sessions/s, got {arrival_rate}")
             workload = dataclasses.replace(workload, arrival_rate=float(arrival_rate))
-        if max_new_tokens is not None:
-            if max_new_tokens < 1:
-                raise ConfigError(f"l_max must be >= 1 token, got {max_new_tokens}")
-            workload = dataclasses.replace(
-                workload,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min(workload.min_new_tokens, max_new_tokens),
-            )
+        if l_max is not None:
+            if l_max < 1:
+                raise ConfigError(f"l_max must be >= 1 token, got {l_max}")
+            workload = dataclasses.replace(workload, l_max=l_max)
+            min_new = min(min_new, l_max)
         if duration is not None:
-            if not duration > 0:
+            if not (math.isfinite(duration) and duration > 0):
                 raise ConfigError(f"duration must be > 0 s, got {duration}")
-            workload = dataclasses.replace(workload, duration=float(duration))
-        return dataclasses.replace(self, workload=workload)
+        problem = dataclasses.replace(self.problem, workload=workload)
+        return dataclasses.replace(
+            self,
+            problem=problem,
+            min_new_tokens=min_new,
+            duration=self.duration if duration is None else float(duration),
+        )
 
 
 def builtin_scenarios() -> list[str]:
@@ -224,7 +192,6 @@ _TOP = {
     "server_classes",
     "network",
     "workload",
-    "petals_cache_tokens",
     "topology",
     "servers",
     "clients",
@@ -232,32 +199,65 @@ _TOP = {
 }
 
 
+@dataclass(frozen=True)
+class _ServerClass:
+    name: str
+    memory_bytes: int
+    tau_decode: float
+    prefill_per_token: float
+    prefill_fixed: float
+    max_blocks: int | None
+
+    def server(self, name: str, location: str) -> ServerSpec:
+        return ServerSpec(
+            name=name,
+            memory_bytes=self.memory_bytes,
+            tau_decode=self.tau_decode,
+            prefill_per_token=self.prefill_per_token,
+            prefill_fixed=self.prefill_fixed,
+            location=location,
+            max_blocks=self.max_blocks,
+        )
+
+
 def scenario_from_dict(data: object, *, source: str = "scenario") -> Scenario:
     top = Fields(data, source, allowed=_TOP)
     model = _model(top.child("model"))
     classes = _server_classes(top.child("server_classes"))
-    network = _network(top.child("network"))
-    workload = _workload(top.child("workload"))
+    hop_overhead, costs = _network_costs(top.child("network"))
+    w = Fields(
+        top.raw("workload"),
+        top.path("workload"),
+        allowed={"arrival_rate", "prompt_tokens", "max_new_tokens", "min_new_tokens", "duration_s"},
+    )
+    l_max = w.integer("max_new_tokens", minimum=1)
     if top.has("random_geometric"):
         for key in ("topology", "servers", "clients"):
             if top.has(key):
                 raise ConfigError(
                     f"{top.path(key)}: not allowed with random_geometric (it generates them)"
                 )
-        topology, servers, clients = _random_geometric(top.child("random_geometric"), classes)
+        network, servers, clients = _random_geometric(
+            top.child("random_geometric"), classes, hop_overhead
+        )
     else:
-        topology, servers, clients = _explicit_swarm(top, classes)
+        network, servers, clients = _explicit_swarm(top, classes, hop_overhead)
+    workload = Workload(
+        l_in=w.integer("prompt_tokens", minimum=1),
+        l_max=l_max,
+        arrival_rate=w.number("arrival_rate", positive=True),
+        clients=clients,
+    )
     return Scenario(
         name=top.string("name"),
         description=top.string("description", default="-"),
-        model=model,
-        server_classes=tuple(classes.values()),
-        servers=servers,
-        clients=clients,
-        topology=topology,
-        network=network,
-        workload=workload,
-        petals_cache_tokens=top.integer("petals_cache_tokens", minimum=1),
+        problem=PlacementProblem(
+            model=model, servers=tuple(s for s, _ in servers), workload=workload, network=network
+        ),
+        costs=costs,
+        min_new_tokens=w.integer("min_new_tokens", default=l_max, minimum=1, maximum=l_max),
+        duration=w.number("duration_s", positive=True),
+        server_classes={s.name: class_name for s, class_name in servers},
     )
 
 
@@ -283,17 +283,18 @@ def _model(f: Fields) -> ModelSpec:
             f"{f.where}: hidden_size {hidden} must split into {heads} heads, and those"
             f" into {kv_heads} key/value groups"
         )
+    kv_dim = hidden // heads * kv_heads
     return ModelSpec(
         name=f.string("name", default="model"),
         num_blocks=f.integer("num_blocks", minimum=1),
         hidden_size=hidden,
-        kv_dim=hidden // heads * kv_heads,
         block_bytes=round(f.number("block_gb", positive=True) * GB),
-        cache_dtype_bytes=f.integer("cache_dtype_bytes", default=2, minimum=1),
+        # K and V of one token in one block: 2 * d_kv * dtype bytes.
+        kv_bytes_per_token_block=2 * kv_dim * f.integer("cache_dtype_bytes", default=2, minimum=1),
     )
 
 
-def _server_classes(f: Fields) -> dict[str, ServerClass]:
+def _server_classes(f: Fields) -> dict[str, _ServerClass]:
     if not f.data:
         raise ConfigError(f"{f.where}: needs at least one server class")
     classes = {}
@@ -302,7 +303,7 @@ def _server_classes(f: Fields) -> dict[str, ServerClass]:
             name, allowed={"decode_ms_per_block", "prefill_ms_per_block", "memory_gb", "max_blocks"}
         )
         prefill = c.child("prefill_ms_per_block", allowed={"per_prompt_token", "fixed"})
-        classes[name] = ServerClass(
+        classes[name] = _ServerClass(
             name=name,
             tau_decode=c.number("decode_ms_per_block", positive=True) * MS,
             prefill_per_token=prefill.number("per_prompt_token", minimum=0) * MS,
@@ -313,7 +314,7 @@ def _server_classes(f: Fields) -> dict[str, ServerClass]:
     return classes
 
 
-def _network(f: Fields) -> NetworkCosts:
+def _network_costs(f: Fields) -> tuple[float, SessionCosts]:
     f = Fields(
         f.data,
         f.where,
@@ -324,34 +325,22 @@ def _network(f: Fields) -> NetworkCosts:
             "session_open_ms",
         },
     )
-    return NetworkCosts(
-        per_token_overhead=f.number("per_token_overhead_ms", minimum=0) * MS,
+    costs = SessionCosts(
         prefill_overhead=f.number("prefill_overhead_ms", minimum=0) * MS,
         prefill_per_token=f.number("prefill_ms_per_prompt_token", minimum=0) * MS,
         session_open=f.number("session_open_ms", minimum=0) * MS,
     )
+    return f.number("per_token_overhead_ms", minimum=0) * MS, costs
 
 
-def _workload(f: Fields) -> WorkloadSpec:
-    f = Fields(
-        f.data,
-        f.where,
-        allowed={"arrival_rate", "prompt_tokens", "max_new_tokens", "min_new_tokens", "duration_s"},
-    )
-    max_new = f.integer("max_new_tokens", minimum=1)
-    return WorkloadSpec(
-        arrival_rate=f.number("arrival_rate", positive=True),
-        prompt_tokens=f.integer("prompt_tokens", minimum=1),
-        max_new_tokens=max_new,
-        min_new_tokens=f.integer("min_new_tokens", default=max_new, minimum=1, maximum=max_new),
-        duration=f.number("duration_s", positive=True),
-    )
+_Servers = list[tuple[ServerSpec, str]]  # (server, class name), in join order
+_Clients = tuple[tuple[str, float], ...]  # (location, share)
 
 
 def _explicit_swarm(
-    top: Fields, classes: dict[str, ServerClass]
-) -> tuple[Topology, tuple[ServerSpec, ...], tuple[ClientSpec, ...]]:
-    servers: list[ServerSpec] = []
+    top: Fields, classes: dict[str, _ServerClass], hop_overhead: float
+) -> tuple[Network, _Servers, _Clients]:
+    servers: _Servers = []
     for i, item in enumerate(top.objects("servers")):
         s = Fields(item, f"{top.path('servers')}[{i}]", allowed={"id", "class", "node", "count"})
         class_name = s.string("class")
@@ -366,45 +355,49 @@ def _explicit_swarm(
             if not s.has("count")
             else [f"{base}-{k}" for k in range(s.integer("count", minimum=1))]
         )
-        servers += [ServerSpec(peer_id, classes[class_name], s.string("node")) for peer_id in ids]
+        node = s.string("node")
+        servers += [(classes[class_name].server(name, node), class_name) for name in ids]
     seen: set[str] = set()
-    for server in servers:
-        if server.peer_id in seen:
-            raise ConfigError(f"{top.path('servers')}: duplicate server id {server.peer_id!r}")
-        seen.add(server.peer_id)
+    for server, _ in servers:
+        if server.name in seen:
+            raise ConfigError(f"{top.path('servers')}: duplicate server id {server.name!r}")
+        seen.add(server.name)
 
     clients = []
     for i, item in enumerate(top.objects("clients")):
         c = Fields(item, f"{top.path('clients')}[{i}]", allowed={"node", "weight"})
-        clients.append(ClientSpec(c.string("node"), c.number("weight", default=1.0, positive=True)))
+        clients.append((c.string("node"), c.number("weight", default=1.0, positive=True)))
 
     t = top.child("topology")
     kind = t.string("kind")
     if kind == "clusters":
         t = Fields(t.data, t.where, allowed={"kind", "intra_rtt_ms", "inter_rtt_ms"})
-        topology = clustered_topology(
-            [s.node for s in servers] + [c.node for c in clients],
-            intra_rtt=t.number("intra_rtt_ms", minimum=0) * MS,
-            inter_rtt=t.number("inter_rtt_ms", minimum=0) * MS,
+        locations = [s.location for s, _ in servers] + [node for node, _ in clients]
+        network = Network.clustered(
+            list(dict.fromkeys(locations)),
+            intra=t.number("intra_rtt_ms", minimum=0) * MS,
+            inter=t.number("inter_rtt_ms", minimum=0) * MS,
+            hop_overhead=hop_overhead,
         )
     elif kind == "matrix":
         t = Fields(t.data, t.where, allowed={"kind", "nodes", "rtt_ms"})
-        topology = _matrix_topology(t)
+        nodes, matrix = _matrix(t)
+        network = Network.from_matrix(nodes, matrix, hop_overhead=hop_overhead)
+        for where, node in [("servers", s.location) for s, _ in servers] + [
+            ("clients", node) for node, _ in clients
+        ]:
+            if node not in nodes:
+                raise ConfigError(f"{top.path(where)}: node {node!r} is not in topology.nodes")
     else:
         raise ConfigError(f"{t.path('kind')}: expected 'clusters' or 'matrix', got {kind!r}")
-    for where, node in [("servers", s.node) for s in servers] + [
-        ("clients", c.node) for c in clients
-    ]:
-        if node not in topology:
-            raise ConfigError(f"{top.path(where)}: node {node!r} is not in the topology")
-    return topology, tuple(servers), tuple(clients)
+    return network, servers, tuple(clients)
 
 
-def _matrix_topology(t: Fields) -> Topology:
+def _matrix(t: Fields) -> tuple[list[str], list[list[float]]]:
     nodes = t.objects("nodes")
     rows = t.objects("rtt_ms")
-    if not all(isinstance(n, str) and n for n in nodes):
-        raise ConfigError(f"{t.path('nodes')}: expected node names (strings)")
+    if not all(isinstance(n, str) and n for n in nodes) or len(set(nodes)) != len(nodes):
+        raise ConfigError(f"{t.path('nodes')}: expected distinct node names (strings)")
     if len(rows) != len(nodes) or not all(
         isinstance(r, list) and len(r) == len(nodes) for r in rows
     ):
@@ -412,13 +405,20 @@ def _matrix_topology(t: Fields) -> Topology:
     matrix = []
     for i, row in enumerate(rows):
         fields = Fields({str(j): v for j, v in enumerate(row)}, f"{t.path('rtt_ms')}[{i}]")
-        matrix.append(tuple(fields.number(str(j), minimum=0) * MS for j in range(len(row))))
-    return Topology(tuple(nodes), tuple(matrix))
+        matrix.append([fields.number(str(j), minimum=0) * MS for j in range(len(row))])
+    for i in range(len(nodes)):
+        for j in range(i):
+            if matrix[i][j] != matrix[j][i]:
+                raise ConfigError(
+                    f"{t.path('rtt_ms')}: not symmetric ({nodes[i]} -> {nodes[j]}"
+                    f" {rows[i][j]} ms, back {rows[j][i]} ms)"
+                )
+    return nodes, matrix
 
 
 def _random_geometric(
-    f: Fields, classes: dict[str, ServerClass]
-) -> tuple[Topology, tuple[ServerSpec, ...], tuple[ClientSpec, ...]]:
+    f: Fields, classes: dict[str, _ServerClass], hop_overhead: float
+) -> tuple[Network, _Servers, _Clients]:
     f = Fields(
         f.data,
         f.where,
@@ -442,8 +442,11 @@ def _random_geometric(
     fraction = f.number("fast_fraction", minimum=0)
     if fraction > 1:
         raise ConfigError(f"{f.path('fast_fraction')}: must be <= 1, got {fraction}")
-    # The topology is part of the scenario: its seed is the file's (plus n),
-    # not the workload seed, so every run of scattered-40 sees one graph.
+    client_fraction = f.number("client_fraction", positive=True)
+    if client_fraction > 1:
+        raise ConfigError(f"{f.path('client_fraction')}: must be <= 1, got {client_fraction}")
+    # The graph is part of the scenario: its seed is the file's (and n), not
+    # the workload's, so every run of scattered-40 sees the same deployment.
     rng = random.Random(f"{f.integer('seed')}/{n}")
     graph = random_geometric_topology(
         n,
@@ -453,35 +456,28 @@ def _random_geometric(
         rtt_per_unit=f.number("rtt_ms_per_unit", minimum=0) * MS,
         local_rtt=f.number("local_rtt_ms", minimum=0) * MS,
     )
-    nodes = graph.topology.nodes
     fast = set(rng.sample(range(n), round(fraction * n)))
-    servers = tuple(
-        ServerSpec(
-            f"{'fast' if i in fast else 'slow'}-{i:03d}",
-            classes[f.string("fast_class" if i in fast else "slow_class")],
-            nodes[i],
-        )
-        for i in range(n)
-    )
-    client_fraction = f.number("client_fraction", positive=True)
-    if client_fraction > 1:
-        raise ConfigError(f"{f.path('client_fraction')}: must be <= 1, got {client_fraction}")
+    servers: _Servers = []
+    for i, node in enumerate(graph.nodes):
+        class_name = f.string("fast_class" if i in fast else "slow_class")
+        servers.append((classes[class_name].server(f"{class_name}-{i:03d}", node), class_name))
     num_clients = max(1, round(client_fraction * n))
-    clients = tuple(ClientSpec(nodes[i], 1.0) for i in sorted(rng.sample(range(n), num_clients)))
-    return graph.topology, servers, clients
+    clients = tuple((graph.nodes[i], 1.0) for i in sorted(rng.sample(range(n), num_clients)))
+    network = Network.from_matrix(graph.nodes, graph.rtt, hop_overhead=hop_overhead)
+    return network, servers, clients
 
 
 def describe(scenario: Scenario) -> Sequence[str]:
-    """A few human lines about a scenario (for the CLI's header)."""
+    """A few human lines about a scenario (for the command line's header)."""
     counts: dict[str, int] = {}
-    for server in scenario.servers:
-        counts[server.server_class.name] = counts.get(server.server_class.name, 0) + 1
+    for class_name in scenario.server_classes.values():
+        counts[class_name] = counts.get(class_name, 0) + 1
     w = scenario.workload
     return [
         f"scenario {scenario.name}: {scenario.description}",
         f"  model {scenario.model.name}: {scenario.model.num_blocks} blocks;"
         f" servers {', '.join(f'{n} x {c}' for c, n in counts.items())};"
-        f" {len(scenario.clients)} client site(s)",
-        f"  workload: lambda {w.arrival_rate:g}/s, l_in {w.prompt_tokens},"
-        f" l_max {w.max_new_tokens}, {w.duration:g} s",
+        f" {len(w.clients)} client location(s)",
+        f"  workload: lambda {w.arrival_rate:g}/s, l_in {w.l_in}, l_max {w.l_max},"
+        f" {scenario.duration:g} s of arrivals",
     ]

@@ -1,16 +1,13 @@
-"""Where servers and clients sit, and the round trip between any two places.
+"""Random geometric graphs: the paper's "scattered" deployments.
 
-Two shapes: named clusters (one RTT inside a cluster, another between
-clusters: the paper's testbeds) and random geometric graphs (nodes in the
-unit square, linked when close, RTT along the shortest path: the paper's
-"scattered" deployments).
+Nodes in the unit square, linked when close, RTT along the shortest path.
+(Clustered deployments need no generator: ``Network.clustered``.)
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,49 +16,11 @@ from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Topology:
-    """Symmetric RTT (seconds) between named nodes; a node to itself is its local RTT."""
+class GeometricGraph:
+    """A random geometric graph and the RTT matrix (seconds) its shortest paths give."""
 
     nodes: tuple[str, ...]
-    rtt_matrix: tuple[tuple[float, ...], ...]
-
-    def __post_init__(self) -> None:
-        n = len(self.nodes)
-        if n == 0 or len(set(self.nodes)) != n:
-            raise ConfigError("topology: node names must be non-empty and unique")
-        if len(self.rtt_matrix) != n or any(len(row) != n for row in self.rtt_matrix):
-            raise ConfigError(f"topology: the RTT matrix must be {n} x {n}")
-        for i, row in enumerate(self.rtt_matrix):
-            for j, value in enumerate(row):
-                if not (math.isfinite(value) and value >= 0):
-                    raise ConfigError(
-                        f"topology: RTT {self.nodes[i]} -> {self.nodes[j]} must be >= 0, got {value}"
-                    )
-                if value != self.rtt_matrix[j][i]:
-                    raise ConfigError(
-                        f"topology: RTT must be symmetric ({self.nodes[i]}, {self.nodes[j]})"
-                    )
-        object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.nodes)})
-
-    def rtt(self, a: str, b: str) -> float:
-        index: dict[str, int] = self._index  # type: ignore[attr-defined]
-        return self.rtt_matrix[index[a]][index[b]]
-
-    def __contains__(self, node: object) -> bool:
-        return node in self._index  # type: ignore[attr-defined]
-
-
-def clustered_topology(clusters: Sequence[str], *, intra_rtt: float, inter_rtt: float) -> Topology:
-    names = tuple(dict.fromkeys(clusters))
-    matrix = tuple(tuple(intra_rtt if a == b else inter_rtt for b in names) for a in names)
-    return Topology(names, matrix)
-
-
-@dataclass(frozen=True)
-class GeometricGraph:
-    """A random geometric graph and the RTT matrix its shortest paths give."""
-
-    topology: Topology
+    rtt: tuple[tuple[float, ...], ...]
     positions: tuple[tuple[float, float], ...]
     edges: tuple[tuple[int, int], ...]
 
@@ -103,7 +62,8 @@ def random_geometric_topology(
     names = tuple(f"node-{i:03d}" for i in range(num_nodes))
     edges = tuple((int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(adjacency)), strict=True))
     return GeometricGraph(
-        topology=Topology(names, tuple(tuple(float(v) for v in row) for row in rtt)),
+        nodes=names,
+        rtt=tuple(tuple(float(v) for v in row) for row in rtt),
         positions=tuple((float(x), float(y)) for x, y in points),
         edges=edges,
     )
