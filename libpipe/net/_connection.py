@@ -43,7 +43,6 @@ from ..errors import (
     LibpipeError,
     ProtocolError,
     RemoteError,
-    StreamStateError,
     error_from_remote,
 )
 from ..wire import (
@@ -52,6 +51,7 @@ from ..wire import (
     Cancel,
     ConnectionEnded,
     ErrorReply,
+    Event,
     GoAway,
     Hello,
     Limits,
@@ -291,7 +291,9 @@ class Connection:
 
     # --- sending ------------------------------------------------------------------
 
-    async def _send(self, event: object) -> None:
+    async def _send(self, event: Event, *, only_if_open: bool = False) -> None:
+        """Write one frame. ``only_if_open``: skip it if the stream ended while
+        we waited for the lock (a Cancel overtaken by the peer's reply)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
             # The uncontended case takes the lock without a trip through the
@@ -302,6 +304,8 @@ class Connection:
         try:
             if self._error is not None:
                 raise self._error
+            if only_if_open and self._wire.stream_state(getattr(event, "stream_id", 0)) is None:
+                return
             buffers = self._wire.send(event)
             small = sum(memoryview(b).nbytes for b in buffers) <= COALESCE_BYTES
             try:
@@ -319,11 +323,21 @@ class Connection:
         finally:
             self._send_lock.release()
 
-    async def _send_quietly(self, event: object) -> None:
-        """For replies and cancels whose failure the connection already records."""
+    async def _send_quietly(self, event: Event) -> None:
+        """For frames whose failure the connection already records."""
         try:
             with trio.CancelScope(shield=True):
                 await self._send(event)
+        except LibpipeError:
+            pass
+
+    async def _send_cancel(self, sid: int) -> None:
+        """Tell the peer to stop work on ``sid``; shielded, since it runs as
+        the caller is cancelled. Not sent if the peer's last frame on it
+        arrived while the Cancel waited for the lock."""
+        try:
+            with trio.CancelScope(shield=True):
+                await self._send(Cancel(sid), only_if_open=True)
         except LibpipeError:
             pass
 
@@ -535,7 +549,7 @@ class Connection:
     async def _run_unary(
         self, scope: trio.CancelScope, sid: int, method: str, request: Message
     ) -> None:
-        reply: object | None = None
+        reply: Response | ErrorReply | None = None
         with scope:
             try:
                 if self._going_away:
@@ -558,7 +572,7 @@ class Connection:
 
     async def _run_stream(self, scope: trio.CancelScope, stream: Stream) -> None:
         sid, method = stream.stream_id, stream.method
-        reply: object | None = None
+        reply: Response | ErrorReply | None = None
         with scope:
             try:
                 if self._going_away:
@@ -579,12 +593,11 @@ class Connection:
             await self._send_reply(reply, sid, method)
         self._check_quiet()
 
-    async def _send_reply(self, reply: object, sid: int, method: str) -> None:
+    async def _send_reply(self, reply: Response | ErrorReply, sid: int, method: str) -> None:
         try:
-            await self._send(reply)
-        except StreamStateError:
-            # The peer cancelled while the reply was being made: drop it.
-            pass
+            # The peer may have cancelled while the reply was being made:
+            # then nobody waits for it, and it is dropped unencoded.
+            await self._send(reply, only_if_open=True)
         except (LibpipeError, ValueError, TypeError) as exc:
             if self._error is None:
                 # The handler's answer cannot be encoded: the caller hears
@@ -654,9 +667,16 @@ class Connection:
                 )
         finally:
             if not call.done.is_set():
-                self._finish_call(sid)
+                # Abandoned. The call stays registered until its Cancel is on
+                # the wire, so a reply that arrives meanwhile is known as
+                # this call's (and dropped) and a graceful close waits for
+                # the Cancel. Its slot under the peer's stream cap is free
+                # at once: a later Request queues behind the Cancel on the
+                # send lock (FIFO), so the peer sees the Cancel first.
+                self._opened_by_us.discard(sid)
                 if sent:
-                    await self._send_quietly(Cancel(sid))
+                    await self._send_cancel(sid)
+                self._finish_call(sid)
             elif not sent:
                 self._opened_by_us.discard(sid)
         if call.error is not None:
@@ -695,8 +715,9 @@ class Connection:
                     with trio.CancelScope(shield=True):
                         await stream.close_send()
                 else:
-                    self._forget_stream(sid)
-                    await self._send_quietly(Cancel(sid))
+                    # Registered until the Cancel is written (see ``call``);
+                    # what the peer sends meanwhile meets a discarded inbox.
+                    await self._send_cancel(sid)
             self._forget_stream(sid)
 
     async def send_stream_data(

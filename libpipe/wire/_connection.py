@@ -242,6 +242,11 @@ class WireConnection:
         """Open streams and their state (a copy; for tests and diagnostics)."""
         return {sid: s.state for sid, s in self._streams.items()}
 
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        """The state of one stream, ``None`` once it has ended (or never was)."""
+        stream = self._streams.get(stream_id)
+        return stream.state if stream is not None else None
+
     @property
     def errored(self) -> bool:
         return self._error is not None
