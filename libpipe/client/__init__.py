@@ -4,6 +4,8 @@ sessions, generation and bulk forward (see ../shared/DESIGN.md, 'Layers').
 Applications use ``libpipe.Client`` (trio) or ``libpipe.SyncClient`` (plain
 synchronous code, notebooks)."""
 
+from ._blocking import SyncClient as SyncClient
+from ._blocking import SyncInferenceSession as SyncInferenceSession
 from ._bulk import call_hop as call_hop
 from ._bulk import forward_span as forward_span
 from ._client import Client as Client

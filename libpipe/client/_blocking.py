@@ -1,0 +1,169 @@
+"""``libpipe.SyncClient``: the client for programs that are not trio.
+
+Most applications (scripts, notebooks, web handlers in other frameworks)
+cannot ``async with``. ``SyncClient`` runs ``trio.run`` in a daemon thread
+of its own, opens a ``Client`` there and hands each call to that thread
+with ``trio.from_thread.run``, blocking the caller until it is done.
+Errors come back as they were raised, typed. A notebook with its own
+running asyncio loop is no obstacle: trio runs in the other thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import trio
+from torch import Tensor
+
+from ..errors import ConnectionClosedError
+from ._client import Client, Prompt
+from ._generate import InferenceSession
+
+T = TypeVar("T")
+
+
+class SyncClient:
+    """``with SyncClient(model=DIR, peers=[...], insecure=True) as c: c.generate(ids, max_new_tokens=8)``
+
+    Takes the same arguments as ``Client``; its methods are the same, blocking."""
+
+    def __init__(self, model: str | os.PathLike[str], peers: Sequence[str], **options: Any) -> None:
+        self._client = Client(model, peers, **options)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="libpipe-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            self._thread.join()
+            raise self._failure
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as exc:  # handed to the constructor's caller
+            self._failure = exc
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        async with self._client:
+            self._stop = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._stop.wait()
+
+    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._token is None or not self._thread.is_alive():
+            raise ConnectionClosedError("the client is closed")
+        return trio.from_thread.run(functools.partial(fn, *args, **kwargs), trio_token=self._token)
+
+    def close(self) -> None:
+        """Close the client and stop its thread (idempotent)."""
+        token, self._token = self._token, None
+        if token is not None and self._stop is not None:
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+            self._thread.join()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def client(self) -> Client:
+        """The async client underneath (its attributes are safe to read)."""
+        return self._client
+
+    def generate(self, prompt: Prompt, *, max_new_tokens: int, **sampling: Any) -> list[int]:
+        return self._run(self._client.generate, prompt, max_new_tokens=max_new_tokens, **sampling)
+
+    def stream(self, prompt: Prompt, *, max_new_tokens: int, **sampling: Any) -> Iterator[int]:
+        """Tokens as they come; leaving the loop early closes the session."""
+        tokens = self._client.stream(prompt, max_new_tokens=max_new_tokens, **sampling)
+        try:
+            while True:
+                try:
+                    yield self._run(tokens.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            if self._token is not None:
+                self._run(tokens.aclose)
+
+    def forward(self, hidden: Tensor, *, start: int = 0, end: int | None = None) -> Tensor:
+        return self._run(self._client.forward, hidden, start=start, end=end)
+
+    def inference_session(self, *, max_length: int, batch: int = 1) -> SyncInferenceSession:
+        session = self._run(_make_session, self._client, max_length, batch)
+        return SyncInferenceSession(self, session)
+
+    def encode(self, text: str) -> list[int]:
+        return self._client.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._client.decode(ids)
+
+    @property
+    def stop_tokens(self) -> Collection[int]:
+        return self._client.stop_tokens
+
+
+async def _make_session(client: Client, max_length: int, batch: int) -> InferenceSession:
+    session = client.inference_session(max_length=max_length, batch=batch)
+    return await session.__aenter__()
+
+
+class SyncInferenceSession:
+    """A blocking ``InferenceSession``; ``with client.inference_session(...) as s:``."""
+
+    def __init__(self, owner: SyncClient, session: InferenceSession) -> None:
+        self._owner = owner
+        self._session = session
+
+    @property
+    def position(self) -> int:
+        return self._session.position
+
+    def step(self, token_ids: Sequence[int] | Tensor) -> Tensor:
+        return self._owner._run(self._session.step, token_ids)
+
+    def step_hidden(self, hidden: Tensor) -> Tensor:
+        return self._owner._run(self._session.step_hidden, hidden)
+
+    def rollback(self, position: int) -> None:
+        self._owner._run(_call_sync, self._session.rollback, position)
+
+    def close(self) -> None:
+        self._owner._run(self._session.__aexit__, None, None, None)
+
+    def __enter__(self) -> SyncInferenceSession:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+async def _call_sync(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)

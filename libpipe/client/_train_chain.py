@@ -1,0 +1,310 @@
+"""Forward and backward through frozen remote blocks, for training.
+
+Theory of operation. ``forward`` sends the hidden states hop by hop with
+bulk ``forward`` calls, as ``forward_span`` does, and keeps what it sent
+to each hop (a ``Segment``: the hop's blocks and its inputs, exactly as
+they went on the wire). ``backward`` walks the segments in reverse and
+asks a server holding each segment's blocks for ``backward`` with the kept
+inputs and the gradient of the segment's outputs; the server recomputes
+its forward and answers the gradient of its inputs (and of the deep
+prompts). Servers keep nothing between the two passes, so any replica can
+answer a segment's backward, not only the one that ran its forward.
+
+Failures: a hop that fails in ``forward`` is banned and the blocks from its
+start are routed again and recomputed from its kept input. A segment whose
+``backward`` fails is routed again; when the new route splits the segment
+over several servers, the inputs of the inner hops are recomputed with
+``forward`` calls from the segment's kept input before their backwards.
+Either way the numbers are those of a fault-free step.
+
+Micro-batching: a request must fit the wire's frame limit
+(``Limits.max_payload_bytes``), and ``backward`` sends the most (inputs,
+gradient, prompts). The batch is split by rows so that every ``backward``
+request fits; the pieces run concurrently and, with throughput routing and
+the load map, spread over replicas. ``forward`` and ``backward`` use the
+same pieces, so each piece's segments are its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import trio
+from torch import Tensor
+
+from ..errors import InvalidRequestError, RemoteError
+from ..wire import Limits
+from ._context import SwarmContext, hop_error
+from ._failover import FailureLedger
+from ._routing import PlannedHop
+from ._train_routing import AdapterDirectory, plan_training_route
+
+# Room left in a frame for metadata and tensor headers (they take well
+# under a kilobyte; the metadata limit itself is separate).
+_FRAME_HEADROOM = 64 << 10
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One hop of a forward pass: blocks ``[start, end)`` and their inputs."""
+
+    start: int
+    end: int
+    inputs: Tensor  # [b, T, H], in the wire dtype, as sent
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One micro-batch's forward: its rows of the batch and its segments."""
+
+    rows: slice
+    segments: tuple[Segment, ...]
+
+
+class TrainChain:
+    """Forward/backward of blocks ``[start, end)`` through the swarm.
+
+    ``max_request_bytes`` bounds one request (defaults to the wire's frame
+    limit); ``adapter`` names a LoRA adapter the servers must have."""
+
+    def __init__(
+        self,
+        ctx: SwarmContext,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        adapter: str | None = None,
+        max_request_bytes: int | None = None,
+        directory: AdapterDirectory | None = None,
+    ) -> None:
+        end = ctx.num_blocks if end is None else end
+        if not 0 <= start < end <= ctx.num_blocks:
+            raise InvalidRequestError(
+                f"blocks [{start}, {end}) are not within the model's {ctx.num_blocks}"
+            )
+        if adapter is not None and (not isinstance(adapter, str) or not adapter):
+            raise InvalidRequestError(f"adapter must be a non-empty name, got {adapter!r}")
+        limit = Limits().max_payload_bytes if max_request_bytes is None else max_request_bytes
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise InvalidRequestError(f"max_request_bytes must be a positive int, got {limit!r}")
+        self.ctx = ctx
+        self.start, self.end = start, end
+        self.adapter = adapter
+        self.max_request_bytes = min(limit, Limits().max_payload_bytes - _FRAME_HEADROOM)
+        self.directory = directory or AdapterDirectory()
+        # Bytes of requests sent (payloads only), for benchmarks.
+        self.bytes_sent = 0
+
+    # --- the two passes --------------------------------------------------------------
+
+    async def forward(
+        self, hidden: Tensor, prompts: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Piece, ...]]:
+        """``hidden: [B, T, H]`` (``prompts: [end - start, B, P, H]``) through
+        the blocks; returns the outputs (dtype of ``hidden``) and what
+        ``backward`` needs."""
+        self._check(hidden, prompts)
+        x = hidden.detach().to(self.ctx.wire_dtype).contiguous()
+        p = None if prompts is None else prompts.detach().to(self.ctx.wire_dtype)
+        rows = self.micro_batches(x.shape[0], x.shape[1], 0 if p is None else p.shape[2])
+        outputs: list[Tensor | None] = [None] * len(rows)
+        pieces: list[Piece | None] = [None] * len(rows)
+
+        async def run(n: int, r: slice) -> None:
+            outputs[n], segments = await self._forward_piece(x[r], _rows(p, r))
+            pieces[n] = Piece(r, segments)
+
+        async with trio.open_nursery() as nursery:
+            for n, r in enumerate(rows):
+                nursery.start_soon(run, n, r)
+        out = torch.cat([o for o in outputs if o is not None], dim=0)
+        return out.to(hidden.dtype), tuple(p for p in pieces if p is not None)
+
+    async def backward(
+        self,
+        pieces: Sequence[Piece],
+        grad_output: Tensor,
+        prompts: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Gradients w.r.t. the inputs of ``forward`` (and its prompts), given
+        the gradient w.r.t. its outputs."""
+        g = grad_output.detach().to(self.ctx.wire_dtype).contiguous()
+        p = None if prompts is None else prompts.detach().to(self.ctx.wire_dtype)
+        grads: list[tuple[Tensor, Tensor | None] | None] = [None] * len(pieces)
+
+        async def run(n: int, piece: Piece) -> None:
+            grads[n] = await self._backward_piece(piece, g[piece.rows], _rows(p, piece.rows))
+
+        async with trio.open_nursery() as nursery:
+            for n, piece in enumerate(pieces):
+                nursery.start_soon(run, n, piece)
+        done = [gr for gr in grads if gr is not None]
+        grad_in = torch.cat([gr[0] for gr in done], dim=0).to(grad_output.dtype)
+        if prompts is None:
+            return grad_in, None
+        grad_p = torch.cat([gr[1] for gr in done if gr[1] is not None], dim=1)
+        return grad_in, grad_p.to(prompts.dtype)
+
+    def micro_batches(self, batch: int, tokens: int, prefix: int) -> list[slice]:
+        """Rows per request so that a ``backward`` request (inputs, gradient,
+        prompts of the longest hop) fits ``max_request_bytes``."""
+        size = torch.empty((), dtype=self.ctx.wire_dtype).element_size()
+        per_row = (2 * tokens + (self.end - self.start) * prefix) * self.ctx.hidden_size * size
+        rows = self.max_request_bytes // per_row
+        if rows == 0:
+            raise InvalidRequestError(
+                f"one sequence of {tokens} tokens needs {per_row} bytes per request, over "
+                f"the limit of {self.max_request_bytes}; send shorter sequences"
+            )
+        count = math.ceil(batch / rows)
+        # Even pieces: rows of each within one of the others.
+        bounds = [round(i * batch / count) for i in range(count + 1)]
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    # --- one micro-batch -------------------------------------------------------------
+
+    async def _forward_piece(
+        self, x: Tensor, prompts: Tensor | None
+    ) -> tuple[Tensor, tuple[Segment, ...]]:
+        ledger = FailureLedger(self.ctx.policy, f"training forward over [{self.start}, {self.end})")
+        segments: list[Segment] = []
+        block = self.start
+        while block < self.end:
+            plan = await self._plan(ledger, block, self.end)
+            for hop in plan:
+                try:
+                    (y,) = await self._call(hop, "forward", x, None, prompts)
+                except Exception as exc:
+                    await self._failed(ledger, hop, exc)
+                    break
+                segments.append(Segment(hop.start, hop.end, x))
+                x, block = y, hop.end
+        return x, tuple(segments)
+
+    async def _backward_piece(
+        self, piece: Piece, grad: Tensor, prompts: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        ledger = FailureLedger(
+            self.ctx.policy, f"training backward over [{self.start}, {self.end})"
+        )
+        grad_prompts: list[Tensor] = []
+        for segment in reversed(piece.segments):
+            grad, gp = await self._backward_segment(ledger, segment, grad, prompts)
+            if gp is not None:
+                grad_prompts.append(gp)
+        if prompts is None:
+            return grad, None
+        return grad, torch.cat(grad_prompts[::-1], dim=0)
+
+    async def _backward_segment(
+        self, ledger: FailureLedger, segment: Segment, grad: Tensor, prompts: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        while True:
+            plan = await self._plan(ledger, segment.start, segment.end)
+            hop = plan[0]
+            try:
+                inputs = [segment.inputs]
+                for hop in plan[:-1]:
+                    (y,) = await self._call(hop, "forward", inputs[-1], None, prompts)
+                    inputs.append(y)
+                g, grad_prompts = grad, []
+                for hop, x in zip(reversed(plan), reversed(inputs), strict=True):
+                    g, *gp = await self._call(hop, "backward", x, g, prompts)
+                    grad_prompts[:0] = gp
+            except Exception as exc:
+                await self._failed(ledger, hop, exc)
+                continue
+            return g, (torch.cat(grad_prompts, dim=0) if grad_prompts else None)
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    async def _plan(self, ledger: FailureLedger, start: int, end: int) -> list[PlannedHop]:
+        return await plan_training_route(
+            self.ctx, ledger, self.directory, start=start, end=end, adapter=self.adapter
+        )
+
+    async def _failed(self, ledger: FailureLedger, hop: PlannedHop, exc: Exception) -> None:
+        """Ban the hop's server and count the failure, or re-raise what is not one."""
+        error = hop_error(exc)
+        if error is None:
+            raise exc
+        self.ctx.view.ban(hop.peer_id, str(error))
+        self.directory.forget(hop.peer_id)
+        await ledger.record(hop.describe(), error)
+
+    async def _call(
+        self,
+        hop: PlannedHop,
+        method: str,
+        x: Tensor,
+        grad: Tensor | None,
+        prompts: Tensor | None,
+    ) -> tuple[Tensor, ...]:
+        """One ``forward`` or ``backward`` of ``hop``'s blocks, counted in the
+        load map while in flight; replies checked for count and shape."""
+        tensors = [x] if grad is None else [x, grad]
+        expect = [x.shape]
+        if prompts is not None:
+            hop_prompts = prompts[hop.start - self.start : hop.end - self.start].contiguous()
+            tensors.append(hop_prompts)
+            if method == "backward":
+                expect.append(hop_prompts.shape)
+        meta: dict[str, object] = {"start": hop.start, "end": hop.end}
+        if self.adapter is not None:
+            meta["adapter"] = self.adapter
+        tokens = float(x.shape[0] * x.shape[1])
+        self.ctx.load[hop.peer_id] += tokens
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        try:
+            with trio.fail_after(self.ctx.policy.step_timeout):
+                connection = await self.ctx.connect(hop.server)
+                reply = await connection.call(method, meta, tuple(tensors))
+        except BaseException as exc:
+            error = hop_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            self.ctx.load[hop.peer_id] -= tokens
+            if self.ctx.load[hop.peer_id] <= 0:
+                del self.ctx.load[hop.peer_id]
+        got = [t.shape for t in reply.tensors]
+        if got != expect:
+            raise RemoteError(
+                f"{method} on {hop.describe()} answered shapes {[list(s) for s in got]}, "
+                f"expected {[list(s) for s in expect]}"
+            )
+        self.ctx.view.answered(hop.peer_id)
+        return tuple(t.to(self.ctx.wire_dtype) for t in reply.tensors)
+
+    def _check(self, hidden: Tensor, prompts: Tensor | None) -> None:
+        h = self.ctx.hidden_size
+        if not isinstance(hidden, Tensor) or not hidden.dtype.is_floating_point:
+            raise InvalidRequestError("hidden states must be a floating-point tensor")
+        if hidden.dim() != 3 or 0 in hidden.shape[:2] or hidden.shape[2] != h:
+            raise InvalidRequestError(
+                f"hidden states must be [B>0, T>0, {h}], got {list(hidden.shape)}"
+            )
+        if prompts is None:
+            return
+        blocks, (b, t, _) = self.end - self.start, hidden.shape
+        if (
+            not isinstance(prompts, Tensor)
+            or not prompts.dtype.is_floating_point
+            or prompts.dim() != 4
+            or tuple(prompts.shape[:2]) != (blocks, b)
+            or not 0 < prompts.shape[2] <= t
+            or prompts.shape[3] != h
+        ):
+            shape = list(prompts.shape) if isinstance(prompts, Tensor) else type(prompts).__name__
+            raise InvalidRequestError(
+                f"deep prompts must be [{blocks}, {b}, P, {h}] with 0 < P <= {t}, got {shape}"
+            )
+
+
+def _rows(prompts: Tensor | None, rows: slice) -> Tensor | None:
+    # prompts: [blocks, B, P, H] -> the rows of one micro-batch
+    return None if prompts is None else prompts[:, rows].contiguous()
