@@ -14,6 +14,7 @@ from ._config import ServerConfig as ServerConfig
 from ._config import parse_blocks as parse_blocks
 from ._executor import Executor as Executor
 from ._executor import Priority as Priority
+from ._process import ServerProcess as ServerProcess
 from ._server import BlockServer as BlockServer
 from ._throughput import Throughput as Throughput
 from ._throughput import load_or_measure as load_or_measure

@@ -72,11 +72,14 @@ class ServerConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig.lan)
     record_interval: float = DEFAULT_RECORD_INTERVAL
     progress: bool = True  # progress bars while loading and measuring
+    # LoRA adapter directories (PEFT layout), each named after its directory.
+    adapters: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "peers", tuple(self.peers))
+        object.__setattr__(self, "adapters", tuple(Path(a) for a in self.adapters))
         start, end = self.blocks
         if not 0 <= start < end:
             raise ConfigError(f"blocks must satisfy 0 <= start < end, got {self.blocks}")

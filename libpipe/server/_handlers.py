@@ -91,12 +91,12 @@ class RpcHandlers:
         s = self.s
         s.admit("forward calls")
         start, end = _validate.sub_span(msg.meta, s.blocks)
-        _validate.check_adapter(msg.meta)
+        adapter = self._adapter(msg.meta)
         _validate.tensor_count(msg.tensors, (1, 2), "forward")
         hidden = msg.tensors[0]
         self._check_hidden(hidden)
         prompts = self._prompts(msg.tensors[1:], end - start, hidden)
-        job = functools.partial(_forward_job, s.span, s.pool, hidden, start, end, prompts)
+        job = functools.partial(_forward_job, s.span, s.pool, hidden, start, end, prompts, adapter)
         with s.sessions.call():
             out = await s.executor.call(Priority.BULK, job)
         return Message({}, (out,))
@@ -105,7 +105,7 @@ class RpcHandlers:
         s = self.s
         s.admit("backward calls")
         start, end = _validate.sub_span(msg.meta, s.blocks)
-        _validate.check_adapter(msg.meta)
+        adapter = self._adapter(msg.meta)
         _validate.tensor_count(msg.tensors, (2, 3), "backward")
         hidden, grad = msg.tensors[0], msg.tensors[1]
         self._check_hidden(hidden)
@@ -117,7 +117,7 @@ class RpcHandlers:
             tokens=hidden.shape[1],
         )
         prompts = self._prompts(msg.tensors[2:], end - start, hidden)
-        job = functools.partial(_backward_job, s.span, hidden, grad, start, end, prompts)
+        job = functools.partial(_backward_job, s.span, hidden, grad, start, end, prompts, adapter)
         with s.sessions.call():
             grads = await s.executor.call(Priority.BULK, job)
         return Message({}, grads)
@@ -137,11 +137,11 @@ class RpcHandlers:
                 max_length=max_length,
                 limit=s.max_length,
             )
-        _validate.check_adapter(meta)
+        adapter = self._adapter(meta)
         _validate.tensor_count(stream.opening.tensors, (0,), "opening a session")
         with s.sessions.session(ctx.peer_id) as entry:
             session = s.span.open_session(
-                s.pool, batch=batch, max_length=max_length, start=start, end=end
+                s.pool, batch=batch, max_length=max_length, start=start, end=end, adapter=adapter
             )
             peer = short_peer_id(ctx.peer_id)
             logger.info(
@@ -214,6 +214,10 @@ class RpcHandlers:
 
     # --- helpers ---------------------------------------------------------------------------
 
+    def _adapter(self, meta: dict[str, Any]) -> str | None:
+        _validate.check_adapter(meta, tuple(self.s.span.adapters))
+        return meta.get("adapter") or None
+
     def _check_hidden(self, hidden: Tensor) -> None:
         _validate.hidden_states(hidden, self.s.hidden_size)
         if hidden.shape[1] > self.s.max_length:
@@ -252,7 +256,7 @@ def info_meta(s: Serving) -> dict[str, Any]:
         "throughput_decode": s.throughput.decode,
         "throughput_forward": s.throughput.forward,
         "active_sessions": len(s.sessions),
-        "adapters": [],
+        "adapters": sorted(s.span.adapters),
     }
 
 
@@ -267,11 +271,13 @@ def _forward_job(
     start: int,
     end: int,
     prompts: Tensor | None,
+    adapter: str | None,
 ) -> Tensor:
     # Casts run here, on the worker, not on the event loop: bulk inputs are big.
     x = hidden.to(device=span.device, dtype=span.dtype)
     p = None if prompts is None else prompts.to(device=span.device, dtype=span.dtype)
-    return _to_wire(_compute.forward(span, pool, x, start, end, p), hidden.dtype)
+    out = _compute.forward(span, pool, x, start, end, prompts=p, adapter=adapter)
+    return _to_wire(out, hidden.dtype)
 
 
 def _backward_job(
@@ -281,10 +287,11 @@ def _backward_job(
     start: int,
     end: int,
     prompts: Tensor | None,
+    adapter: str | None,
 ) -> tuple[Tensor, ...]:
     x = hidden.to(device=span.device, dtype=span.dtype)
     g = grad.to(device=span.device, dtype=span.dtype)
     p = None if prompts is None else prompts.to(device=span.device, dtype=span.dtype)
-    grads = _compute.backward(span, x, g, start, end, p)
+    grads = _compute.backward(span, x, g, start, end, prompts=p, adapter=adapter)
     dtypes = [hidden.dtype] + ([] if prompts is None else [prompts.dtype])
     return tuple(_to_wire(gr, dt) for gr, dt in zip(grads, dtypes, strict=True))

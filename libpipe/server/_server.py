@@ -21,7 +21,7 @@ import trio
 
 from .. import __version__
 from ..errors import ConfigError
-from ..model import KVCachePool, load_span
+from ..model import KVCachePool, ModelConfig, load_span
 from ..net import ConnectionPool, HelloInfo, Router, Security, serve, short_peer_id
 from ..swarm import GossipNode, RecordState, RpcTransport
 from ._config import ServerConfig
@@ -57,6 +57,13 @@ class BlockServer:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         me = short_peer_id(self.peer_id)
+        model = ModelConfig.from_file(cfg.model_dir)
+        if cfg.blocks[1] > model.num_hidden_layers:
+            raise ConfigError(
+                f"blocks {cfg.blocks[0]}:{cfg.blocks[1]} are not within the model's "
+                f"{model.num_hidden_layers} blocks",
+                num_blocks=model.num_hidden_layers,
+            )
         span = await trio.to_thread.run_sync(
             functools.partial(
                 load_span,
@@ -66,6 +73,7 @@ class BlockServer:
                 dtype=cfg.dtype,
                 progress=cfg.progress,
                 prefill_chunk=cfg.prefill_chunk,
+                adapters=cfg.adapters,
             )
         )
         if cfg.throughput is not None:

@@ -1,0 +1,218 @@
+"""`libpipe-server` (and `libpipe server`): serve a span of a model's blocks.
+
+Once serving, the daemon prints one line ``libpipe-server ready ADDRESS
+PEER_ID`` on stdout and, with ``--ready-file``, writes the same facts as
+JSON (what ``libpipe.server.ServerProcess`` waits for). SIGTERM or SIGINT
+drains: no new sessions, open ones finish within ``--drain-grace``
+seconds, then exit 0; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError, LibpipeError
+
+if TYPE_CHECKING:
+    from ..net import Security
+    from ..server import ServerConfig
+
+_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("server", help="serve a span of a model's blocks")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="libpipe-server", description="Serve a span of a model's blocks to a libpipe swarm."
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except LibpipeError as exc:
+        print(f"libpipe-server: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags; those left out take ``ServerConfig``'s defaults (documented there)."""
+    add = parser.add_argument
+    add("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
+    add("--blocks", required=True, metavar="A:B", help="blocks to serve, half-open (e.g. 0:8)")
+    add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    add("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
+    add("--identity", metavar="DIR", help="node identity directory (`libpipe ca issue`)")
+    add("--ca", metavar="FILE", help="swarm CA certificate (default: the identity's)")
+    add("--insecure", action="store_true", help="plaintext, no authentication (development)")
+    add("--allow-public-insecure", action="store_true", help="plaintext beyond loopback too")
+    add("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    add("--dtype", help="compute dtype: fp32, bf16, fp16 (default: the device's)")
+    add("--cache-bytes", default="1G", help="KV cache budget, e.g. 512M, 4G (default 1G)")
+    add("--max-length", type=int, help="longest session in tokens (default 8192)")
+    add("--idle-timeout", type=float, help="seconds after which an idle session ends (default 60)")
+    add("--drain-grace", type=float, help="seconds SIGTERM lets sessions finish (default 30)")
+    add("--no-batching", action="store_true", help="run decode steps one at a time")
+    add("--max-batch", type=int, help="sessions per batched decode pass (default 64)")
+    add("--prefill-chunk", type=int, help="positions per prefill chunk (default 512)")
+    add("--adapters", nargs="*", default=[], metavar="DIR", help="LoRA adapters (PEFT layout)")
+    add("--throughput", metavar="DECODE,FORWARD", help="announce these instead of measuring")
+    add(
+        "--cache-dir",
+        metavar="DIR",
+        help="throughput cache (default $LIBPIPE_CACHE_DIR or ~/.cache/libpipe)",
+    )
+    add("--peers", default="", metavar="HOST:PORT,...", help="any swarm members to join through")
+    add("--announce-address", metavar="HOST:PORT", help="address peers should dial")
+    add("--gossip", choices=("lan", "wan", "local"), default="lan", help="gossip timing preset")
+    add("--ready-file", metavar="FILE", help="write address and peer id here when serving")
+    add("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    add("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..net import Security
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = build_config(args)
+    security = Security.from_options(
+        identity=args.identity,
+        ca=args.ca,
+        insecure=args.insecure,
+        allow_public_insecure=args.allow_public_insecure,
+    )
+    try:
+        trio.run(_serve, config, security, args.ready_file)
+    except BaseExceptionGroup as group:
+        # A start-up error arrives wrapped by the nurseries; show it as itself.
+        sole = _sole_error(group)
+        if isinstance(sole, LibpipeError):
+            raise sole from None
+        raise
+    return 0
+
+
+def _sole_error(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    from ..server import ServerConfig, parse_blocks
+    from ..swarm import GossipConfig
+
+    optional = {
+        "max_length": args.max_length,
+        "idle_timeout": args.idle_timeout,
+        "drain_grace": args.drain_grace,
+        "max_batch": args.max_batch,
+        "prefill_chunk": args.prefill_chunk,
+        "cache_dir": Path(args.cache_dir) if args.cache_dir else None,
+        "throughput": parse_throughput(args.throughput) if args.throughput else None,
+    }
+    return ServerConfig(
+        model_dir=Path(args.model_dir),
+        blocks=parse_blocks(args.blocks),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        cache_bytes=parse_bytes(args.cache_bytes),
+        batching=not args.no_batching,
+        adapters=tuple(Path(a) for a in args.adapters),
+        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
+        announce_address=args.announce_address,
+        gossip=getattr(GossipConfig, args.gossip)(),
+        progress=not args.no_progress,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+
+
+def parse_bytes(text: str) -> int:
+    """``1073741824``, ``512M``, ``4G`` (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = _SUFFIXES.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in _SUFFIXES else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ConfigError(f"--cache-bytes must be a size like 512M or 4G, got {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"--cache-bytes must not be negative, got {text!r}")
+    return int(value)
+
+
+def parse_throughput(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        decode, forward = (float(p) for p in parts)
+    except ValueError:
+        raise ConfigError(
+            f"--throughput must be DECODE,FORWARD (two numbers), got {text!r}"
+        ) from None
+    return decode, forward
+
+
+async def _serve(config: ServerConfig, security: Security, ready_file: str | None) -> None:
+    import signal
+
+    import trio
+
+    from ..server import BlockServer
+
+    server = BlockServer(config, security)
+    logger = logging.getLogger("libpipe.server")
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve_then_stop(task_status: trio.TaskStatus[str]) -> None:
+                await server.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            address = await nursery.start(serve_then_stop)
+            _announce_ready(address, server.peer_id, config.blocks, ready_file)
+            draining = False
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if draining:
+                    logger.warning("%s again: stopping now", name)
+                    nursery.cancel_scope.cancel()
+                    break
+                logger.info("%s: draining", name)
+                draining = True
+                nursery.start_soon(server.drain)
+
+
+def _announce_ready(
+    address: str, peer_id: str, blocks: tuple[int, int], ready_file: str | None
+) -> None:
+    print(f"libpipe-server ready {address} {peer_id}", flush=True)
+    if ready_file:
+        facts = {"address": address, "peer_id": peer_id, "span": list(blocks), "pid": os.getpid()}
+        tmp = Path(f"{ready_file}.tmp")
+        tmp.write_text(json.dumps(facts), encoding="utf-8")
+        tmp.replace(ready_file)  # whole or absent: the launcher polls for it
+
+
+if __name__ == "__main__":
+    sys.exit(main())
