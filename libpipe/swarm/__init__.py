@@ -10,6 +10,7 @@ A server embeds one ``GossipNode`` on its RPC router and connection pool::
 A server without a fixed span runs a ``Rebalancer`` beside the node: it
 chooses the span to start with and moves it when the swarm clearly gains.
 A client asks any peer for ``swarm.view`` and keeps ``verified_records(...)``.
+``survey`` is the same view for people (``libpipe swarm``, the monitor).
 Tests and benchmarks run hundreds of nodes over ``MemoryNetwork`` in virtual
 time. ``_node.py`` holds the theory of operation.
 """
@@ -40,6 +41,11 @@ from ._rpc_transport import RpcTransport as RpcTransport
 from ._state import Member as Member
 from ._state import MemberState as MemberState
 from ._state import supersedes as supersedes
+from ._survey import ModelCoverage as ModelCoverage
+from ._survey import ServerStatus as ServerStatus
+from ._survey import SwarmSnapshot as SwarmSnapshot
+from ._survey import coverage as coverage
+from ._survey import survey as survey
 from ._suspicion import Suspicion as Suspicion
 from ._transport import Handler as Handler
 from ._transport import Transport as Transport

@@ -1,0 +1,178 @@
+"""`libpipe swarm` and the survey under it, against real gossip nodes on loopback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from libpipe.cli.main import main
+from libpipe.errors import ConnectionBrokenError
+from libpipe.net import ConnectionPool, Message, Router, Security, serve
+from libpipe.swarm import RecordState, coverage, survey
+
+from .conftest import MODEL, LiveSwarm
+
+
+async def four_servers(live_swarm: LiveSwarm):
+    nodes = [
+        await live_swarm.add((0, 4)),
+        await live_swarm.add((4, 8)),
+        await live_swarm.add((0, 4), throughput=30.0),
+        await live_swarm.add((8, 12), state=RecordState.JOINING),
+    ]
+    await live_swarm.converge()
+    return nodes
+
+
+async def run_cli(*argv: str) -> int:
+    """The real entry point, in a thread (it runs its own trio loop)."""
+    return await trio.to_thread.run_sync(main, list(argv))
+
+
+@pytest.mark.slow
+async def test_survey_reports_servers_rtts_and_coverage(live_swarm):
+    nodes = await four_servers(live_swarm)
+    async with ConnectionPool(Security.insecure()) as pool:
+        snapshot = await survey(pool, [nodes[1].address])
+    assert snapshot.source == nodes[1].address
+    assert {s.record.peer_id for s in snapshot.servers} == {n.node.peer_id for n in nodes}
+    assert all(s.rtt is not None and 0 < s.rtt < 1.0 for s in snapshot.servers)
+    (model,) = snapshot.models
+    # Joining servers serve nothing yet: blocks 8-11 count as uncovered.
+    assert model.num_blocks == 12
+    assert model.servers == (2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+    assert model.throughput[:5] == (50.0, 50.0, 50.0, 50.0, 20.0)
+    warnings = snapshot.warnings()
+    assert any("blocks 8-11 uncovered" in w for w in warnings)
+    assert any("blocks 4-7 thin" in w for w in warnings)
+    assert len(warnings) == 2
+
+
+@pytest.mark.slow
+async def test_cli_prints_the_table_and_json(live_swarm, capsys):
+    nodes = await four_servers(live_swarm)
+    assert await run_cli("swarm", "--peers", nodes[0].address, "--insecure") == 0
+    text = capsys.readouterr().out
+    for n in nodes:
+        assert n.node.peer_id[:8] in text and n.address in text
+    assert "coverage of test/llama-12 (12 blocks" in text
+    assert "joining" in text and " ms" in text
+    assert "! test/llama-12: blocks 8-11 uncovered" in text
+
+    assert await run_cli("swarm", "--peers", nodes[0].address, "--insecure", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["servers"]) == 4
+    assert report["models"][0]["servers"] == [2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0]
+    assert report["models"][0]["uncovered"] == [[8, 12]]
+    assert all(s["rtt_s"] > 0 for s in report["servers"])
+
+
+@pytest.mark.slow
+async def test_first_peer_down_the_next_one_answers(live_swarm):
+    nodes = await four_servers(live_swarm)
+    async with ConnectionPool(Security.insecure()) as pool:
+        snapshot = await survey(pool, ["127.0.0.1:1", nodes[2].address], timeout=2.0)
+    assert snapshot.source == nodes[2].address
+
+
+async def test_no_peer_answering_is_a_typed_error(capsys):
+    async with ConnectionPool(Security.insecure()) as pool:
+        with pytest.raises(ConnectionBrokenError) as caught:
+            await survey(pool, ["127.0.0.1:1", "127.0.0.1:2"], timeout=2.0)
+    assert set(caught.value.details["failures"]) == {"127.0.0.1:1", "127.0.0.1:2"}
+    assert await run_cli("swarm", "--peers", "127.0.0.1:1", "--insecure") == 2
+    assert "ConnectionBrokenError: no peer answered" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--peers", "nonsense", "--insecure"],
+        ["--peers", ",", "--insecure"],
+        ["--peers", "127.0.0.1:5", "--insecure", "--timeout", "0"],
+        ["--peers", "127.0.0.1:5"],
+        ["--peers", "127.0.0.1:5", "--insecure", "--identity", "somewhere"],
+    ],
+)
+async def test_bad_options_are_config_errors(argv, capsys):
+    assert await run_cli("swarm", *argv) == 2
+    assert "ConfigError" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+async def test_dead_server_still_in_view_shows_as_unreachable(live_swarm):
+    nodes = await four_servers(live_swarm)
+    nodes[1].kill()
+    async with ConnectionPool(Security.insecure()) as pool:
+        snapshot = await survey(pool, [nodes[0].address], timeout=1.0)
+    # The others have not declared it dead yet; the ping from here tells.
+    by_id = {s.record.peer_id: s for s in snapshot.servers}
+    assert by_id[nodes[1].node.peer_id].rtt is None
+    assert any("did not answer a ping" in w for w in snapshot.warnings())
+
+
+async def test_forged_records_from_a_relay_are_dropped_and_counted(nursery, live_swarm):
+    (honest,) = [await live_swarm.add((0, 12))]
+    async with ConnectionPool(Security.insecure()) as pool:
+        good = (await (await pool.get(honest.address)).call("swarm.view", {})).meta["records"]
+    payload, signature = good[0]
+    forged = [payload.replace(b"test/llama-12", b"test/llama-99"), signature]
+
+    async def view(context, message):
+        return Message({"records": [*good, forged, "junk"]})
+
+    router = Router()
+    router.unary("swarm.view", view)
+    security = Security.insecure()
+    host, port = await nursery.start(
+        lambda task_status: serve(
+            router, host="127.0.0.1", port=0, security=security, task_status=task_status
+        )
+    )
+    async with ConnectionPool(Security.insecure()) as pool:
+        snapshot = await survey(pool, [f"{host}:{port}"])
+    assert [s.record.peer_id for s in snapshot.servers] == [honest.node.peer_id]
+    assert snapshot.rejected == {"bad_signature": 1, "malformed": 1}
+    assert any("2 record(s) failed verification" in w for w in snapshot.warnings())
+
+
+async def test_tls_swarm_needs_an_identity_of_its_ca(nursery, swarm_ca, tmp_path, capsys):
+    swarm = LiveSwarm(nursery, lambda i: Security.tls(swarm_ca.issue(f"server-{i}")))
+    node = await swarm.add((0, 12))
+    swarm_ca.issue("operator").save(tmp_path / "operator")
+    argv = ["swarm", "--peers", node.address, "--identity", str(tmp_path / "operator")]
+    assert await run_cli(*argv) == 0
+    assert node.node.peer_id[:8] in capsys.readouterr().out
+    # Plaintext against a TLS swarm is refused, with a typed error.
+    assert await run_cli("swarm", "--peers", node.address, "--insecure", "--timeout", "2") == 2
+    assert "ConnectionBrokenError" in capsys.readouterr().err
+
+
+def test_coverage_uses_the_known_model_size():
+    from libpipe.net import Identity
+    from libpipe.swarm import ServerRecord
+
+    identity = Identity.generate()
+    record = ServerRecord(
+        peer_id=identity.peer_id,
+        public_key=identity.public_key_bytes,
+        addresses=("127.0.0.1:1",),
+        model_id=MODEL,
+        span=(2, 5),
+        dtype="float32",
+        version="",
+        throughput_decode=10.0,
+        throughput_forward=100.0,
+        free_cache_bytes=0,
+        active_sessions=0,
+        state=RecordState.ONLINE,
+        incarnation=1,
+        timestamp=1.0,
+    )
+    (model,) = coverage([record], {MODEL: 8})
+    assert model.servers == (0, 0, 1, 1, 1, 0, 0, 0)
+    assert model.ranges(lambda n: n == 0) == [(0, 2), (5, 8)]
+    (guessed,) = coverage([record])
+    assert guessed.num_blocks == 5
