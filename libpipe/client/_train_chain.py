@@ -27,6 +27,7 @@ same pieces, so each piece's segments are its own.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -162,7 +163,7 @@ class TrainChain:
         count = math.ceil(batch / rows)
         # Even pieces: rows of each within one of the others.
         bounds = [round(i * batch / count) for i in range(count + 1)]
-        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+        return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
     # --- one micro-batch -------------------------------------------------------------
 
