@@ -242,7 +242,7 @@ class Client:
 
     @property
     def has_tokenizer(self) -> bool:
-        return self._codec is not None or (self.model_dir / "tokenizer.json").exists()
+        return (self.model_dir / "tokenizer.json").exists()
 
     def encode(self, text: str) -> list[int]:
         return self._text().encode(text)

@@ -1,0 +1,215 @@
+"""Three real servers, [0:3) [3:5) [5:8): the swarm computes what the local
+model computes, through every entry point of the client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import libpipe
+from libpipe.errors import ConfigError, ConnectionClosedError, InvalidRequestError, SessionError
+
+from .conftest import NUM_BLOCKS, LocalModel
+
+PROMPT = [11, 22, 33, 44, 55, 66]
+
+
+@pytest.fixture(scope="module")
+def chain(spawn) -> list[str]:
+    servers = spawn([((0, 3), ()), ((3, 5), ()), ((5, 8), ())])
+    return [s.address for s in servers]
+
+
+def client(model_dir: Path, peers: list[str], **kw) -> libpipe.Client:
+    return libpipe.Client(model_dir, peers, insecure=True, **kw)
+
+
+async def test_greedy_equals_transformers_generate(model_dir, chain):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    reference.generation_config.eos_token_id = None
+    reference.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, min_new_tokens=24
+        )
+    expected = out[0, len(PROMPT) :].tolist()
+    async with client(model_dir, chain) as c:
+        got = await c.generate(PROMPT, max_new_tokens=24, stop_tokens=())
+        route = [(h.start, h.end) for h in c.last_route]
+    assert got == expected
+    assert route == [(0, 3), (3, 5), (5, 8)]
+
+
+async def test_session_step_logits_match_local_model(model_dir, chain, local_model: LocalModel):
+    async with client(model_dir, chain) as c:
+        async with c.inference_session(max_length=16) as session:
+            prefill = await session.step(PROMPT)
+            step = await session.step([7])
+            assert session.position == len(PROMPT) + 1
+    expected = local_model.logits([*PROMPT, 7])
+    assert prefill.shape == (1, len(PROMPT), 256)
+    torch.testing.assert_close(prefill[0], expected[: len(PROMPT)], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step[0, 0], expected[-1], rtol=1e-4, atol=1e-4)
+
+
+async def test_rollback_recomputes_the_forgotten_positions(model_dir, chain, local_model):
+    async with client(model_dir, chain) as c:
+        async with c.inference_session(max_length=16) as session:
+            await session.step(PROMPT)
+            await session.step([99])
+            session.rollback(len(PROMPT))
+            again = await session.step([7])
+    torch.testing.assert_close(
+        again[0, 0], local_model.logits([*PROMPT, 7])[-1], rtol=1e-4, atol=1e-4
+    )
+
+
+async def test_bulk_forward_matches_local_blocks(model_dir, chain, local_model):
+    hidden = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    async with client(model_dir, chain) as c:
+        whole = await c.forward(hidden)
+        middle = await c.forward(hidden, start=2, end=6)
+    with torch.no_grad():
+        torch.testing.assert_close(whole, local_model.blocks(hidden), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            middle, local_model.blocks(hidden, 2, 6), rtol=1e-5, atol=1e-5
+        )
+
+
+async def test_sampling_is_reproducible_with_a_seed(model_dir, chain):
+    async with client(model_dir, chain) as c:
+        runs = [
+            await c.generate(PROMPT, max_new_tokens=12, temperature=1.5, top_k=50, seed=s)
+            for s in (3, 3, 4)
+        ]
+        streamed = [
+            t
+            async for t in c.stream(PROMPT, max_new_tokens=12, temperature=1.5, top_k=50, seed=3)
+        ]
+    assert runs[0] == runs[1] == streamed
+    assert runs[0] != runs[2]
+
+
+async def test_text_in_text_out(model_dir, chain):
+    async with client(model_dir, chain) as c:
+        ids = c.encode("hello")
+        assert ids == list(b"hello")  # the byte-level tokenizer of random checkpoints
+        new = await c.generate("hello", max_new_tokens=4, stop_tokens=())
+        assert new == await c.generate(ids, max_new_tokens=4, stop_tokens=())
+        assert isinstance(c.decode(new), str)
+
+
+async def test_stops_at_a_stop_token(model_dir, chain, local_model):
+    expected = local_model.greedy(PROMPT, 6)
+    async with client(model_dir, chain) as c:
+        got = await c.generate(PROMPT, max_new_tokens=6, stop_tokens={expected[2]})
+    assert got == expected[: expected.index(expected[2]) + 1]
+
+
+async def test_bad_arguments_get_typed_errors(model_dir, chain):
+    with pytest.raises(ConfigError):
+        client(model_dir, [])
+    with pytest.raises(ConfigError):
+        client(model_dir, ["no-port"])
+    with pytest.raises(ConfigError):
+        libpipe.Client(model_dir, chain)  # neither identity nor insecure
+    c = client(model_dir, chain)
+    with pytest.raises(ConnectionClosedError):
+        await c.generate(PROMPT, max_new_tokens=2)
+    async with c:
+        with pytest.raises(ConfigError):
+            await c.generate(PROMPT, max_new_tokens=0)
+        with pytest.raises(ConfigError):
+            await c.generate(PROMPT, max_new_tokens=2, temperature=-1)
+        with pytest.raises(ConfigError):
+            await c.generate(PROMPT, max_new_tokens=2, temperature=1.0, top_p=0)
+        with pytest.raises(InvalidRequestError):
+            await c.generate([], max_new_tokens=2)
+        with pytest.raises(InvalidRequestError):
+            await c.generate([1, 256], max_new_tokens=2)
+        with pytest.raises(InvalidRequestError):
+            await c.generate([1.5], max_new_tokens=2)  # type: ignore[list-item]
+        with pytest.raises(InvalidRequestError):
+            await c.forward(torch.randn(1, 3, 65))
+        with pytest.raises(InvalidRequestError):
+            await c.forward(torch.randn(1, 3, 64), start=3, end=3)
+        with pytest.raises(ConfigError):
+            c.inference_session(max_length=0)
+        async with c.inference_session(max_length=4) as session:
+            with pytest.raises(SessionError):
+                await session.step([1, 2, 3, 4, 5])
+            with pytest.raises(InvalidRequestError):
+                session.rollback(1)
+            with pytest.raises(InvalidRequestError):
+                await session.step(torch.ones(2, 1, dtype=torch.long))
+        with pytest.raises(SessionError):
+            await session.step([1])
+
+
+def test_blocking_client_from_plain_code(model_dir, chain, local_model):
+    with libpipe.SyncClient(model_dir, chain, insecure=True) as c:
+        assert c.generate(PROMPT, max_new_tokens=5, stop_tokens=()) == local_model.greedy(
+            PROMPT, 5
+        )
+        assert list(c.stream(PROMPT, max_new_tokens=3, stop_tokens=())) == local_model.greedy(
+            PROMPT, 3
+        )
+        with c.inference_session(max_length=8) as session:
+            logits = session.step(PROMPT)
+        torch.testing.assert_close(
+            logits[0], local_model.logits(PROMPT), rtol=1e-4, atol=1e-4
+        )
+        with pytest.raises(InvalidRequestError):
+            c.generate([999], max_new_tokens=1)
+    with pytest.raises(ConnectionClosedError):
+        c.generate(PROMPT, max_new_tokens=1)
+
+
+def test_blocking_client_reports_a_bad_checkpoint(tmp_path, chain):
+    with pytest.raises(libpipe.LibpipeError):
+        libpipe.SyncClient(tmp_path, chain, insecure=True)
+
+
+def test_cli_generate_json(model_dir, chain, local_model):
+    result = subprocess.run(
+        [sys.executable, "-m", "libpipe.cli.main", "generate", "--model", str(model_dir),
+         "--peers", ",".join(chain), "--insecure", "--prompt-ids",
+         ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--no-stop", "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["token_ids"] == local_model.greedy(PROMPT, 6)
+    assert [(h["start"], h["end"]) for h in out["route"]] == [(0, 3), (3, 5), (5, 8)]
+    assert out["timings"]["first_token_s"] > 0
+
+
+def test_cli_generate_text_and_bad_ids(model_dir, chain):
+    ok = subprocess.run(
+        [sys.executable, "-m", "libpipe.cli.main", "generate", "--model", str(model_dir),
+         "--peers", chain[0] + "," + chain[1] + "," + chain[2], "--insecure",
+         "--prompt", "hi", "--max-new-tokens", "3"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "libpipe.cli.main", "generate", "--model", str(model_dir),
+         "--peers", chain[0], "--insecure", "--prompt-ids", "1,x", "--max-new-tokens", "3"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "ConfigError" in bad.stderr and "Traceback" not in bad.stderr
+
+
+async def test_client_view_knows_every_server(model_dir, chain):
+    async with client(model_dir, chain) as c:
+        spans = sorted(e.span for e in c.view.servers.values())
+        assert spans == [(0, 3), (3, 5), (5, NUM_BLOCKS)]
+        # Every server was pinged: none is left at the pessimistic default.
+        assert all(p in c.view.rtt for p in c.view.servers)
