@@ -27,16 +27,17 @@ same pieces, so each piece's segments are its own.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import trio
 from torch import Tensor
 
-from ..errors import InvalidRequestError, RemoteError
+from ..errors import InvalidRequestError, LibpipeError, RemoteError
 from ..wire import Limits
 from ._context import SwarmContext, hop_error
 from ._failover import FailureLedger
@@ -118,9 +119,7 @@ class TrainChain:
             outputs[n], segments = await self._forward_piece(x[r], _rows(p, r))
             pieces[n] = Piece(r, segments)
 
-        async with trio.open_nursery() as nursery:
-            for n, r in enumerate(rows):
-                nursery.start_soon(run, n, r)
+        await _concurrently([functools.partial(run, n, r) for n, r in enumerate(rows)])
         out = torch.cat([o for o in outputs if o is not None], dim=0)
         return out.to(hidden.dtype), tuple(p for p in pieces if p is not None)
 
@@ -139,9 +138,7 @@ class TrainChain:
         async def run(n: int, piece: Piece) -> None:
             grads[n] = await self._backward_piece(piece, g[piece.rows], _rows(p, piece.rows))
 
-        async with trio.open_nursery() as nursery:
-            for n, piece in enumerate(pieces):
-                nursery.start_soon(run, n, piece)
+        await _concurrently([functools.partial(run, n, piece) for n, piece in enumerate(pieces)])
         done = [gr for gr in grads if gr is not None]
         grad_in = torch.cat([gr[0] for gr in done], dim=0).to(grad_output.dtype)
         if prompts is None:
@@ -304,6 +301,26 @@ class TrainChain:
             raise InvalidRequestError(
                 f"deep prompts must be [{blocks}, {b}, P, {h}] with 0 < P <= {t}, got {shape}"
             )
+
+
+async def _concurrently(jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run ``jobs`` at once; a failure comes out as itself, not in a group
+    (the first one that is ours, when pieces fail alike)."""
+    if len(jobs) == 1:
+        await jobs[0]()
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(job)
+    except BaseExceptionGroup as group:
+        ours = group.subgroup(lambda e: isinstance(e, LibpipeError))
+        if ours is None:
+            raise
+        first: BaseException = ours
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 def _rows(prompts: Tensor | None, rows: slice) -> Tensor | None:
