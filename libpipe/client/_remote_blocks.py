@@ -107,3 +107,36 @@ class RemoteSpanFunction(torch.autograd.Function):
             ctx.prompts,  # type: ignore[attr-defined]
         )
         return None, grad_in, grad_prompts
+
+
+def remote_blocks(
+    client: Client | SyncClient,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    adapter: str | None = None,
+    max_request_bytes: int | None = None,
+) -> RemoteBlocks:
+    """Blocks ``[start, end)`` (default: all) of an open client's swarm as a
+    frozen torch module; ``adapter`` names a LoRA adapter the servers must
+    have loaded. From a ``Client``, call this inside its trio loop; from a
+    ``SyncClient``, from any thread."""
+    if isinstance(client, SyncClient):
+        return client._run(_build, client.client, start, end, adapter, max_request_bytes)
+    _, ctx = client._open()
+    chain = TrainChain(
+        ctx, start=start, end=end, adapter=adapter, max_request_bytes=max_request_bytes
+    )
+    return RemoteBlocks(chain)
+
+
+async def _build(
+    client: Client,
+    start: int,
+    end: int | None,
+    adapter: str | None,
+    max_request_bytes: int | None,
+) -> RemoteBlocks:
+    return remote_blocks(
+        client, start=start, end=end, adapter=adapter, max_request_bytes=max_request_bytes
+    )

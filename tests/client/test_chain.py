@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 import libpipe
+from libpipe.cli.main import main as cli_main
 from libpipe.errors import ConfigError, ConnectionClosedError, InvalidRequestError, SessionError
 
 from .conftest import NUM_BLOCKS, LocalModel
@@ -77,9 +79,7 @@ async def test_bulk_forward_matches_local_blocks(model_dir, chain, local_model):
         middle = await c.forward(hidden, start=2, end=6)
     with torch.no_grad():
         torch.testing.assert_close(whole, local_model.blocks(hidden), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(
-            middle, local_model.blocks(hidden, 2, 6), rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(middle, local_model.blocks(hidden, 2, 6), rtol=1e-5, atol=1e-5)
 
 
 async def test_sampling_is_reproducible_with_a_seed(model_dir, chain):
@@ -89,8 +89,7 @@ async def test_sampling_is_reproducible_with_a_seed(model_dir, chain):
             for s in (3, 3, 4)
         ]
         streamed = [
-            t
-            async for t in c.stream(PROMPT, max_new_tokens=12, temperature=1.5, top_k=50, seed=3)
+            t async for t in c.stream(PROMPT, max_new_tokens=12, temperature=1.5, top_k=50, seed=3)
         ]
     assert runs[0] == runs[1] == streamed
     assert runs[0] != runs[2]
@@ -154,17 +153,13 @@ async def test_bad_arguments_get_typed_errors(model_dir, chain):
 
 def test_blocking_client_from_plain_code(model_dir, chain, local_model):
     with libpipe.SyncClient(model_dir, chain, insecure=True) as c:
-        assert c.generate(PROMPT, max_new_tokens=5, stop_tokens=()) == local_model.greedy(
-            PROMPT, 5
-        )
+        assert c.generate(PROMPT, max_new_tokens=5, stop_tokens=()) == local_model.greedy(PROMPT, 5)
         assert list(c.stream(PROMPT, max_new_tokens=3, stop_tokens=())) == local_model.greedy(
             PROMPT, 3
         )
         with c.inference_session(max_length=8) as session:
             logits = session.step(PROMPT)
-        torch.testing.assert_close(
-            logits[0], local_model.logits(PROMPT), rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(logits[0], local_model.logits(PROMPT), rtol=1e-4, atol=1e-4)
         with pytest.raises(InvalidRequestError):
             c.generate([999], max_new_tokens=1)
     with pytest.raises(ConnectionClosedError):
@@ -176,35 +171,37 @@ def test_blocking_client_reports_a_bad_checkpoint(tmp_path, chain):
         libpipe.SyncClient(tmp_path, chain, insecure=True)
 
 
-def test_cli_generate_json(model_dir, chain, local_model):
-    result = subprocess.run(
-        [sys.executable, "-m", "libpipe.cli.main", "generate", "--model", str(model_dir),
-         "--peers", ",".join(chain), "--insecure", "--prompt-ids",
-         ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--no-stop", "--json"],
-        capture_output=True, text=True, timeout=120, check=False,
+def test_cli_generate_json(model_dir, chain, local_model, capsys):
+    status = cli_main(
+        ["generate", "--model", str(model_dir), "--peers", ",".join(chain), "--insecure",
+         "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--no-stop",
+         "--json"]
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    assert status == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["token_ids"] == local_model.greedy(PROMPT, 6)
     assert [(h["start"], h["end"]) for h in out["route"]] == [(0, 3), (3, 5), (5, 8)]
     assert out["timings"]["first_token_s"] > 0
 
 
-def test_cli_generate_text_and_bad_ids(model_dir, chain):
-    ok = subprocess.run(
-        [sys.executable, "-m", "libpipe.cli.main", "generate", "--model", str(model_dir),
-         "--peers", chain[0] + "," + chain[1] + "," + chain[2], "--insecure",
-         "--prompt", "hi", "--max-new-tokens", "3"],
-        capture_output=True, text=True, timeout=120, check=False,
+def test_cli_generate_streams_text(model_dir, chain, local_model, capsys):
+    status = cli_main(
+        ["generate", "--model", str(model_dir), "--peers", ",".join(chain), "--insecure",
+         "--prompt", "hi", "--max-new-tokens", "3", "--no-stop"]
     )  # fmt: skip
-    assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(
+    assert status == 0
+    expected = bytes(local_model.greedy(list(b"hi"), 3)).decode("utf-8", errors="replace")
+    assert capsys.readouterr().out.strip("\n") == expected
+
+
+def test_cli_generate_refuses_bad_ids_without_traceback(model_dir, chain):
+    result = subprocess.run(
         [sys.executable, "-m", "libpipe.cli.main", "generate", "--model", str(model_dir),
          "--peers", chain[0], "--insecure", "--prompt-ids", "1,x", "--max-new-tokens", "3"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    assert bad.returncode == 2
-    assert "ConfigError" in bad.stderr and "Traceback" not in bad.stderr
+    assert result.returncode == 2
+    assert "ConfigError" in result.stderr and "Traceback" not in result.stderr
 
 
 async def test_client_view_knows_every_server(model_dir, chain):
