@@ -1,0 +1,11 @@
+"""The live monitor page: the swarm's coverage map, servers and recent events.
+
+``libpipe monitor --peers ...`` (or ``libpipe-server --monitor PORT``) runs
+a ``Monitor``: it polls ``libpipe.swarm.survey`` and serves, on 127.0.0.1,
+a page that redraws from ``/api/swarm``. Layer: above swarm and net, below
+cli; nothing imports it but the command line.
+"""
+
+from ._events import SwarmEvent as SwarmEvent
+from ._events import diff as diff
+from ._monitor import Monitor as Monitor
