@@ -15,7 +15,6 @@ from libpipe.monitor import Monitor
 from libpipe.net import ConnectionPool, Security
 
 from . import _cdp
-from .conftest import LiveSwarm
 
 pytestmark = pytest.mark.skipif(
     not _cdp.available(), reason=f"{_cdp.CHROMIUM} is absent (apt-get install chromium)"
