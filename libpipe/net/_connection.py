@@ -69,12 +69,16 @@ from ..wire import (
 from ._identity import short_peer_id
 from ._rpc import END_OF_STREAM, CallContext, Message, Router, Stream
 from ._transport import COALESCE_BYTES, SocketStream
+from ._workers import WorkerPool
 
 logger = logging.getLogger("libpipe.net")
 
 # Bytes asked of the codec per read: large enough that a 16 MiB payload
 # arrives in few syscalls, small enough to stay in cache for small frames.
 READ_SIZE = 256 * 1024
+# Handler tasks kept parked per connection for the next unary call: enough
+# for a client's pipelined decode steps, few enough to cost nothing idle.
+IDLE_UNARY_WORKERS = 8
 # First bytes of a TLS record (handshake or alert, version 3.x): what a TLS
 # server answers to a plaintext hello.
 _TLS_RECORD_STARTS = (b"\x15\x03", b"\x16\x03")
@@ -107,12 +111,35 @@ class ConnectionConfig:
             raise ConfigError("stream_buffer must be at least 1")
 
 
-@dataclass
 class _PendingCall:
-    method: str
-    done: trio.Event = field(default_factory=trio.Event)
-    reply: Message | None = None
-    error: BaseException | None = None
+    """A call waiting for its reply. The caller parks its own task and the
+    reader reschedules it directly: an RPC pays for every object and hop on
+    its path, and a ``trio.Event`` would add both."""
+
+    __slots__ = ("done", "error", "reply", "waiter")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.reply: Message | None = None
+        self.error: BaseException | None = None
+        self.waiter: trio.lowlevel.Task | None = None
+
+    def finish(self, reply: Message | None, error: BaseException | None) -> None:
+        self.done, self.reply, self.error = True, reply, error
+        if self.waiter is not None:
+            trio.lowlevel.reschedule(self.waiter)
+            self.waiter = None
+
+    async def wait(self) -> None:
+        if self.done:
+            return
+        self.waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class Connection:
@@ -150,13 +177,19 @@ class Connection:
         self._model_id = model_id
         self._info = dict(info or {})
         self._handshake_timeout = handshake_timeout
-        self._send_lock = trio.Lock()
+        # The send turn: one frame at a time, FIFO (a Cancel queued before a
+        # later Request is written before it). Not a trio.Lock: the common
+        # uncontended frame takes the turn with one flag, no parking-lot
+        # bookkeeping.
+        self._sending = False
+        self._send_queue = trio.lowlevel.ParkingLot()
         self._ids = itertools.count(1 if role is Role.DIALER else 2, 2)
         self._nonces = itertools.count(1)
         self._calls: dict[int, _PendingCall] = {}
         self._streams: dict[int, Stream] = {}
         self._opened_by_us: set[int] = set()
         self._handlers: dict[int, trio.CancelScope] = {}
+        self._unary_workers = WorkerPool(self._run_unary, max_idle=IDLE_UNARY_WORKERS)
         self._pings: dict[int, trio.Event] = {}
         self._highest_peer_stream = 0
         self._going_away = False  # we sent GoAway
@@ -272,8 +305,7 @@ class Connection:
         if isinstance(self._stream, SocketStream):
             self._stream.close()
         for call in self._calls.values():
-            call.error = error
-            call.done.set()
+            call.finish(None, error)
         for stream in self._streams.values():
             stream.fail(error)
         for scope in self._handlers.values():
@@ -295,24 +327,28 @@ class Connection:
         """Write one frame. ``only_if_open``: skip it if the stream ended while
         we waited for the lock (a Cancel overtaken by the peer's reply)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            # The uncontended case takes the lock without a trip through the
-            # scheduler (a small RPC pays for every one of those).
-            self._send_lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._send_lock.acquire()
+        if self._sending:
+            # Woken with the turn handed over (see the finally below).
+            await self._send_queue.park()
+        else:
+            self._sending = True
         try:
             if self._error is not None:
                 raise self._error
             if only_if_open and self._wire.stream_state(getattr(event, "stream_id", 0)) is None:
                 return
             buffers = self._wire.send(event)
-            small = sum(memoryview(b).nbytes for b in buffers) <= COALESCE_BYTES
             try:
-                with trio.CancelScope(shield=small):
-                    if isinstance(self._stream, SocketStream):
-                        await self._stream.send_buffers(buffers)
-                    else:
+                if isinstance(self._stream, SocketStream):
+                    # Most frames go whole at once: no cancel scope, no wait.
+                    rest = self._stream.send_now(buffers)
+                    if rest:
+                        small = sum(v.nbytes for v in rest) <= COALESCE_BYTES
+                        with trio.CancelScope(shield=small):
+                            await self._stream.send_rest(rest)
+                else:
+                    small = sum(memoryview(b).nbytes for b in buffers) <= COALESCE_BYTES
+                    with trio.CancelScope(shield=small):
                         await self._stream.send_all(b"".join(buffers))
             except BaseException as exc:
                 # Part of the frame may be on the wire: nothing can follow it.
@@ -321,7 +357,10 @@ class Connection:
                     raise
                 raise self._error from exc
         finally:
-            self._send_lock.release()
+            if self._send_queue:
+                self._send_queue.unpark()
+            else:
+                self._sending = False
 
     async def _send_quietly(self, event: Event) -> None:
         """For frames whose failure the connection already records."""
@@ -536,39 +575,44 @@ class Connection:
         sid, method = event.stream_id, event.method
         self._highest_peer_stream = max(self._highest_peer_stream, sid)
         assert self._nursery is not None
-        scope = trio.CancelScope()
-        self._handlers[sid] = scope
         opening = Message(dict(event.meta), tuple(event.tensors))
         if isinstance(event, Request):
-            self._nursery.start_soon(self._run_unary, scope, sid, method, opening)
+            self._handlers[sid] = self._unary_workers.submit(self._nursery, (sid, method, opening))
         else:
+            scope = trio.CancelScope()
+            self._handlers[sid] = scope
             stream = Stream(self, sid, method, opening, self.config.stream_buffer)
             self._streams[sid] = stream
             self._nursery.start_soon(self._run_stream, scope, stream)
 
-    async def _run_unary(
-        self, scope: trio.CancelScope, sid: int, method: str, request: Message
-    ) -> None:
-        reply: Response | ErrorReply | None = None
-        with scope:
+    async def _run_unary(self, job: tuple[int, str, Message]) -> None:
+        """One peer call, on a pooled worker whose scope the peer's Cancel
+        cancels (then the reply, if any, is not sent)."""
+        sid, method, request = job
+        try:
             try:
-                if self._going_away:
-                    raise ConnectionClosedError("connection is closing")
-                handler = self._router.unary_handlers.get(method)
-                if handler is None:
-                    raise InvalidRequestError(f"unknown method {method!r}")
-                result = await handler(self._context(method, sid), request)
-                if not isinstance(result, Message):
-                    raise TypeError(
-                        f"handler for {method!r} returned {type(result).__name__}, not Message"
-                    )
-                reply = Response(sid, result.meta, tuple(result.tensors))
-            except Exception as exc:
-                reply = _error_reply(sid, method, exc)
-        del self._handlers[sid]
-        if reply is not None and not scope.cancelled_caught:
+                reply = await self._answer(sid, method, request)
+            finally:
+                del self._handlers[sid]
             await self._send_reply(reply, sid, method)
-        self._check_quiet()
+        finally:
+            self._check_quiet()
+
+    async def _answer(self, sid: int, method: str, request: Message) -> Response | ErrorReply:
+        try:
+            if self._going_away:
+                raise ConnectionClosedError("connection is closing")
+            handler = self._router.unary_handlers.get(method)
+            if handler is None:
+                raise InvalidRequestError(f"unknown method {method!r}")
+            result = await handler(self._context(method, sid), request)
+            if not isinstance(result, Message):
+                raise TypeError(
+                    f"handler for {method!r} returned {type(result).__name__}, not Message"
+                )
+            return Response(sid, result.meta, tuple(result.tensors))
+        except Exception as exc:
+            return _error_reply(sid, method, exc)
 
     async def _run_stream(self, scope: trio.CancelScope, stream: Stream) -> None:
         sid, method = stream.stream_id, stream.method
@@ -629,8 +673,7 @@ class Connection:
         call = self._calls.pop(sid, None)
         self._opened_by_us.discard(sid)
         if call is not None:
-            call.reply, call.error = reply, error
-            call.done.set()
+            call.finish(reply, error)
         self._check_quiet()
 
     def _forget_stream(self, sid: int) -> None:
@@ -651,7 +694,7 @@ class Connection:
         to stop), and lets the caller's cancel scope abandon the call; either
         way only this call ends, not the connection."""
         sid = self._open_stream_id()
-        call = _PendingCall(method)
+        call = _PendingCall()
         self._calls[sid] = call
         sent = False
         # Without a deadline there is no cancel scope to pay for.
@@ -660,19 +703,19 @@ class Connection:
             with scope:
                 await self._send(Request(sid, method, meta or {}, tuple(tensors)))
                 sent = True
-                await call.done.wait()
+                await call.wait()
             if isinstance(scope, trio.CancelScope) and scope.cancelled_caught:
                 raise DeadlineExceededError(
                     f"{method} did not finish within {timeout} s", method=method
                 )
         finally:
-            if not call.done.is_set():
+            if not call.done:
                 # Abandoned. The call stays registered until its Cancel is on
                 # the wire, so a reply that arrives meanwhile is known as
                 # this call's (and dropped) and a graceful close waits for
                 # the Cancel. Its slot under the peer's stream cap is free
                 # at once: a later Request queues behind the Cancel on the
-                # send lock (FIFO), so the peer sees the Cancel first.
+                # send turn (FIFO), so the peer sees the Cancel first.
                 self._opened_by_us.discard(sid)
                 if sent:
                     await self._send_cancel(sid)

@@ -51,6 +51,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._sending = False
         self._receiving = False
+        self._drained = False
 
     @property
     def socket(self) -> socket.socket:
@@ -84,50 +85,69 @@ class SocketStream(trio.abc.HalfCloseableStream):
 
     async def send_buffers(self, buffers: Sequence[_BUFFER]) -> None:
         """Write ``buffers`` in order, as one write where the kernel allows."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        rest = self.send_now(buffers)
+        if rest:
+            await self.send_rest(rest)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def send_now(self, buffers: Sequence[_BUFFER]) -> list[memoryview]:
+        """Write what the kernel takes now, without waiting; what is left
+        (empty when all went) goes to ``send_rest``. A small frame almost
+        always goes whole, so its writer never visits the scheduler."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._check_open()
+        if self._tls:
+            total = sum(memoryview(b).nbytes for b in buffers)
+            if len(buffers) > 1 and total <= COALESCE_BYTES:
+                buffers = (b"".join(buffers),)
+            views = [memoryview(b).cast("B") for b in buffers]
+            return self._write_tls(views)
+        views = [memoryview(b).cast("B") for b in buffers]
+        return self._write_plain(views)
+
+    async def send_rest(self, views: list[memoryview]) -> None:
+        """Finish a write ``send_now`` began, waiting for the kernel."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         self._sending = True
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_open()
-            if self._tls:
-                await self._send_tls(buffers)
-            else:
-                await self._send_plain(buffers)
+            while views:
+                await trio.lowlevel.wait_writable(self._sock)
+                self._check_open()
+                views = self._write_tls(views) if self._tls else self._write_plain(views)
         except trio.ClosedResourceError as exc:
             # Another task closed the socket while this one waited on it.
             raise ConnectionClosedError("stream closed") from exc
         finally:
             self._sending = False
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def _send_tls(self, buffers: Sequence[_BUFFER]) -> None:
-        total = sum(memoryview(b).nbytes for b in buffers)
-        if len(buffers) > 1 and total <= COALESCE_BYTES:
-            buffers = (b"".join(buffers),)
-        for buffer in buffers:
-            view = memoryview(buffer).cast("B")
-            while view.nbytes:
-                try:
-                    sent = self._sock.send(view)
-                except ssl.SSLWantWriteError:
-                    await trio.lowlevel.wait_writable(self._sock)
-                except ssl.SSLWantReadError:
-                    await trio.lowlevel.wait_readable(self._sock)
-                except (OSError, ssl.SSLError) as exc:
-                    raise self._broken(exc) from exc
-                else:
-                    view = view[sent:]
+    def _write_tls(self, views: list[memoryview]) -> list[memoryview]:
+        """SSL_write each view until OpenSSL would block; ``ssl`` sets
+        ACCEPT_MOVING_WRITE_BUFFER, so the retry may pass a fresh view."""
+        while views:
+            view = views[0]
+            try:
+                sent = self._sock.send(view)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return views
+            except (OSError, ssl.SSLError) as exc:
+                raise self._broken(exc) from exc
+            if sent >= view.nbytes:
+                views.pop(0)
+            else:
+                views[0] = view[sent:]
+        return views
 
-    async def _send_plain(self, buffers: Sequence[_BUFFER]) -> None:
-        views = [memoryview(b).cast("B") for b in buffers]
+    def _write_plain(self, views: list[memoryview]) -> list[memoryview]:
         views = [v for v in views if v.nbytes]
         while views:
             try:
                 sent = self._sock.sendmsg(views[:MAX_IOV])
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._sock)
-                continue
+                return views
             except OSError as exc:
                 raise self._broken(exc) from exc
             while sent:
@@ -136,6 +156,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 else:
                     views[0] = views[0][sent:]
                     sent = 0
+        return views
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.wait_writable(self._sock)
@@ -154,13 +175,21 @@ class SocketStream(trio.abc.HalfCloseableStream):
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_open()
+            waited = False
+            if self._drained:
+                # The last read emptied the kernel's buffer: a read now would
+                # most likely fail with EAGAIN, so wait first.
+                await trio.lowlevel.wait_readable(self._sock)
+                waited = True
             while True:
                 try:
                     n = self._sock.recv_into(buffer)
                 except (ssl.SSLWantReadError, BlockingIOError):
                     await trio.lowlevel.wait_readable(self._sock)
+                    waited = True
                 except ssl.SSLWantWriteError:
                     await trio.lowlevel.wait_writable(self._sock)
+                    waited = True
                 except ssl.SSLZeroReturnError:
                     n = 0
                     break
@@ -172,7 +201,13 @@ class SocketStream(trio.abc.HalfCloseableStream):
             raise ConnectionClosedError("stream closed") from exc
         finally:
             self._receiving = False
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        # A short read emptied the kernel's buffer (and, under TLS,
+        # OpenSSL's: decrypted bytes it holds are not seen by epoll).
+        self._drained = 0 < n < len(buffer) and not (self._tls and self._sock.pending())
+        if not waited:
+            # Data was there at once: still let other tasks run (a schedule
+            # point), as a wait would have. After a wait that was one already.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return n
 
     async def send_eof(self) -> None:
