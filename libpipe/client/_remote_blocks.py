@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..errors import InvalidRequestError
+from ._blocking import SyncClient
+from ._client import Client
 from ._train_chain import Piece, TrainChain
 
 T = TypeVar("T")
