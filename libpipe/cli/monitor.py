@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import trio
 
-    from ..monitor import Monitor
+    from ..monitor import Monitor, bound_address, open_http_listeners
     from ..net import ConnectionPool
 
     peers = peers_of(args)
@@ -39,10 +39,12 @@ def _run(args: argparse.Namespace) -> int:
     security = security_of(args)
 
     async def main() -> None:
-        async with ConnectionPool(security) as pool, trio.open_nursery() as nursery:
+        async with ConnectionPool(security) as pool:
             monitor = Monitor(pool, peers, interval=args.interval, timeout=args.timeout)
-            host, port = await nursery.start(monitor.serve, args.port)
+            listeners = await open_http_listeners("127.0.0.1", args.port)
+            host, port = bound_address(listeners)
             print(f"libpipe monitor: http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+            await monitor.serve_listeners(listeners)
 
     trio.run(main)
     return 0

@@ -8,4 +8,6 @@ cli; nothing imports it but the command line.
 
 from ._events import SwarmEvent as SwarmEvent
 from ._events import diff as diff
+from ._http import bound_address as bound_address
+from ._http import open_http_listeners as open_http_listeners
 from ._monitor import Monitor as Monitor

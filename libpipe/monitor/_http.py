@@ -89,21 +89,21 @@ async def read_head(stream: trio.abc.Stream) -> bytes:
     return bytes(buffer)
 
 
-async def serve_http(
-    handler: Handler,
-    *,
-    host: str,
-    port: int,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve GET requests with ``handler`` until cancelled; ``nursery.start``
-    returns the bound ``(host, port)``."""
+async def open_http_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind ``host:port`` (port 0: any free one); a taken port is a ``ConfigError``."""
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise ConfigError(f"cannot serve the monitor on {host}:{port}: {exc.strerror}") from None
-    bound = listeners[0].socket.getsockname()
-    task_status.started((bound[0], bound[1]))
+
+
+def bound_address(listeners: list[trio.SocketListener]) -> tuple[str, int]:
+    name = listeners[0].socket.getsockname()
+    return name[0], name[1]
+
+
+async def serve_http(handler: Handler, listeners: list[trio.SocketListener]) -> None:
+    """Serve GET requests on ``listeners`` with ``handler`` until cancelled."""
     await trio.serve_listeners(functools.partial(_answer, handler), listeners)
 
 

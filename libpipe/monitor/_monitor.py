@@ -26,7 +26,7 @@ from ..errors import ConfigError, LibpipeError
 from ..net import ConnectionPool
 from ..swarm import SwarmSnapshot, survey
 from ._events import SwarmEvent, diff
-from ._http import Response, serve_http
+from ._http import Response, bound_address, open_http_listeners, serve_http
 
 logger = logging.getLogger("libpipe.monitor")
 
@@ -111,13 +111,21 @@ class Monitor:
         host: str = "127.0.0.1",
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Poll and serve the page until cancelled."""
+        """Bind the page's port, then poll and serve until cancelled."""
+        listeners = await open_http_listeners(host, port)
+        await self.serve_listeners(listeners, task_status=task_status)
+
+    async def serve_listeners(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Poll and serve the page on listeners bound by ``open_http_listeners``
+        (binding first keeps a taken port a plain ``ConfigError``)."""
+        bound = bound_address(listeners)
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(
-                lambda task_status: serve_http(
-                    self.respond, host=host, port=port, task_status=task_status
-                )
-            )
+            nursery.start_soon(serve_http, self.respond, listeners)
             nursery.start_soon(self.run)
             logger.info("monitor page at http://%s:%d/", *bound)
             task_status.started(bound)
