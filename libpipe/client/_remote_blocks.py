@@ -60,6 +60,11 @@ class RemoteBlocks(nn.Module):
         """Payload bytes of every request so far (forward and backward)."""
         return self.chain.bytes_sent
 
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes of every reply so far."""
+        return self.chain.bytes_received
+
     def forward(self, hidden: Tensor, prompts: Tensor | None = None) -> Tensor:
         out: Tensor = RemoteSpanFunction.apply(self, hidden, prompts)
         return out

@@ -97,8 +97,9 @@ class TrainChain:
         self.adapter = adapter
         self.max_request_bytes = min(limit, Limits().max_payload_bytes - _FRAME_HEADROOM)
         self.directory = directory or AdapterDirectory()
-        # Bytes of requests sent (payloads only), for benchmarks.
+        # Tensor payload bytes of requests and replies, for benchmarks.
         self.bytes_sent = 0
+        self.bytes_received = 0
 
     # --- the two passes --------------------------------------------------------------
 
@@ -269,6 +270,7 @@ class TrainChain:
             self.ctx.load[hop.peer_id] -= tokens
             if self.ctx.load[hop.peer_id] <= 0:
                 del self.ctx.load[hop.peer_id]
+        self.bytes_received += sum(t.numel() * t.element_size() for t in reply.tensors)
         got = [t.shape for t in reply.tensors]
         if got != expect:
             raise RemoteError(
