@@ -10,6 +10,16 @@ the server, the swarm and the simulator all call the same code (see
   ``PlacementProblem``: a scenario's inputs to the performance model.
 """
 
+from ._algorithms import ALGORITHMS as ALGORITHMS
+from ._algorithms import Algorithm as Algorithm
+from ._algorithms import get_algorithm as get_algorithm
+from ._cgbp import place_cg_bp as place_cg_bp
+from ._evaluate import Evaluation as Evaluation
+from ._evaluate import evaluate as evaluate
+from ._libpipe import place_libpipe as place_libpipe
+from ._load import design_sessions as design_sessions
+from ._milp import MilpSolution as MilpSolution
+from ._milp import solve_milp as solve_milp
 from ._model import ModelSpec as ModelSpec
 from ._model import Network as Network
 from ._model import Placement as Placement
@@ -17,8 +27,10 @@ from ._model import PlacementProblem as PlacementProblem
 from ._model import ServerSpec as ServerSpec
 from ._model import Workload as Workload
 from ._model import block_capacity as block_capacity
+from ._petals import place_petals as place_petals
 from ._route import UNSCHEDULED_WAIT_S as UNSCHEDULED_WAIT_S
 from ._route import route as route
+from ._route import uncovered_ranges as uncovered_ranges
 from ._view import Hop as Hop
 from ._view import Route as Route
 from ._view import ServerView as ServerView

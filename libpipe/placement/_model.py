@@ -213,6 +213,8 @@ class PlacementProblem:
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.servers]
+        if not names:
+            raise ConfigError("a placement problem needs at least one server")
         if len(set(names)) != len(names):
             raise ConfigError("server names in a placement problem must be unique")
 

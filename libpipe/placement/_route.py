@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from ..errors import ConfigError, NoRouteError
@@ -294,10 +294,14 @@ def _usable_views(
 
 
 def _uncovered(views: Sequence[ServerView], start: int, end: int) -> list[list[int]]:
-    """The maximal block ranges in [start, end) that no view holds."""
+    return uncovered_ranges(((v.start, v.end) for v in views), start, end)
+
+
+def uncovered_ranges(spans: Iterable[tuple[int, int]], start: int, end: int) -> list[list[int]]:
+    """The maximal block ranges [a, b) within [start, end) that no span holds."""
     held = [False] * (end - start)
-    for v in views:
-        for b in range(max(v.start, start), min(v.end, end)):
+    for s, e in spans:
+        for b in range(max(s, start), min(e, end)):
             held[b - start] = True
     missing: list[list[int]] = []
     for b, ok in enumerate(held, start):

@@ -1,0 +1,109 @@
+"""Every placement algorithm behind one interface, by name.
+
+An ``Algorithm`` pairs a placement function (problem in, {server: span}
+out) with its routing policy; the simulator runs each by name and the live
+system uses ``libpipe``. Routing is always ``route``: the policies differ
+only in whether the router is told the session's cache needs (WS-RR and
+ours) or not (PETALS' client, which does not know free cache).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import ConfigError, NoRouteError
+from ._cgbp import place_cg_bp
+from ._libpipe import place_libpipe
+from ._milp import place_milp
+from ._model import Placement, PlacementProblem
+from ._petals import place_petals
+from ._route import route, uncovered_ranges
+from ._view import Route, ServerView
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """``place(problem)`` -> placement; ``route(...)`` -> a session's route."""
+
+    name: str
+    description: str
+    placer: Callable[[PlacementProblem], Placement]
+    cache_aware: bool
+
+    def place(self, problem: PlacementProblem) -> Placement:
+        """The placement, in the problem's server order; raises
+        ``NoRouteError`` naming the blocks no server could take."""
+        placement = self.placer(problem)
+        ordered = {s.name: placement.get(s.name, (0, 0)) for s in problem.servers}
+        missing = uncovered_ranges(ordered.values(), 0, problem.model.num_blocks)
+        if missing:
+            text = ", ".join(f"[{a}, {b})" for a, b in missing)
+            raise NoRouteError(
+                f"{self.name}: the servers' memory leaves blocks {text} uncovered",
+                missing=missing,
+                missing_blocks=missing,
+            )
+        return ordered
+
+    def route(
+        self,
+        views: Sequence[ServerView],
+        num_blocks: int,
+        *,
+        session_tokens: int,
+        batch: int = 1,
+        start: int = 0,
+        rng: random.Random | None = None,
+    ) -> Route:
+        """A generation session's route under this algorithm's policy."""
+        return route(
+            views,
+            num_blocks,
+            start=start,
+            session_tokens=session_tokens if self.cache_aware else 0,
+            batch=batch,
+            rng=rng,
+        )
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm(
+            "petals",
+            "PETALS: join order, weakest window, fixed cache reservation; min-latency routing",
+            place_petals,
+            cache_aware=False,
+        ),
+        Algorithm(
+            "cg-bp",
+            "CG-BP + WS-RR (Sun et al.): R sessions of cache per server, fastest first,"
+            " most under-served window; waiting-penalised routing",
+            place_cg_bp,
+            cache_aware=True,
+        ),
+        Algorithm(
+            "libpipe",
+            "ours: greedy candidates over design concurrencies, RTT-aware order, scored"
+            " by the WS-RR steady state, local search; waiting-penalised routing",
+            place_libpipe,
+            cache_aware=True,
+        ),
+        Algorithm(
+            "milp",
+            "exact joint placement and routing (HiGHS via scipy), small instances only",
+            place_milp,
+            cache_aware=True,
+        ),
+    )
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        known = ", ".join(sorted(ALGORITHMS))
+        raise ConfigError(f"unknown placement algorithm {name!r} (known: {known})") from None

@@ -1,0 +1,231 @@
+"""The placement algorithms: each rule on hand-checked instances, the
+registry, the steady-state objective, and libpipe against CG-BP and the MILP."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from libpipe.errors import ConfigError, NoRouteError
+from libpipe.placement import (
+    ALGORITHMS,
+    Hop,
+    ServerSpec,
+    ServerView,
+    design_sessions,
+    evaluate,
+    get_algorithm,
+    place_cg_bp,
+    place_libpipe,
+    place_petals,
+    solve_milp,
+)
+from libpipe.placement._windows import most_under_served_window, weakest_window
+
+from .conftest import GB, tiny_problem
+
+
+def test_registry():
+    assert set(ALGORITHMS) == {"petals", "cg-bp", "libpipe", "milp"}
+    assert get_algorithm("cg-bp").name == "cg-bp"
+    with pytest.raises(ConfigError, match=r"unknown placement algorithm 'magic'.*cg-bp"):
+        get_algorithm("magic")
+
+
+# --- window rules ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("per_block", "blocks", "start"),
+    [
+        ([0, 0, 0, 0], 2, 0),  # all equal: leftmost
+        ([5, 5, 0, 0, 5], 2, 2),  # the two empty blocks
+        # windows, sorted: (1, 3) (1, 2) (1, 2) (1, 3): the first (1, 2) is at 1
+        ([3, 1, 2, 1, 3], 2, 1),
+    ],
+)
+def test_weakest_window(per_block, blocks, start):
+    assert weakest_window(per_block, blocks) == start
+
+
+def test_most_under_served_window():
+    # demand 4: shortfall per block (4, 4, 0, 2, 0); the 2-block windows' shortfalls
+    # are 8, 4, 2, 2: the first one wins.
+    assert most_under_served_window([0, 0, 4, 2, 4], 4, 2) == 0
+    # Everything served: the least capacity, then leftmost.
+    assert most_under_served_window([5, 4, 4, 6], 3, 2) == 1
+    # A window longer than the model is the whole model.
+    assert most_under_served_window([1, 1], 3, 5) == 0
+
+
+# --- the baselines on hand-checked instances -------------------------------------
+
+
+def test_petals_rule(problem):
+    # PETALS reserves 2 * 1024 * 4096 * 2 = 16.8 MB a block: a and b take all 6
+    # blocks; each small server takes 2 blocks of the weakest window (blocks
+    # held by a and b have the same throughput, so the leftmost free-est window).
+    placement = place_petals(problem)
+    assert placement["a"] == (0, 6)
+    assert placement["b"] == (0, 6)
+    assert [placement[f"m{i}"] for i in range(3)] == [(0, 2), (2, 4), (4, 6)]
+
+
+def test_petals_follows_join_order(problem):
+    reordered = dataclasses.replace(problem, servers=tuple(reversed(problem.servers)))
+    placement = place_petals(reordered)
+    # The small servers now come first and tile the model; a and b follow.
+    assert [placement[f"m{i}"] for i in (2, 1, 0)] == [(0, 2), (2, 4), (4, 6)]
+
+
+def test_cg_bp_rule(problem):
+    # R = 7 sessions of s_c = 148 MB: a fast server fits floor(8 / 2.036) = 3 blocks,
+    # a small one floor(3 / 2.036) = 1. Fastest first: a [0, 3), b [3, 6); then
+    # the small servers add redundancy on the least-served blocks, leftmost first.
+    assert design_sessions(problem) == 7
+    placement = place_cg_bp(problem)
+    assert placement["a"] == (0, 3)
+    assert placement["b"] == (3, 6)
+    assert [placement[f"m{i}"] for i in range(3)] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_cg_bp_design_concurrency_is_a_parameter(problem):
+    placement = place_cg_bp(problem, design_concurrency=1)
+    # floor(8 / 1.148) = 6 blocks each
+    assert placement["a"] == (0, 6)
+
+
+def test_uncovered_model_is_a_no_route_error():
+    small = tiny_problem(fast_memory=3 * GB // 2, slow=0)  # each fast server holds 1 block of 6
+    with pytest.raises(NoRouteError) as info:
+        get_algorithm("petals").place(small)
+    assert info.value.details["missing"] == [[2, 6]]
+
+
+# --- routing policies ---------------------------------------------------------------
+
+
+def test_petals_routes_blind_to_cache_and_ws_rr_does_not():
+    full = ServerView(
+        "fast", 0, 4, 0.001, 0.001, rtt=0.01, free_cache_bytes=0, cache_bytes_per_token_block=1
+    )
+    spare = ServerView("spare", 0, 4, 0.01, 0.01, rtt=0.01, cache_bytes_per_token_block=1)
+    petals = get_algorithm("petals").route([full, spare], 4, session_tokens=100)
+    ws_rr = get_algorithm("cg-bp").route([full, spare], 4, session_tokens=100)
+    assert petals.hops == (Hop("fast", 0, 4),)
+    assert ws_rr.hops == (Hop("spare", 0, 4),)
+
+
+# --- the steady-state objective -------------------------------------------------------
+
+
+def test_evaluate_by_hand(problem):
+    # One server with all 6 blocks: 2 GB of cache = 2 sessions of 6 x 148 MB;
+    # the third waits. Per-token: 0.2 + 6 * 0.003 = 0.218, plus for the waiting
+    # one UNSCHEDULED_WAIT_S / 148 tokens.
+    placement = {"a": (0, 6)}
+    result = evaluate(problem, placement, sessions=3)
+    assert result.waiting == 1
+    assert result.token_time == pytest.approx((3 * 0.218 + 30.0 / 148) / 3)
+
+
+def test_evaluate_splits_sessions_over_client_locations(problem):
+    workload = dataclasses.replace(problem.workload, clients=(("K", 1.0), ("A", 1.0)))
+    two = dataclasses.replace(problem, workload=workload)
+    result = evaluate(two, {"a": (0, 6), "b": (0, 6)}, sessions=2)
+    # One session from K (hop 0.2) and one from A (hop 0.005 + 0.1).
+    assert result.token_time == pytest.approx(((0.2 + 0.018) + (0.105 + 0.018)) / 2)
+
+
+def test_evaluate_uncovered_placement():
+    with pytest.raises(NoRouteError):
+        evaluate(tiny_problem(), {"a": (0, 3)}, sessions=1)
+
+
+# --- libpipe against the baselines and the optimum ------------------------------------
+
+
+def test_libpipe_beats_conservative_cg_bp(problem):
+    # CG-BP makes each fast server reserve cache for all 7 sessions and so splits
+    # the model in two hops; sharing the sessions between replicas fits it in one.
+    sessions = design_sessions(problem)
+    cg_bp = evaluate(problem, place_cg_bp(problem), sessions).token_time
+    ours = evaluate(problem, place_libpipe(problem), sessions).token_time
+    assert ours <= 0.9 * cg_bp
+
+
+def random_problem(seed: int):
+    rng = random.Random(seed)
+    base = tiny_problem(
+        fast_memory=rng.choice([4, 5, 7, 9]) * GB,
+        kv_bytes=rng.choice([10**5, 5 * 10**5, 10**6]),
+        arrival_rate=rng.choice([0.05, 0.1, 0.3]),
+        slow=rng.randint(2, 4),
+        num_blocks=rng.randint(4, 6),
+    )
+    servers = tuple(
+        dataclasses.replace(s, location=rng.choice(["A", "B", "K"])) for s in base.servers
+    )
+    return dataclasses.replace(base, servers=servers)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_libpipe_never_worse_than_cg_bp(seed):
+    problem = random_problem(seed)
+    sessions = design_sessions(problem)
+    try:
+        cg_bp = evaluate(problem, get_algorithm("cg-bp").place(problem), sessions).token_time
+    except NoRouteError:
+        cg_bp = float("inf")  # CG-BP's reservation left blocks uncovered
+    ours = evaluate(problem, get_algorithm("libpipe").place(problem), sessions).token_time
+    assert ours <= cg_bp * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 5])
+def test_libpipe_within_ten_percent_of_the_milp_optimum(seed):
+    problem = random_problem(seed)
+    sessions = min(design_sessions(problem), 6)
+    optimum = solve_milp(problem, sessions, time_limit=20)
+    assert optimum.optimal
+    ours = evaluate(problem, get_algorithm("libpipe").place(problem), sessions).token_time
+    # The MILP's optimum is a lower bound for every placement under this objective.
+    assert optimum.token_time <= ours * (1 + 1e-9)
+    assert ours <= 1.10 * optimum.token_time
+
+
+def test_milp_matches_evaluate_on_its_own_placement(problem):
+    solution = solve_milp(problem, 3)
+    assert solution.optimal
+    assert solution.bound == pytest.approx(solution.token_time)
+    # Routing its placement greedily cannot beat the joint optimum.
+    assert evaluate(problem, solution.placement, 3).token_time >= solution.token_time - 1e-9
+
+
+def test_milp_refuses_large_instances():
+    big = tiny_problem(slow=40, num_blocks=80)
+    with pytest.raises(ConfigError, match="small instances"):
+        solve_milp(big, 2)
+
+
+def test_milp_infeasible_instance():
+    small = tiny_problem(fast_memory=GB, slow=0)
+    with pytest.raises(ConfigError, match="no feasible placement"):
+        solve_milp(small, 1)
+
+
+def test_algorithms_keep_server_order_and_fill_unplaced(problem):
+    for name in ("petals", "cg-bp", "libpipe"):
+        placement = get_algorithm(name).place(problem)
+        assert list(placement) == [s.name for s in problem.servers]
+
+
+def test_libpipe_places_big_instances_with_the_greedy_pass():
+    problem = tiny_problem(slow=3)
+    many = tuple(
+        ServerSpec(f"s{i}", 3 * GB, 0.016, 0.0001, 0.2, "B", max_blocks=2) for i in range(4000)
+    )
+    big = dataclasses.replace(problem, servers=problem.servers + many)
+    placement = get_algorithm("libpipe").place(big)
+    assert placement["a"][1] - placement["a"][0] > 0
