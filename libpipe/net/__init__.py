@@ -9,6 +9,7 @@ from ._connection import ConnectionConfig as ConnectionConfig
 from ._delay_proxy import DelayProxy as DelayProxy
 from ._endpoint import ConnectionPool as ConnectionPool
 from ._endpoint import HelloInfo as HelloInfo
+from ._endpoint import ServeHandle as ServeHandle
 from ._endpoint import connect as connect
 from ._endpoint import parse_address as parse_address
 from ._endpoint import serve as serve

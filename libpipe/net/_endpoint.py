@@ -29,6 +29,44 @@ class HelloInfo:
     info: Mapping[str, Any] | None = None
 
 
+class ServeHandle:
+    """Control over a running ``serve`` from outside it: a server that
+    drains stops accepting, lets its connections finish, and only then stops.
+
+    Make one, pass it as ``serve(..., handle=handle)``; ``stop_accepting()``
+    closes the listening socket (new dials are refused by the kernel) while
+    live connections go on; ``aclose()`` also closes every live connection
+    gracefully (GoAway, in-flight calls finish within the connection's
+    ``close_grace``). ``serve`` returns once it has stopped accepting and its
+    last connection has ended."""
+
+    def __init__(self) -> None:
+        self._stop = trio.Event()
+        self._closing: str | None = None  # the reason, once ``aclose`` began
+        self._connections: set[Connection] = set()
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stop.is_set()
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The connections this server holds now (after their hello)."""
+        return list(self._connections)
+
+    def stop_accepting(self) -> None:
+        self._stop.set()
+
+    async def aclose(self, reason: str = "server stopping") -> None:
+        """Stop accepting, then close every connection gracefully (concurrently)."""
+        self.stop_accepting()
+        self._closing = reason
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as closer:
+                for connection in list(self._connections):
+                    closer.start_soon(connection.aclose, reason)
+
+
 async def serve(
     router: Router,
     *,
@@ -37,27 +75,50 @@ async def serve(
     security: Security,
     hello: HelloInfo = HelloInfo(),
     config: ConnectionConfig | None = None,
+    handle: ServeHandle | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept connections and serve ``router`` on each until cancelled.
+    """Accept connections and serve ``router`` on each until cancelled, or
+    until ``handle`` stops it and the connections it holds have ended.
 
     ``nursery.start(serve, ...)`` returns the bound ``(host, port)`` (port 0
     picks a free one). A connection that fails admission or breaks the
     protocol is dropped and logged; the others are unaffected."""
+    handle = handle if handle is not None else ServeHandle()
     listener = await open_listener(host, port, security)
     with listener:
         bound = listener.getsockname()
         async with trio.open_nursery() as nursery:
             task_status.started((bound[0], bound[1]))
-            while True:
-                try:
-                    sock, address = await accept_socket(listener)
-                except OSError as exc:
-                    # EMFILE and friends: back off instead of spinning.
-                    logger.warning("accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(_serve_one, sock, address, router, security, hello, config)
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    _accept_loop, listener, nursery, router, security, hello, config, handle
+                )
+                await handle._stop.wait()
+                accepting.cancel_scope.cancel()
+            # From here the kernel refuses new dials; the nursery waits for
+            # the connections already accepted.
+            listener.close()
+
+
+async def _accept_loop(
+    listener: Any,
+    nursery: trio.Nursery,
+    router: Router,
+    security: Security,
+    hello: HelloInfo,
+    config: ConnectionConfig | None,
+    handle: ServeHandle,
+) -> None:
+    while True:
+        try:
+            sock, address = await accept_socket(listener)
+        except OSError as exc:
+            # EMFILE and friends: back off instead of spinning.
+            logger.warning("accept failed: %s", exc)
+            await trio.sleep(0.1)
+            continue
+        nursery.start_soon(_serve_one, sock, address, router, security, hello, config, handle)
 
 
 async def _serve_one(
@@ -67,7 +128,9 @@ async def _serve_one(
     security: Security,
     hello: HelloInfo,
     config: ConnectionConfig | None,
+    handle: ServeHandle,
 ) -> None:
+    connection: Connection | None = None
     try:
         channel = await accept(sock, security, address)
         connection = Connection(
@@ -82,12 +145,21 @@ async def _serve_one(
             info=hello.info,
             handshake_timeout=security.handshake_timeout,
         )
-        await connection.run()
+        with single_errors():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(connection.run)
+                handle._connections.add(connection)
+                if handle._closing is not None:
+                    # Admitted while ``aclose`` was closing the others.
+                    nursery.start_soon(connection.aclose, handle._closing)
     except LibpipeError as exc:
         logger.info("refused %s: %s", address, exc)
     except Exception:
         # One connection's failure must never stop the server.
         logger.exception("connection from %s failed", address)
+    finally:
+        if connection is not None:
+            handle._connections.discard(connection)
 
 
 @asynccontextmanager
