@@ -29,6 +29,7 @@ from ._pushpull import push_pull_round as push_pull_round
 from ._rebalance import MoveCallback as MoveCallback
 from ._rebalance import RebalanceConfig as RebalanceConfig
 from ._rebalance import Rebalancer as Rebalancer
+from ._rebalance import initial_span as initial_span
 from ._record import RecordState as RecordState
 from ._record import ServerRecord as ServerRecord
 from ._record import SignedRecord as SignedRecord
@@ -45,6 +46,7 @@ from ._survey import ModelCoverage as ModelCoverage
 from ._survey import ServerStatus as ServerStatus
 from ._survey import SwarmSnapshot as SwarmSnapshot
 from ._survey import coverage as coverage
+from ._survey import fetch_view as fetch_view
 from ._survey import survey as survey
 from ._suspicion import Suspicion as Suspicion
 from ._transport import Handler as Handler

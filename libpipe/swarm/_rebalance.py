@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import trio
@@ -81,6 +81,24 @@ def holding_of(record: ServerRecord) -> Holding | None:
     if record.state not in COUNTED_STATES or end <= start or record.throughput_decode <= 0:
         return None
     return Holding(record.peer_id, start, end, record.throughput_decode)
+
+
+def initial_span(
+    records: Iterable[ServerRecord],
+    *,
+    model_id: str,
+    num_blocks: int,
+    blocks: int,
+    exclude: str | None = None,
+    rng: random.Random | None = None,
+) -> tuple[int, int]:
+    """Where a server of ``blocks`` blocks that holds nothing yet should start,
+    given the records of the swarm (``exclude``: our own peer id)."""
+    holdings = (holding_of(r) for r in records if r.peer_id != exclude and r.model_id == model_id)
+    per_block = block_throughput([h for h in holdings if h is not None], num_blocks)
+    blocks = min(blocks, num_blocks)
+    start = best_start(per_block, blocks, rng)
+    return start, start + blocks
 
 
 class Rebalancer:
@@ -140,8 +158,14 @@ class Rebalancer:
 
     def initial_span(self) -> tuple[int, int]:
         """Where a server that holds nothing yet should start."""
-        start = best_start(block_throughput(self.others(), self.num_blocks), self.blocks, self._rng)
-        return start, start + self.blocks
+        return initial_span(
+            (signed.record for signed in self.node.view()),
+            model_id=self.node.local_record.record.model_id,
+            num_blocks=self.num_blocks,
+            blocks=self.blocks,
+            exclude=self.node.peer_id,
+            rng=self._rng,
+        )
 
     def evaluate(self) -> tuple[int, int] | None:
         """The span to move to now, or None to stay."""

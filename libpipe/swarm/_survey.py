@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from ..errors import ConnectionBrokenError, LibpipeError, RecordError
+from ..errors import ConnectionBrokenError, LibpipeError
 from ..net import ConnectionPool, short_peer_id
 from ._config import GossipConfig
 from ._record import RecordState, ServerRecord, verified_records
@@ -162,6 +162,39 @@ def coverage(
     return result
 
 
+async def fetch_view(
+    pool: ConnectionPool,
+    peers: Sequence[str],
+    *,
+    timeout: float = 5.0,
+    clock: Any = time.time,
+    rejected: Counter[str] | None = None,
+) -> tuple[str, list[ServerRecord]]:
+    """``(peer, records)``: the verified view of the first of ``peers`` that answers.
+
+    Raises ``ConnectionBrokenError`` naming every peer when none answers."""
+    failures: dict[str, str] = {}
+    for peer in peers:
+        try:
+            with trio.fail_after(timeout):
+                connection = await pool.get(peer)
+                reply = await connection.call("swarm.view", {}, timeout=timeout)
+            signed = verified_records(
+                reply.meta.get("records"),
+                now=clock(),
+                ttl=SURVEY_TTL,
+                max_skew=SURVEY_SKEW,
+                rejected=rejected,
+            )
+        except (LibpipeError, trio.TooSlowError) as exc:
+            failures[peer] = str(exc) or type(exc).__name__
+            continue
+        return peer, [s.record for s in signed]
+    raise ConnectionBrokenError(
+        "no peer answered with a swarm view", peers=list(peers), failures=failures
+    )
+
+
 async def survey(
     pool: ConnectionPool,
     peers: Sequence[str],
@@ -172,40 +205,16 @@ async def survey(
     """Ask the first of ``peers`` that answers for the view, then ping every server.
 
     Raises ``ConnectionBrokenError`` naming every peer when none answers."""
-    failures: dict[str, str] = {}
-    for peer in peers:
-        try:
-            with trio.fail_after(timeout):
-                connection = await pool.get(peer)
-                reply = await connection.call("swarm.view", {}, timeout=timeout)
-        except (LibpipeError, trio.TooSlowError) as exc:
-            failures[peer] = str(exc) or type(exc).__name__
-            continue
-        rejected: Counter[str] = Counter()
-        try:
-            signed = verified_records(
-                reply.meta.get("records"),
-                now=clock(),
-                ttl=SURVEY_TTL,
-                max_skew=SURVEY_SKEW,
-                rejected=rejected,
-            )
-        except RecordError as exc:
-            failures[peer] = str(exc)
-            continue
-        records = [s.record for s in signed]
-        rtts = await _ping_all(pool, records, timeout)
-        servers = tuple(ServerStatus(r, rtts.get(r.peer_id)) for r in records)
-        num_blocks = await _model_sizes(pool, records, timeout)
-        return SwarmSnapshot(
-            source=peer,
-            taken_at=clock(),
-            servers=servers,
-            models=tuple(coverage(records, num_blocks)),
-            rejected=dict(rejected),
-        )
-    raise ConnectionBrokenError(
-        "no peer answered with a swarm view", peers=list(peers), failures=failures
+    rejected: Counter[str] = Counter()
+    source, records = await fetch_view(pool, peers, timeout=timeout, clock=clock, rejected=rejected)
+    rtts = await _ping_all(pool, records, timeout)
+    num_blocks = await _model_sizes(pool, records, timeout)
+    return SwarmSnapshot(
+        source=source,
+        taken_at=clock(),
+        servers=tuple(ServerStatus(r, rtts.get(r.peer_id)) for r in records),
+        models=tuple(coverage(records, num_blocks)),
+        rejected=dict(rejected),
     )
 
 
