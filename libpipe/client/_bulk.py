@@ -2,8 +2,8 @@
 fine-tuning), stateless on the servers, spread over replicas.
 
 Routes use the "throughput" objective: each server's cost is its bulk
-time per token plus the work already in flight there (``SwarmContext.load``,
-tokens), randomised among near-equal choices, so concurrent calls fan out
+time per token scaled by the calls already in flight there
+(``SwarmContext.load``), randomised among near-equal choices, so concurrent calls fan out
 over replicas in proportion to their throughput.
 
 Failover is simpler than for sessions because nothing is cached: a hop
@@ -35,8 +35,7 @@ async def call_hop(
     """One unary ``method`` (``forward``/``backward``) on one hop, counted in
     the load map while in flight. Raises the hop's failure as a
     ``LibpipeError``; ``expect`` is how many tensors the reply must hold."""
-    tokens = float(tensors[0].shape[0] * tensors[0].shape[1])
-    ctx.load[hop.peer_id] += tokens
+    ctx.load[hop.peer_id] += 1
     try:
         with trio.fail_after(ctx.policy.step_timeout):
             connection = await ctx.connect(hop.server)
@@ -49,7 +48,7 @@ async def call_hop(
             raise
         raise error from None
     finally:
-        ctx.load[hop.peer_id] -= tokens
+        ctx.load[hop.peer_id] -= 1
         if ctx.load[hop.peer_id] <= 0:
             del ctx.load[hop.peer_id]
     if len(reply.tensors) < expect or reply.tensors[0].shape != tensors[0].shape:

@@ -28,7 +28,7 @@ class SwarmContext:
     num_blocks: int
     hidden_size: int
     rng: random.Random = field(default_factory=random.Random)
-    # Tokens of bulk work in flight per server, for throughput spreading.
+    # Bulk calls in flight per server, for throughput spreading.
     load: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     _refresh_lock: trio.Lock = field(default_factory=trio.Lock)
 

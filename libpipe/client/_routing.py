@@ -87,8 +87,9 @@ def plan_route(
     try:
         chosen = route(
             views,
-            end,
+            view.num_blocks,
             start=start,
+            end=end,
             session_tokens=session_tokens,
             batch=batch,
             objective=objective,

@@ -75,6 +75,13 @@ def spawn(model_dir: Path, cache_dir: Path) -> Iterator[Callable[..., list[Serve
         server.close()
 
 
+@pytest.fixture(scope="session")
+def chain(spawn) -> list[str]:
+    """Three servers: [0:3) [3:5) [5:8)."""
+    servers = spawn([((0, 3), ()), ((3, 5), ()), ((5, 8), ())])
+    return [s.address for s in servers]
+
+
 class LocalModel:
     """The whole model in this process: the reference the swarm must equal."""
 

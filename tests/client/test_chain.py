@@ -20,12 +20,6 @@ from .conftest import NUM_BLOCKS, LocalModel
 PROMPT = [11, 22, 33, 44, 55, 66]
 
 
-@pytest.fixture(scope="module")
-def chain(spawn) -> list[str]:
-    servers = spawn([((0, 3), ()), ((3, 5), ()), ((5, 8), ())])
-    return [s.address for s in servers]
-
-
 def client(model_dir: Path, peers: list[str], **kw) -> libpipe.Client:
     return libpipe.Client(model_dir, peers, insecure=True, **kw)
 
