@@ -10,19 +10,52 @@ replicas share them.
 
 R, the design concurrency, is the load the placement is built for. Unless
 given, it is ``design_sessions(problem)``: the open sessions the offered
-load implies at the ideal per-token time, plus a Poisson margin.
+load implies at the ideal per-token time, plus a Poisson margin, capped at
+the largest R for which the servers still cover the model (beyond it the
+formula leaves blocks without any server, and no load can be served).
 """
 
 from __future__ import annotations
 
 from ._load import design_sessions
 from ._model import Placement, PlacementProblem, block_capacity
+from ._route import uncovered_ranges
 from ._windows import most_under_served_window
 
 
 def place_cg_bp(problem: PlacementProblem, design_concurrency: int | None = None) -> Placement:
+    if design_concurrency is None:
+        design_concurrency = min(design_sessions(problem), largest_covering_r(problem))
+    return _greedy(problem, design_concurrency)
+
+
+def largest_covering_r(problem: PlacementProblem) -> int:
+    """The largest R whose block counts still add up to the model (at least 1).
+
+    Coverage is monotone in R (more reserved cache, fewer blocks), so a
+    binary search over R finds it.
+    """
     model = problem.model
-    r = design_sessions(problem) if design_concurrency is None else design_concurrency
+    per_session = model.session_cache_bytes(problem.workload)
+
+    def covers(r: int) -> bool:
+        total = sum(block_capacity(s, model, per_session * r) for s in problem.servers)
+        return total >= model.num_blocks and not uncovered_ranges(
+            _greedy(problem, r).values(), 0, model.num_blocks
+        )
+
+    lo, hi = 1, 1
+    while covers(hi * 2) and hi < 2**30:
+        hi *= 2
+    hi *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if covers(mid) else (lo, mid)
+    return lo
+
+
+def _greedy(problem: PlacementProblem, r: int) -> Placement:
+    model = problem.model
     reserve = model.session_cache_bytes(problem.workload) * r
     capacity = [0.0] * model.num_blocks
     placement: Placement = {}

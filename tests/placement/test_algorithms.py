@@ -21,7 +21,9 @@ from libpipe.placement import (
     place_libpipe,
     place_petals,
     solve_milp,
+    uncovered_ranges,
 )
+from libpipe.placement._cgbp import largest_covering_r
 from libpipe.placement._windows import most_under_served_window, weakest_window
 
 from .conftest import GB, tiny_problem
@@ -229,3 +231,12 @@ def test_libpipe_places_big_instances_with_the_greedy_pass():
     big = dataclasses.replace(problem, servers=problem.servers + many)
     placement = get_algorithm("libpipe").place(big)
     assert placement["a"][1] - placement["a"][0] > 0
+
+
+def test_cg_bp_caps_r_where_coverage_ends():
+    busy = tiny_problem(arrival_rate=3.0)
+    r = largest_covering_r(busy)
+    assert r < design_sessions(busy)
+    assert not uncovered_ranges(place_cg_bp(busy, r).values(), 0, 6)
+    assert uncovered_ranges(place_cg_bp(busy, r + 1).values(), 0, 6)
+    assert get_algorithm("cg-bp").place(busy) == place_cg_bp(busy, r)
