@@ -20,19 +20,17 @@ FAST, SLOW = (1000.0, 1e6), (100.0, 1000.0)
 
 
 def recording(chain: TrainChain, *, kill_before=None):
-    """Wrap ``chain._call`` to log (method, peer, blocks) of every request
-    and, once, kill the target of the first request of method
-    ``kill_before[0]`` to a server in ``kill_before[1]`` just before it."""
+    """Wrap ``chain._call`` to log (method, peer, blocks) of every request.
+    ``kill_before=(method, peer_id, kill)``: call ``kill()`` just before the
+    first request of ``method`` to that server (once)."""
     calls: list[tuple[str, str, int, int]] = []
     real_call = chain._call
-    pending = dict([kill_before]) if kill_before else {}
+    pending = [kill_before] if kill_before else []
 
     async def call(hop, method, x, grad, prompts):
         calls.append((method, hop.peer_id, hop.start, hop.end))
-        victim = pending.get(method)
-        if victim is not None and hop.peer_id == victim.peer_id:
-            del pending[method]
-            kill(victim)
+        if pending and pending[0][:2] == (method, hop.peer_id):
+            pending.pop()[2]()
         return await real_call(hop, method, x, grad, prompts)
 
     chain._call = call
@@ -58,7 +56,7 @@ async def test_server_killed_mid_step_is_replaced_with_the_same_gradients(
     async with running_swarm(configs) as (servers, ctx):
         whole, first, second = servers
         chain = TrainChain(ctx)
-        calls = recording(chain, kill_before=(method, whole))
+        calls = recording(chain, kill_before=(method, whole.peer_id, lambda: kill(whole)))
         got = await step(ctx, checkpoint, ids, soft, deep, chain)
         assert ctx.view.is_banned(whole.peer_id)
     for g, e in zip(got, expected, strict=True):

@@ -1,0 +1,47 @@
+"""The user's path end to end: real ``libpipe-server`` processes with
+``--adapters``, ``libpipe.Client``, ``remote_blocks``; one server SIGKILLed
+just as its backward is due."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from libpipe import Client
+from libpipe.client._remote_blocks import remote_blocks
+from libpipe.model import load_client_head, load_span
+from libpipe.server import ServerProcess
+
+from .test_remote_blocks import inputs, training_step
+from .test_training_failover import recording
+
+pytestmark = pytest.mark.slow
+
+
+async def test_sigkill_mid_backward_with_an_adapter(checkpoint, adapters):
+    ids, soft, deep = inputs(seed=6)
+    whole = load_span(checkpoint, 0, 8, progress=False, adapters=[adapters["all"]])
+    head = load_client_head(checkpoint, progress=False)
+    expected = training_step(lambda x, p: whole(x, adapter="all", prompts=p), head, ids, soft, deep)
+
+    def start(throughput: str) -> ServerProcess:
+        args = ["--throughput", throughput, "--adapters", str(adapters["all"])]
+        return ServerProcess.start(checkpoint, blocks=(0, 8), extra_args=args, timeout=120)
+
+    fast, slow = await trio.to_thread.run_sync(lambda: (start("1000,1000000"), start("100,1000")))
+    try:
+        async with Client(checkpoint, [fast.address, slow.address], insecure=True) as client:
+            blocks = remote_blocks(client, adapter="all")
+            calls = recording(blocks.chain, kill_before=("backward", fast.peer_id, fast.kill))
+            got = await trio.to_thread.run_sync(training_step, blocks, head, ids, soft, deep)
+    finally:
+        fast.close()
+        slow.close()
+    assert fast.returncode == -9
+    assert [(m, p) for m, p, _, _ in calls] == [
+        ("forward", fast.peer_id),
+        ("backward", fast.peer_id),  # SIGKILLed
+        ("backward", slow.peer_id),
+    ]
+    for g, e in zip(got, expected, strict=True):
+        assert (g - e).abs().max() <= 1e-6
