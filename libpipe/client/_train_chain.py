@@ -110,8 +110,8 @@ class TrainChain:
         the blocks; returns the outputs (dtype of ``hidden``) and what
         ``backward`` needs."""
         self._check(hidden, prompts)
-        x = hidden.detach().to(self.ctx.wire_dtype).contiguous()
-        p = None if prompts is None else prompts.detach().to(self.ctx.wire_dtype)
+        x = self._to_wire(hidden)
+        p = None if prompts is None else self._to_wire(prompts)
         rows = self.micro_batches(x.shape[0], x.shape[1], 0 if p is None else p.shape[2])
         outputs: list[Tensor | None] = [None] * len(rows)
         pieces: list[Piece | None] = [None] * len(rows)
@@ -122,7 +122,7 @@ class TrainChain:
 
         await _concurrently([functools.partial(run, n, r) for n, r in enumerate(rows)])
         out = torch.cat([o for o in outputs if o is not None], dim=0)
-        return out.to(hidden.dtype), tuple(p for p in pieces if p is not None)
+        return out.to(hidden.device, hidden.dtype), tuple(p for p in pieces if p is not None)
 
     async def backward(
         self,
@@ -132,8 +132,8 @@ class TrainChain:
     ) -> tuple[Tensor, Tensor | None]:
         """Gradients w.r.t. the inputs of ``forward`` (and its prompts), given
         the gradient w.r.t. its outputs."""
-        g = grad_output.detach().to(self.ctx.wire_dtype).contiguous()
-        p = None if prompts is None else prompts.detach().to(self.ctx.wire_dtype)
+        g = self._to_wire(grad_output)
+        p = None if prompts is None else self._to_wire(prompts)
         grads: list[tuple[Tensor, Tensor | None] | None] = [None] * len(pieces)
 
         async def run(n: int, piece: Piece) -> None:
@@ -141,11 +141,11 @@ class TrainChain:
 
         await _concurrently([functools.partial(run, n, piece) for n, piece in enumerate(pieces)])
         done = [gr for gr in grads if gr is not None]
-        grad_in = torch.cat([gr[0] for gr in done], dim=0).to(grad_output.dtype)
+        grad_in = torch.cat([gr[0] for gr in done], dim=0).to(grad_output.device, grad_output.dtype)
         if prompts is None:
             return grad_in, None
         grad_p = torch.cat([gr[1] for gr in done if gr[1] is not None], dim=1)
-        return grad_in, grad_p.to(prompts.dtype)
+        return grad_in, grad_p.to(prompts.device, prompts.dtype)
 
     def micro_batches(self, batch: int, tokens: int, prefix: int) -> list[slice]:
         """Rows per request so that a ``backward`` request (inputs, gradient,
@@ -279,6 +279,11 @@ class TrainChain:
             )
         self.ctx.view.answered(hop.peer_id)
         return tuple(t.to(self.ctx.wire_dtype) for t in reply.tensors)
+
+    def _to_wire(self, t: Tensor) -> Tensor:
+        # The wire carries host memory; a client computing on a GPU gets its
+        # results back on the device it sent from.
+        return t.detach().to("cpu", self.ctx.wire_dtype).contiguous()
 
     def _check(self, hidden: Tensor, prompts: Tensor | None) -> None:
         h = self.ctx.hidden_size

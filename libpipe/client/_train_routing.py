@@ -51,7 +51,9 @@ class AdapterDirectory:
                 connection = await ctx.connect(entry)
                 reply = await connection.call("info")
         except (LibpipeError, OSError, trio.TooSlowError) as exc:
-            logger.info("server %s did not say which adapters it has: %s", entry.peer_id[:12], exc)
+            # Banned like any failed hop, so routing does not wait on it again
+            # until its ban is over and a probe finds it answering.
+            ctx.view.ban(entry.peer_id, f"info failed: {exc or type(exc).__name__}")
             return
         names = reply.meta.get("adapters", [])
         if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):

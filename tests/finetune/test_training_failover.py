@@ -118,3 +118,20 @@ async def test_adapter_requests_reach_only_servers_with_it(checkpoint, adapters,
             other = TrainChain(ctx, adapter="other", max_request_bytes=2 * 8192)
             await step(ctx, checkpoint, ids, soft, deep, other)
         assert info.value.details["adapter"] == "other"
+
+
+async def test_server_that_cannot_say_its_adapters_is_banned(checkpoint, adapters, make_config):
+    ids, soft, deep = inputs(seed=5)
+    adapter = adapters["attn"]
+    configs = [make_config(checkpoint, (0, 8), adapters=(adapter,)) for _ in range(2)]
+    async with running_swarm(configs) as (servers, ctx):
+        dead, alive = servers
+        kill(dead)
+        await trio.sleep(0.1)  # let the kill close its listener
+        chain = TrainChain(ctx, adapter="attn")
+        calls = recording(chain)
+        await step(ctx, checkpoint, ids, soft, deep, chain)
+        assert ctx.view.is_banned(dead.peer_id)
+        assert chain.directory.loaded(dead.peer_id) is None
+        assert chain.directory.loaded(alive.peer_id) == frozenset({"attn"})
+        assert {peer for _, peer, _, _ in calls} == {alive.peer_id}
