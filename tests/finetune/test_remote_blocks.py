@@ -55,11 +55,22 @@ async def remote_step(ctx, checkpoint, ids, soft, deep, **chain_kw):
 async def test_gradients_equal_local_autograd_with_fp32_on_the_wire(checkpoint, make_config):
     ids, soft, deep = inputs()
     expected = local_step(checkpoint, ids, soft, deep)
-    async with running_swarm([make_config(checkpoint, b) for b in CHAIN]) as (_, ctx):
+    async with running_swarm([make_config(checkpoint, b) for b in CHAIN]) as (servers, ctx):
+        spans = [s.serving.span for s in servers]
+        before = [{k: v.clone() for k, v in span.state_dict().items()} for span in spans]
         got, blocks = await remote_step(ctx, checkpoint, ids, soft, deep)
+        # Frozen: no server weight changed or even got a gradient.
+        for span, weights in zip(spans, before, strict=True):
+            for name, value in span.state_dict().items():
+                assert torch.equal(value, weights[name]), name
+            assert all(p.grad is None and not p.requires_grad for p in span.parameters())
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
-    assert blocks.bytes_sent > 0
+    # Per hop: forward sends [3, 12, 64] fp32 plus [blocks, 3, 2, 64] prompts,
+    # backward twice the activations plus the prompts again.
+    activations, prompts = 3 * 12 * 64 * 4, 8 * 3 * 2 * 64 * 4
+    assert blocks.bytes_sent == 3 * 3 * activations + 2 * prompts
+    assert blocks.bytes_received == 3 * 2 * activations + prompts
 
 
 async def test_gradients_with_fp16_on_the_wire(checkpoint, make_config):
