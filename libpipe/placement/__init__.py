@@ -31,6 +31,12 @@ from ._petals import place_petals as place_petals
 from ._route import UNSCHEDULED_WAIT_S as UNSCHEDULED_WAIT_S
 from ._route import route as route
 from ._route import uncovered_ranges as uncovered_ranges
+from ._span import DEFAULT_MOVE_MARGIN as DEFAULT_MOVE_MARGIN
+from ._span import SwarmScore as SwarmScore
+from ._span import choose_span as choose_span
+from ._span import should_move as should_move
+from ._span import span_blocks as span_blocks
+from ._span import swarm_score as swarm_score
 from ._view import Hop as Hop
 from ._view import Route as Route
 from ._view import ServerView as ServerView
