@@ -12,13 +12,15 @@ from libpipe.errors import ConnectionBrokenError, ConnectionClosedError
 from libpipe.net import CallContext, Message, Router, Security, ServeHandle, connect, serve
 
 
-def slow_router(gate: trio.Event) -> Router:
+def slow_router(gate: trio.Event, started: trio.Event | None = None) -> Router:
     router = Router()
 
     async def echo(ctx: CallContext, request: Message) -> Message:
         return request
 
     async def slow(ctx: CallContext, request: Message) -> Message:
+        if started is not None:
+            started.set()
         await gate.wait()
         return Message({"done": True})
 
@@ -66,13 +68,13 @@ async def test_stop_accepting_refuses_new_dials_and_keeps_live_connections() -> 
 async def test_aclose_lets_in_flight_calls_finish_then_serve_returns() -> None:
     security = Security.insecure()
     handle = ServeHandle()
-    gate = trio.Event()
+    gate, started = trio.Event(), trio.Event()
     replies: list[Message] = []
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(
             functools.partial(
                 serve,
-                slow_router(gate),
+                slow_router(gate, started),
                 host="127.0.0.1",
                 port=0,
                 security=security,
@@ -87,8 +89,7 @@ async def test_aclose_lets_in_flight_calls_finish_then_serve_returns() -> None:
             async with trio.open_nursery() as calls:
                 calls.start_soon(call_slow)
                 with trio.fail_after(5):
-                    while not handle.connections:
-                        await trio.sleep(0.01)
+                    await started.wait()
                 calls.start_soon(handle.aclose, "draining")
                 with trio.fail_after(5):
                     while conn.is_usable:
