@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError, LibpipeError
 
 if TYPE_CHECKING:
+    import trio
+
     from ..net import Security
     from ..server import ServerConfig
 
@@ -52,7 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags; those left out take ``ServerConfig``'s defaults (documented there)."""
     add = parser.add_argument
     add("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory")
-    add("--blocks", required=True, metavar="A:B", help="blocks to serve, half-open (e.g. 0:8)")
+    add(
+        "--blocks",
+        metavar="A:B",
+        help="blocks to serve, half-open (e.g. 0:8); without it the server chooses its span "
+        "from the swarm and moves it when the swarm gains",
+    )
+    add("--num-blocks", type=int, help="without --blocks: how many (default: what --memory fits)")
+    add("--memory", help="without --blocks: memory budget for weights + KV cache, e.g. 8G")
+    add("--rebalance-period", type=float, help="without --blocks: seconds between re-checks (60)")
+    add("--monitor", type=int, metavar="PORT", help="serve the monitor page on 127.0.0.1:PORT")
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--port", type=int, default=0, help="port to listen on (default 0: any free port)")
     add("--identity", metavar="DIR", help="node identity directory (`libpipe ca issue`)")
@@ -94,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     config = build_config(args)
+    if args.monitor is not None and not 0 <= args.monitor < 65536:
+        raise ConfigError(f"--monitor must be a port in [0, 65535], got {args.monitor}")
     security = Security.from_options(
         identity=args.identity,
         ca=args.ca,
@@ -101,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         allow_public_insecure=args.allow_public_insecure,
     )
     try:
-        trio.run(_serve, config, security, args.ready_file)
+        trio.run(_serve, config, security, args.ready_file, args.monitor)
     except BaseExceptionGroup as group:
         # A start-up error arrives wrapped by the nurseries; show it as itself.
         sole = _sole_error(group)
@@ -129,15 +142,18 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "prefill_chunk": args.prefill_chunk,
         "cache_dir": Path(args.cache_dir) if args.cache_dir else None,
         "throughput": parse_throughput(args.throughput) if args.throughput else None,
+        "num_blocks": args.num_blocks,
+        "memory_bytes": parse_bytes(args.memory, "--memory") if args.memory else None,
+        "rebalance_period": args.rebalance_period,
     }
     return ServerConfig(
         model_dir=Path(args.model_dir),
-        blocks=parse_blocks(args.blocks),
+        blocks=parse_blocks(args.blocks) if args.blocks else None,
         host=args.host,
         port=args.port,
         device=args.device,
         dtype=args.dtype,
-        cache_bytes=parse_bytes(args.cache_bytes),
+        cache_bytes=parse_bytes(args.cache_bytes, "--cache-bytes"),
         batching=not args.no_batching,
         adapters=tuple(Path(a) for a in args.adapters),
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
@@ -148,7 +164,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, flag: str) -> int:
     """``1073741824``, ``512M``, ``4G`` (binary units)."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     scale = _SUFFIXES.get(t[-1:], 1)
@@ -156,9 +172,9 @@ def parse_bytes(text: str) -> int:
     try:
         value = float(number) * scale
     except ValueError:
-        raise ConfigError(f"--cache-bytes must be a size like 512M or 4G, got {text!r}") from None
+        raise ConfigError(f"{flag} must be a size like 512M or 4G, got {text!r}") from None
     if value < 0:
-        raise ConfigError(f"--cache-bytes must not be negative, got {text!r}")
+        raise ConfigError(f"{flag} must not be negative, got {text!r}")
     return int(value)
 
 
@@ -173,7 +189,9 @@ def parse_throughput(text: str) -> tuple[float, float]:
     return decode, forward
 
 
-async def _serve(config: ServerConfig, security: Security, ready_file: str | None) -> None:
+async def _serve(
+    config: ServerConfig, security: Security, ready_file: str | None, monitor_port: int | None
+) -> None:
     import signal
 
     import trio
@@ -190,7 +208,10 @@ async def _serve(config: ServerConfig, security: Security, ready_file: str | Non
                 nursery.cancel_scope.cancel()
 
             address = await nursery.start(serve_then_stop)
-            _announce_ready(address, server.peer_id, config.blocks, ready_file)
+            assert server.serving is not None
+            if monitor_port is not None:
+                await nursery.start(_monitor, security, address, monitor_port)
+            _announce_ready(address, server.peer_id, server.serving.blocks, ready_file)
             draining = False
             async for signum in signals:
                 name = signal.Signals(signum).name
@@ -201,6 +222,21 @@ async def _serve(config: ServerConfig, security: Security, ready_file: str | Non
                 logger.info("%s: draining", name)
                 draining = True
                 nursery.start_soon(server.drain)
+
+
+async def _monitor(
+    security: Security, address: str, port: int, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """The monitor page, looking at the swarm through this very server."""
+    from ..monitor import Monitor, bound_address, open_http_listeners
+    from ..net import ConnectionPool
+
+    listeners = await open_http_listeners("127.0.0.1", port)
+    host, bound = bound_address(listeners)
+    print(f"libpipe-server monitor http://{host}:{bound}/", flush=True)
+    async with ConnectionPool(security) as pool:
+        monitor = Monitor(pool, [address])
+        await monitor.serve_listeners(listeners, task_status=task_status)
 
 
 def _announce_ready(

@@ -25,6 +25,9 @@ DEFAULT_DRAIN_GRACE = 30.0
 # Rows in one batched decode pass; beyond ~64 a CPU or small GPU is
 # compute-bound and a bigger batch only adds latency to every member.
 DEFAULT_MAX_BATCH = 64
+# PETALS re-checks its blocks every few minutes; a minute is well above the
+# seconds a move takes (loading blocks), which the jittered period must exceed.
+DEFAULT_REBALANCE_PERIOD = 60.0
 # How often a changed load (free cache, sessions) is re-announced: each
 # re-signing is news for the whole swarm, so not on every session.
 DEFAULT_RECORD_INTERVAL = 1.0
@@ -51,7 +54,9 @@ def default_cache_dir() -> Path:
 @dataclass(frozen=True)
 class ServerConfig:
     model_dir: Path
-    blocks: tuple[int, int]
+    # None: choose the span from the swarm and move it when the swarm gains
+    # (server/_rebalance.py); its length from num_blocks, else memory_bytes.
+    blocks: tuple[int, int] | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port; the server reports the one it bound
     device: str = "cpu"
@@ -72,6 +77,9 @@ class ServerConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig.lan)
     record_interval: float = DEFAULT_RECORD_INTERVAL
     progress: bool = True  # progress bars while loading and measuring
+    num_blocks: int | None = None  # without blocks: hold this many (default: what memory fits)
+    memory_bytes: int | None = None  # without blocks: budget (default: a share of free memory)
+    rebalance_period: float = DEFAULT_REBALANCE_PERIOD
     # LoRA adapter directories (PEFT layout), each named after its directory.
     adapters: tuple[Path, ...] = ()
 
@@ -80,9 +88,14 @@ class ServerConfig:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         object.__setattr__(self, "peers", tuple(self.peers))
         object.__setattr__(self, "adapters", tuple(Path(a) for a in self.adapters))
-        start, end = self.blocks
-        if not 0 <= start < end:
+        if self.blocks is not None and not 0 <= self.blocks[0] < self.blocks[1]:
             raise ConfigError(f"blocks must satisfy 0 <= start < end, got {self.blocks}")
+        if self.blocks is not None and (self.num_blocks, self.memory_bytes) != (None, None):
+            raise ConfigError("--num-blocks and --memory size a chosen span: not with --blocks")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be at least 1, got {self.num_blocks}")
+        if self.memory_bytes is not None and self.memory_bytes < 1:
+            raise ConfigError(f"memory_bytes must be positive, got {self.memory_bytes}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         for name in ("cache_bytes",):
@@ -91,7 +104,7 @@ class ServerConfig:
         for name in ("max_length", "max_batch", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("idle_timeout", "drain_grace", "record_interval"):
+        for name in ("idle_timeout", "drain_grace", "record_interval", "rebalance_period"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.throughput is not None and not all(v > 0 for v in self.throughput):

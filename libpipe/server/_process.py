@@ -48,7 +48,7 @@ class ServerProcess:
         cls,
         model_dir: str | os.PathLike[str],
         *,
-        blocks: tuple[int, int],
+        blocks: tuple[int, int] | None,
         extra_args: Sequence[str] = (),
         insecure: bool = True,
         host: str = "127.0.0.1",
@@ -57,22 +57,23 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         timeout: float = DEFAULT_START_TIMEOUT,
     ) -> ServerProcess:
-        """Spawn a server for ``blocks`` of ``model_dir`` and wait until it serves.
+        """Spawn a server for ``blocks`` of ``model_dir`` and wait until it serves
+        (``blocks=None``: it chooses its span from the swarm; ``span`` says which).
 
         Raises ``ConfigError`` (with the log's tail) if it exits first and
         ``DeadlineExceededError`` if it is not ready within ``timeout`` s."""
         workdir = tempfile.TemporaryDirectory(prefix="libpipe-server-")
         where = Path(log_dir) if log_dir is not None else Path(workdir.name)
         where.mkdir(parents=True, exist_ok=True)
-        log_path = where / f"server-{blocks[0]}-{blocks[1]}-{os.getpid()}-{time.monotonic_ns()}.log"
+        name = f"{blocks[0]}-{blocks[1]}" if blocks is not None else "auto"
+        log_path = where / f"server-{name}-{os.getpid()}-{time.monotonic_ns()}.log"
         ready = Path(workdir.name) / "ready.json"
         argv = [
             sys.executable,
             "-m",
             "libpipe.cli.server",
             str(model_dir),
-            "--blocks",
-            f"{blocks[0]}:{blocks[1]}",
+            *(["--blocks", f"{blocks[0]}:{blocks[1]}"] if blocks is not None else []),
             "--host",
             host,
             "--port",

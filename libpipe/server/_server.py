@@ -23,11 +23,12 @@ from .. import __version__
 from ..errors import ConfigError
 from ..model import KVCachePool, ModelConfig, load_span
 from ..net import ConnectionPool, HelloInfo, Router, Security, serve, short_peer_id
-from ..swarm import GossipNode, RecordState, RpcTransport
+from ..swarm import GossipNode, Rebalancer, RecordState, RpcTransport
 from ._config import ServerConfig
 from ._executor import Executor
 from ._gossip import RecordPublisher
 from ._handlers import RpcHandlers, Serving
+from ._rebalance import choose_blocks, rebalance
 from ._sessions import SessionTable
 from ._throughput import Throughput, load_or_measure
 
@@ -48,6 +49,8 @@ class BlockServer:
         self.serving: Serving | None = None
         self.node: GossipNode | None = None
         self._publisher: RecordPublisher | None = None
+        # Set when the server chose its own span (no --blocks) and moves it.
+        self.rebalancer: Rebalancer | None = None
         self._scope: trio.CancelScope | None = None
 
     @property
@@ -58,9 +61,10 @@ class BlockServer:
         cfg = self.config
         me = short_peer_id(self.peer_id)
         model = ModelConfig.from_file(cfg.model_dir)
-        if cfg.blocks[1] > model.num_hidden_layers:
+        blocks = cfg.blocks or await choose_blocks(cfg, self.security, model)
+        if blocks[1] > model.num_hidden_layers:
             raise ConfigError(
-                f"blocks {cfg.blocks[0]}:{cfg.blocks[1]} are not within the model's "
+                f"blocks {blocks[0]}:{blocks[1]} are not within the model's "
                 f"{model.num_hidden_layers} blocks",
                 num_blocks=model.num_hidden_layers,
             )
@@ -68,7 +72,7 @@ class BlockServer:
             functools.partial(
                 load_span,
                 cfg.model_dir,
-                *cfg.blocks,
+                *blocks,
                 device=cfg.device,
                 dtype=cfg.dtype,
                 progress=cfg.progress,
@@ -97,7 +101,7 @@ class BlockServer:
             self.serving = serving
             router = Router()
             RpcHandlers(serving).register(router)
-            hello = HelloInfo(model_id=span.config.model_id, info={"span": list(cfg.blocks)})
+            hello = HelloInfo(model_id=span.config.model_id, info={"span": list(blocks)})
             with trio.CancelScope() as self._scope:
                 async with (
                     ConnectionPool(self.security, router=router, hello=hello) as connections,
@@ -119,7 +123,7 @@ class BlockServer:
                         self.security.identity,
                         RpcTransport(router, connections, self.address),
                         model_id=span.config.model_id,
-                        span=cfg.blocks,
+                        span=blocks,
                         dtype=serving.dtype_name,
                         version=__version__,
                         state=RecordState.JOINING,
@@ -130,9 +134,13 @@ class BlockServer:
                     self._publisher = RecordPublisher(self.node, serving, cfg.record_interval)
                     self._publisher.publish()
                     nursery.start_soon(self._publisher.run)
+                    if cfg.blocks is None:
+                        self.rebalancer = await nursery.start(
+                            rebalance, cfg, serving, self.node, self._publisher
+                        )
                     logger.info(
                         "server %s online at %s: blocks %d:%d of %s, %s on %s",
-                        me, self.address, *cfg.blocks, span.config.model_id,
+                        me, self.address, *blocks, span.config.model_id,
                         serving.dtype_name, span.device,
                     )  # fmt: skip
                     task_status.started(self.address)

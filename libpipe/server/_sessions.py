@@ -20,6 +20,7 @@ class SessionEntry:
     peer: str
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     kicked: bool = False
+    closed: trio.Event = field(default_factory=trio.Event)
 
 
 class SessionTable:
@@ -49,6 +50,7 @@ class SessionTable:
                 raise DrainingError("the server shut down before this session ended")
         finally:
             del self._open[entry.id]
+            entry.closed.set()
             self._check_empty()
 
     @contextmanager
@@ -66,8 +68,15 @@ class SessionTable:
         while self._open or self.calls_in_flight:
             await self._emptied.wait()
 
+    def open_entries(self) -> list[SessionEntry]:
+        return list(self._open.values())
+
     def kick_all(self) -> None:
-        for entry in self._open.values():
+        self.kick(self.open_entries())
+
+    def kick(self, entries: list[SessionEntry]) -> None:
+        """End these sessions with ``DrainingError`` (a move or a drain ran out of grace)."""
+        for entry in entries:
             entry.kicked = True
             entry.scope.cancel()
 

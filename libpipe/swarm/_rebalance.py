@@ -133,7 +133,7 @@ class Rebalancer:
         self.tau_decode = tau_decode
         self.config = config if config is not None else RebalanceConfig()
         self.moves = 0
-        self._move = move
+        self.move = move
         self._rng = rng if rng is not None else random.Random()
 
     @property
@@ -188,7 +188,7 @@ class Rebalancer:
             list(self.span),
             list(target),
         )
-        await self._move(*target)
+        await self.move(*target)
         self.moves += 1
         return True
 

@@ -1,0 +1,199 @@
+"""A server that chooses its own blocks, and moves them when the swarm gains.
+
+Theory of operation. Started without ``--blocks``, a server
+
+1. sizes its span from its memory budget M: the weights of a block (s_m)
+   and the KV cache it promises (``cache_bytes``) must fit, so it holds
+   ``min(L, floor((M - cache_bytes) / s_m))`` blocks (DESIGN.md, 'The
+   performance model'; ``--num-blocks`` overrides the count);
+2. asks any peer for the swarm view before it loads anything, so it loads
+   only the blocks it will serve, and takes the weakest window of
+   per-block throughput (``libpipe.swarm.initial_span``);
+3. once online, runs a ``libpipe.swarm.Rebalancer`` whose move is
+   ``SpanMover.move``: load the new blocks beside the old ones, switch the
+   server to them and announce at once (new sessions and calls now see
+   the new span; a client that still asks for the old blocks gets an
+   error, bans this hop and re-routes), let sessions opened on the old
+   blocks finish on them for up to ``drain_grace`` seconds, end the rest
+   with ``DrainingError`` (their clients fail over and replay), and drop
+   the old blocks with the last reference to them.
+
+During a move both spans are in memory; the budget in step 1 leaves the
+KV cache's room for that, not a second copy of the weights, so on a GPU
+filled to the brim a move can fail to load, which is logged and leaves the
+server where it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+
+import torch
+import trio
+
+from ..errors import ConfigError, LibpipeError
+from ..model import ModelConfig, load_span, resolve_device, resolve_dtype
+from ..net import ConnectionPool, Security, short_peer_id
+from ..swarm import GossipNode, RebalanceConfig, Rebalancer, RecordState, fetch_view, initial_span
+from ._config import ServerConfig
+from ._gossip import RecordPublisher
+from ._handlers import Serving
+
+logger = logging.getLogger("libpipe.server")
+
+# Share of free memory a server budgets when not told (--memory): on a GPU
+# the rest is the CUDA context and allocator slack; on a CPU host the OS,
+# page cache and other programs share what is available.
+GPU_MEMORY_SHARE = 0.9
+CPU_MEMORY_SHARE = 0.5
+
+
+def block_weight_bytes(model: ModelConfig, element_size: int) -> int:
+    """s_m: one Llama-family block's weights (attention, MLP, two norms)."""
+    d = model.hidden_size
+    q_out = model.num_attention_heads * model.head_dim
+    kv_out = model.num_key_value_heads * model.head_dim
+    attention = d * q_out + 2 * d * kv_out + q_out * d
+    if model.q_bias:
+        attention += q_out + 2 * kv_out
+    if model.attention_bias:
+        attention += d
+    mlp = 3 * d * model.intermediate_size + (
+        2 * model.intermediate_size + d if model.mlp_bias else 0
+    )
+    return (attention + mlp + 2 * d) * element_size
+
+
+def free_memory(device: torch.device) -> int:
+    """What this server may budget on ``device`` when ``--memory`` is not given."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_MEMORY_SHARE)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * CPU_MEMORY_SHARE)
+
+
+def span_length(config: ServerConfig, model: ModelConfig) -> int:
+    """How many blocks this server holds: ``num_blocks`` if given, else what
+    its memory budget fits beside the KV cache it promises."""
+    total = model.num_hidden_layers
+    if config.num_blocks is not None:
+        return min(config.num_blocks, total)
+    device = resolve_device(config.device)
+    element_size = resolve_dtype(device, config.dtype).itemsize
+    memory = config.memory_bytes if config.memory_bytes is not None else free_memory(device)
+    per_block = block_weight_bytes(model, element_size)
+    fits = (memory - config.cache_bytes) // per_block
+    if fits < 1:
+        raise ConfigError(
+            f"a memory budget of {memory} bytes holds no block of {model.model_id} "
+            f"({per_block} bytes each) beside a KV cache of {config.cache_bytes} bytes",
+            memory_bytes=memory,
+            block_bytes=per_block,
+            cache_bytes=config.cache_bytes,
+        )
+    return int(min(fits, total))
+
+
+async def choose_blocks(
+    config: ServerConfig, security: Security, model: ModelConfig
+) -> tuple[int, int]:
+    """The span to load, from the swarm as any of ``config.peers`` sees it
+    (the first server of a swarm starts at block 0)."""
+    blocks = span_length(config, model)
+    if not config.peers:
+        return 0, blocks
+    async with ConnectionPool(security) as pool:
+        source, records = await fetch_view(
+            pool, config.peers, timeout=config.gossip.request_timeout
+        )
+    span = initial_span(
+        records,
+        model_id=model.model_id,
+        num_blocks=model.num_hidden_layers,
+        blocks=blocks,
+        exclude=security.peer_id,
+        rng=random.Random(),
+    )
+    logger.info(
+        "chose blocks %d:%d of %d from the view of %s (%d server(s))",
+        *span, model.num_hidden_layers, source, len(records),
+    )  # fmt: skip
+    return span
+
+
+class SpanMover:
+    """The ``move`` a server's Rebalancer calls (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig, serving: Serving, publisher: RecordPublisher) -> None:
+        self.config = config
+        self.serving = serving
+        self.publisher = publisher
+
+    async def move(self, start: int, end: int) -> None:
+        cfg, s = self.config, self.serving
+        if s.state is not RecordState.ONLINE:
+            return  # draining (shutting down): stay put
+        old = s.blocks
+        try:
+            span = await trio.to_thread.run_sync(
+                functools.partial(
+                    load_span,
+                    cfg.model_dir,
+                    start,
+                    end,
+                    device=cfg.device,
+                    dtype=cfg.dtype,
+                    progress=False,
+                    prefill_chunk=cfg.prefill_chunk,
+                    adapters=cfg.adapters,
+                )
+            )
+        except (LibpipeError, RuntimeError) as exc:
+            # RuntimeError: torch's out-of-memory. The server stays where it was.
+            logger.warning("move to blocks %d:%d failed to load: %s", start, end, exc)
+            return
+        if s.state is not RecordState.ONLINE:
+            return
+        on_old = s.sessions.open_entries()
+        s.span = span
+        self.publisher.publish()
+        logger.info(
+            "moved blocks %d:%d -> %d:%d; %d session(s) finish on the old blocks",
+            *old, start, end, len(on_old),
+        )  # fmt: skip
+        with trio.move_on_after(cfg.drain_grace):
+            for entry in on_old:
+                await entry.closed.wait()
+        left = [e for e in on_old if not e.closed.is_set()]
+        if left:
+            logger.warning("ending %d session(s) still on blocks %d:%d", len(left), *old)
+            s.sessions.kick(left)
+
+
+async def rebalance(
+    config: ServerConfig,
+    serving: Serving,
+    node: GossipNode,
+    publisher: RecordPublisher,
+    *,
+    task_status: trio.TaskStatus[Rebalancer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run this server's Rebalancer until cancelled (``nursery.start`` returns it)."""
+    blocks = serving.blocks[1] - serving.blocks[0]
+    rebalancer = Rebalancer(
+        node,
+        num_blocks=serving.span.config.num_hidden_layers,
+        blocks=blocks,
+        tau_decode=1.0 / (serving.throughput.decode * blocks),
+        move=SpanMover(config, serving, publisher).move,
+        config=RebalanceConfig(period=config.rebalance_period),
+    )
+    logger.info(
+        "server %s rebalances every ~%g s", short_peer_id(node.peer_id), config.rebalance_period
+    )
+    task_status.started(rebalancer)
+    await rebalancer.run()

@@ -1,0 +1,222 @@
+"""Real block servers started without --blocks: they size and place their
+spans from the swarm, restore coverage after deaths, and move without
+breaking the sessions they hold; a client generating throughout never fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from libpipe import Client
+from libpipe.errors import ConfigError, DrainingError, InvalidRequestError
+from libpipe.model import ModelConfig, write_random_checkpoint
+from libpipe.net import ConnectionPool, Security
+from libpipe.server import BlockServer, ServerConfig, ServerProcess
+from libpipe.server._rebalance import block_weight_bytes, span_length
+
+from .conftest import FAST
+
+NUM_BLOCKS = 12
+CACHE_BYTES = 64 << 20
+# Rebalance periods in real seconds: short, so the test sees several.
+PERIOD = 1.5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("auto") / "m",
+        "llama",
+        seed=5,
+        overrides={"num_hidden_layers": NUM_BLOCKS},
+    )
+
+
+def four_blocks_of_memory(model_dir: Path) -> int:
+    """A budget that fits four fp32 blocks beside the KV cache, and not five."""
+    per_block = block_weight_bytes(ModelConfig.from_file(model_dir), 4)
+    return CACHE_BYTES + 4 * per_block + per_block // 2
+
+
+def auto_config(model_dir: Path, tmp_path: Path, peers: list[str], **kw) -> ServerConfig:
+    kw.setdefault("memory_bytes", four_blocks_of_memory(model_dir))
+    kw.setdefault("rebalance_period", PERIOD)
+    return ServerConfig(
+        model_dir,
+        None,
+        peers=tuple(peers),
+        cache_bytes=CACHE_BYTES,
+        throughput=(100.0, 1000.0),
+        gossip=FAST,
+        drain_grace=2.0,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        **kw,
+    )
+
+
+class Fleet:
+    """In-process servers, each under its own cancel scope (cancelled: it crashed)."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.servers: list[BlockServer] = []
+        self.scopes: dict[BlockServer, trio.CancelScope] = {}
+
+    async def start(self, config: ServerConfig) -> BlockServer:
+        server = BlockServer(config, Security.insecure())
+        scope = trio.CancelScope()
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with scope:
+                await server.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        self.servers.append(server)
+        self.scopes[server] = scope
+        return server
+
+    def kill(self, server: BlockServer) -> None:
+        self.scopes[server].cancel()
+        self.servers.remove(server)
+
+    def coverage(self) -> list[int]:
+        counts = [0] * NUM_BLOCKS
+        for s in self.servers:
+            for b in range(*s.serving.blocks):
+                counts[b] += 1
+        return counts
+
+    def views_agree(self) -> bool:
+        spans = {s.peer_id: s.serving.blocks for s in self.servers}
+        return all(
+            {r.record.peer_id: r.record.span for r in s.node.view()} == spans for s in self.servers
+        )
+
+
+async def wait_until(predicate, limit: float) -> None:
+    with trio.fail_after(limit):
+        while not predicate():
+            await trio.sleep(0.1)
+
+
+def test_span_length_comes_from_the_memory_budget(model_dir, tmp_path):
+    model = ModelConfig.from_file(model_dir)
+    assert span_length(auto_config(model_dir, tmp_path, []), model) == 4
+    assert span_length(auto_config(model_dir, tmp_path, [], memory_bytes=1 << 40), model) == 12
+    assert (
+        span_length(auto_config(model_dir, tmp_path, [], memory_bytes=None, num_blocks=3), model)
+        == 3
+    )
+    with pytest.raises(ConfigError, match="holds no block"):
+        span_length(auto_config(model_dir, tmp_path, [], memory_bytes=CACHE_BYTES + 10), model)
+    with pytest.raises(ConfigError):
+        ServerConfig(model_dir, (0, 4), num_blocks=4)
+    with pytest.raises(ConfigError):
+        auto_config(model_dir, tmp_path, [], rebalance_period=0.0)
+
+
+@pytest.mark.slow
+async def test_six_servers_cover_the_model_and_recover_from_two_deaths(
+    model_dir, tmp_path, nursery
+):
+    fleet = Fleet(nursery)
+    first = await fleet.start(auto_config(model_dir, tmp_path, []))
+    assert first.serving.blocks == (0, 4)
+    # Five more start at once, each seeing only what the first knows then.
+    async with trio.open_nursery() as starting:
+        for _ in range(5):
+            starting.start_soon(fleet.start, auto_config(model_dir, tmp_path, [first.address]))
+    assert all(s.serving.blocks[1] - s.serving.blocks[0] == 4 for s in fleet.servers)
+    await wait_until(lambda: min(fleet.coverage()) >= 1 and fleet.views_agree(), limit=40)
+
+    failures: list[BaseException] = []
+    outputs: list[list[int]] = []
+    stop = trio.Event()
+
+    async def generate_throughout() -> None:
+        async with Client(model_dir, [first.address], insecure=True, refresh_interval=0.5) as c:
+            while not stop.is_set():
+                try:
+                    outputs.append(await c.generate([5, 6, 7], max_new_tokens=12))
+                except Exception as exc:  # any failure at all fails the test
+                    failures.append(exc)
+                    return
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(generate_throughout)
+        await wait_until(lambda: len(outputs) >= 1, limit=30)
+        # Kill both holders of one span (not the first server, the client's peer).
+        by_span: dict[tuple[int, int], list[BlockServer]] = {}
+        for s in fleet.servers:
+            by_span.setdefault(s.serving.blocks, []).append(s)
+        victims = next(
+            (group for group in by_span.values() if len(group) >= 2 and first not in group),
+            [s for s in fleet.servers if s is not first][:2],
+        )[:2]
+        for victim in victims:
+            fleet.kill(victim)
+        served_at_kill = len(outputs)
+        await wait_until(lambda: min(fleet.coverage()) >= 1 and fleet.views_agree(), limit=40)
+        await wait_until(lambda: len(outputs) >= served_at_kill + 2, limit=30)
+        stop.set()
+    assert failures == []
+    # Failover replays exactly: every generation gave the same tokens.
+    assert all(o == outputs[0] for o in outputs)
+    nursery.cancel_scope.cancel()
+
+
+async def step(stream, position: int, hidden_size: int) -> dict:
+    await stream.send({"position": position}, (torch.randn(1, 1, hidden_size),))
+    return (await stream.receive()).meta
+
+
+@pytest.mark.slow
+async def test_move_keeps_open_sessions_until_the_grace_ends(model_dir, tmp_path, nursery):
+    fleet = Fleet(nursery)
+    server = await fleet.start(auto_config(model_dir, tmp_path, []))
+    assert server.serving.blocks == (0, 4) and server.rebalancer is not None
+    hidden = ModelConfig.from_file(model_dir).hidden_size
+    opening = {"start": 0, "end": 4, "batch": 1, "max_length": 32}
+    async with ConnectionPool(Security.insecure()) as pool:
+        conn = await pool.get(server.address)
+        async with conn.open_stream("inference", opening) as old:
+            assert (await old.receive()).meta == {"position": 0}
+            assert (await step(old, 0, hidden))["position"] == 1
+            moved = trio.Event()
+
+            async def move() -> None:
+                await server.rebalancer.move(4, 8)
+                moved.set()
+
+            nursery.start_soon(move)
+            await wait_until(lambda: server.serving.blocks == (4, 8), limit=30)
+            assert server.node.local_record.record.span == (4, 8)
+            # The session opened on the old blocks goes on ...
+            assert (await step(old, 1, hidden))["position"] == 2
+            # ... new ones get the new blocks only.
+            with pytest.raises(InvalidRequestError):
+                async with conn.open_stream("inference", opening) as refused:
+                    await refused.receive()
+            async with conn.open_stream("inference", {**opening, "start": 4, "end": 8}) as new:
+                assert (await new.receive()).meta == {"position": 0}
+                assert (await step(new, 0, hidden))["position"] == 1
+            # Past the grace period the old session is ended, and the move completes.
+            with trio.fail_after(10):
+                await moved.wait()
+            with pytest.raises(DrainingError):
+                await step(old, 2, hidden)
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+def test_server_process_without_blocks_chooses_its_span(model_dir):
+    common = ["--throughput", "100,1000", "--num-blocks", "6", "--gossip", "local"]
+    with ServerProcess.start(model_dir, blocks=None, extra_args=common) as first:
+        assert first.span == (0, 6)
+        peers = ["--peers", first.address]
+        with ServerProcess.start(model_dir, blocks=None, extra_args=[*common, *peers]) as second:
+            assert second.span == (6, 12)
