@@ -24,34 +24,37 @@ from ._windows import most_under_served_window
 
 
 def place_cg_bp(problem: PlacementProblem, design_concurrency: int | None = None) -> Placement:
-    if design_concurrency is None:
-        design_concurrency = min(design_sessions(problem), largest_covering_r(problem))
-    return _greedy(problem, design_concurrency)
+    if design_concurrency is not None:
+        return _greedy(problem, design_concurrency)
+    r = design_sessions(problem)
+    placement = _greedy(problem, r)
+    if _covers(problem, placement):
+        return placement
+    return _greedy(problem, largest_covering_r(problem, below=r))
 
 
-def largest_covering_r(problem: PlacementProblem) -> int:
-    """The largest R whose block counts still add up to the model (at least 1).
+def largest_covering_r(problem: PlacementProblem, below: int | None = None) -> int:
+    """The largest R (under ``below``, if given) whose placement still covers
+    the model; at least 1.
 
     Coverage is monotone in R (more reserved cache, fewer blocks), so a
     binary search over R finds it.
     """
-    model = problem.model
-    per_session = model.session_cache_bytes(problem.workload)
-
-    def covers(r: int) -> bool:
-        total = sum(block_capacity(s, model, per_session * r) for s in problem.servers)
-        return total >= model.num_blocks and not uncovered_ranges(
-            _greedy(problem, r).values(), 0, model.num_blocks
-        )
-
-    lo, hi = 1, 1
-    while covers(hi * 2) and hi < 2**30:
-        hi *= 2
-    hi *= 2
+    lo = 1
+    if below is None:
+        hi = 2
+        while _covers(problem, _greedy(problem, hi)) and hi < 2**30:
+            hi *= 2
+    else:
+        hi = below
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if covers(mid) else (lo, mid)
+        lo, hi = (mid, hi) if _covers(problem, _greedy(problem, mid)) else (lo, mid)
     return lo
+
+
+def _covers(problem: PlacementProblem, placement: Placement) -> bool:
+    return not uncovered_ranges(placement.values(), 0, problem.model.num_blocks)
 
 
 def _greedy(problem: PlacementProblem, r: int) -> Placement:

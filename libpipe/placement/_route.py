@@ -21,6 +21,8 @@ The WS-RR waiting penalty (Sun et al.) is the time until the server has freed
 enough cache for ``session_tokens * batch`` tokens on the blocks used, spread
 over the session's tokens so that it is in the same unit as the rest of the
 cost (seconds per token).
+
+A route never visits a server twice (``_merge_revisits``).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def route(
         order = list(range(len(views)))
         rng.shuffle(order)
         rank = {v.peer_id: order[n] for n, v in enumerate(views)}
-    hops = _shortest_hops(edges, rank, start, end)
+    hops = _merge_revisits(_shortest_hops(edges, rank, start, end))
     by_id = {e.view.peer_id: e for e in edges}
     cost = sum(by_id[h.peer_id].cost(h.end - h.start, reported=True) for h in hops)
     return Route(tuple(hops), cost)
@@ -243,6 +245,31 @@ def _cost_avoiding(labels: list[_Label], edge: int) -> float:
         if label[2] != edge:
             return label[0]
     return math.inf
+
+
+def _merge_revisits(hops: list[Hop]) -> list[Hop]:
+    """Replace every stretch that leaves a server and comes back to it by one
+    hop on that server (its span is contiguous, so it holds the stretch).
+
+    A route holds one session per server: a server visited twice would have
+    to hold both sessions' cache, which the per-hop penalty cannot see (two
+    hops that each fit can together overflow it), and the client, the
+    server and the simulator all expect one hop per server. The DP rarely
+    returns such a route (only when a cache penalty or a much faster server
+    in the middle makes it cheapest); the merged route is valid and is
+    costed honestly, penalty included.
+    """
+    while True:
+        first: dict[str, int] = {}
+        for n, hop in enumerate(hops):
+            if hop.peer_id in first:
+                p = first[hop.peer_id]
+                merged = Hop(hop.peer_id, hops[p].start, hop.end)
+                hops = [*hops[:p], merged, *hops[n + 1 :]]
+                break
+            first[hop.peer_id] = n
+        else:
+            return hops
 
 
 def _check_arguments(
