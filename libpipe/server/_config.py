@@ -71,6 +71,9 @@ class ServerConfig:
     prefill_chunk: int = 512
     # (decode steps/s, forward tokens/s) to announce instead of measuring.
     throughput: tuple[float, float] | None = None
+    # Seconds spent timing each of decode and forward when measuring: a
+    # couple of seconds averages out a GPU's clock ramp-up and OS noise.
+    measure_seconds: float = 2.0
     cache_dir: Path = field(default_factory=default_cache_dir)
     peers: tuple[str, ...] = ()
     announce_address: str | None = None

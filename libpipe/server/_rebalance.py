@@ -3,12 +3,15 @@
 Theory of operation. Started without ``--blocks``, a server
 
 1. sizes its span from its memory budget M: the weights of a block (s_m)
-   and the KV cache it promises (``cache_bytes``) must fit, so it holds
-   ``min(L, floor((M - cache_bytes) / s_m))`` blocks (DESIGN.md, 'The
-   performance model'; ``--num-blocks`` overrides the count);
+   and the KV cache it promises (``cache_bytes``, whatever the span's
+   length) must fit, so it holds ``min(L, floor((M - cache_bytes) / s_m))``
+   blocks (``placement.span_blocks``; ``--num-blocks`` overrides it);
 2. asks any peer for the swarm view before it loads anything, so it loads
-   only the blocks it will serve, and takes the weakest window of
-   per-block throughput (``libpipe.swarm.initial_span``);
+   only the blocks it will serve, and takes the window
+   ``placement.choose_span`` picks (through ``libpipe.swarm.initial_span``).
+   Its own speed is not measured yet (that needs the blocks): it uses
+   ``--throughput`` if given, else assumes the swarm's median server, which
+   only breaks ties between windows of equal coverage;
 3. once online, runs a ``libpipe.swarm.Rebalancer`` whose move is
    ``SpanMover.move``: load the new blocks beside the old ones, switch the
    server to them and announce at once (new sessions and calls now see
@@ -29,15 +32,25 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
+import statistics
 
 import torch
 import trio
 
-from ..errors import ConfigError, LibpipeError
+from ..errors import LibpipeError
 from ..model import ModelConfig, load_span, resolve_device, resolve_dtype
 from ..net import ConnectionPool, Security, short_peer_id
-from ..swarm import GossipNode, RebalanceConfig, Rebalancer, RecordState, fetch_view, initial_span
+from ..placement import ModelSpec, ServerView, span_blocks
+from ..swarm import (
+    GossipNode,
+    LocalServer,
+    RebalanceConfig,
+    Rebalancer,
+    RecordState,
+    fetch_view,
+    initial_span,
+    server_views,
+)
 from ._config import ServerConfig
 from ._gossip import RecordPublisher
 from ._handlers import Serving
@@ -67,6 +80,17 @@ def block_weight_bytes(model: ModelConfig, element_size: int) -> int:
     return (attention + mlp + 2 * d) * element_size
 
 
+def model_spec(model: ModelConfig, element_size: int) -> ModelSpec:
+    """The model as placement sees it, in this server's dtype."""
+    return ModelSpec(
+        num_blocks=model.num_hidden_layers,
+        block_bytes=block_weight_bytes(model, element_size),
+        hidden_size=model.hidden_size,
+        kv_bytes_per_token_block=model.kv_bytes_per_token(1, element_size),
+        name=model.model_id or "model",
+    )
+
+
 def free_memory(device: torch.device) -> int:
     """What this server may budget on ``device`` when ``--memory`` is not given."""
     if device.type == "cuda":
@@ -76,26 +100,38 @@ def free_memory(device: torch.device) -> int:
     return int(available * CPU_MEMORY_SHARE)
 
 
+def element_size(config: ServerConfig) -> int:
+    return resolve_dtype(resolve_device(config.device), config.dtype).itemsize
+
+
 def span_length(config: ServerConfig, model: ModelConfig) -> int:
     """How many blocks this server holds: ``num_blocks`` if given, else what
     its memory budget fits beside the KV cache it promises."""
-    total = model.num_hidden_layers
     if config.num_blocks is not None:
-        return min(config.num_blocks, total)
-    device = resolve_device(config.device)
-    element_size = resolve_dtype(device, config.dtype).itemsize
-    memory = config.memory_bytes if config.memory_bytes is not None else free_memory(device)
-    per_block = block_weight_bytes(model, element_size)
-    fits = (memory - config.cache_bytes) // per_block
-    if fits < 1:
-        raise ConfigError(
-            f"a memory budget of {memory} bytes holds no block of {model.model_id} "
-            f"({per_block} bytes each) beside a KV cache of {config.cache_bytes} bytes",
-            memory_bytes=memory,
-            block_bytes=per_block,
-            cache_bytes=config.cache_bytes,
-        )
-    return int(min(fits, total))
+        return min(config.num_blocks, model.num_hidden_layers)
+    memory = (
+        config.memory_bytes
+        if config.memory_bytes is not None
+        else free_memory(resolve_device(config.device))
+    )
+    spec = model_spec(model, element_size(config))
+    return span_blocks(memory - config.cache_bytes, spec, cache_tokens=0)
+
+
+def assumed_taus(
+    config: ServerConfig, blocks: int, others: list[ServerView]
+) -> tuple[float, float]:
+    """(tau_decode, tau_forward) before measuring: ``--throughput`` if given,
+    else the swarm's median server (1 s when alone: no other to compare)."""
+    if config.throughput is not None:
+        decode, forward = config.throughput
+        return 1.0 / (decode * blocks), 1.0 / (forward * blocks)
+    if not others:
+        return 1.0, 1.0
+    return (
+        statistics.median(v.tau_decode for v in others),
+        statistics.median(v.tau_forward for v in others),
+    )
 
 
 async def choose_blocks(
@@ -110,17 +146,14 @@ async def choose_blocks(
         source, records = await fetch_view(
             pool, config.peers, timeout=config.gossip.request_timeout
         )
-    span = initial_span(
-        records,
-        model_id=model.model_id,
-        num_blocks=model.num_hidden_layers,
-        blocks=blocks,
-        exclude=security.peer_id,
-        rng=random.Random(),
-    )
+    spec = model_spec(model, element_size(config))
+    others = server_views(records, model.model_id, spec, exclude=security.peer_id)
+    tau_decode, tau_forward = assumed_taus(config, blocks, others)
+    me = LocalServer(model.model_id, spec, blocks, config.cache_bytes, tau_decode, tau_forward)
+    span = initial_span(records, me, peer_id=security.peer_id)
     logger.info(
         "chose blocks %d:%d of %d from the view of %s (%d server(s))",
-        *span, model.num_hidden_layers, source, len(records),
+        *span, model.num_hidden_layers, source, len(others),
     )  # fmt: skip
     return span
 
@@ -183,12 +216,20 @@ async def rebalance(
     task_status: trio.TaskStatus[Rebalancer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run this server's Rebalancer until cancelled (``nursery.start`` returns it)."""
-    blocks = serving.blocks[1] - serving.blocks[0]
+    start, end = serving.blocks
+    blocks = end - start
+    model = serving.span.config
+    me = LocalServer(
+        model_id=model.model_id,
+        model=model_spec(model, serving.span.dtype.itemsize),
+        blocks=blocks,
+        cache_bytes=config.cache_bytes,
+        tau_decode=1.0 / (serving.throughput.decode * blocks),
+        tau_forward=1.0 / (serving.throughput.forward * blocks),
+    )
     rebalancer = Rebalancer(
         node,
-        num_blocks=serving.span.config.num_hidden_layers,
-        blocks=blocks,
-        tau_decode=1.0 / (serving.throughput.decode * blocks),
+        me,
         move=SpanMover(config, serving, publisher).move,
         config=RebalanceConfig(period=config.rebalance_period),
     )

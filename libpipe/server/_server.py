@@ -84,7 +84,13 @@ class BlockServer:
             throughput = Throughput(*cfg.throughput)
         else:
             throughput = await trio.to_thread.run_sync(
-                functools.partial(load_or_measure, span, cfg.cache_dir, progress=cfg.progress)
+                functools.partial(
+                    load_or_measure,
+                    span,
+                    cfg.cache_dir,
+                    seconds=cfg.measure_seconds,
+                    progress=cfg.progress,
+                )
             )
         max_length = min(cfg.max_length, span.config.max_position_embeddings)
         with KVCachePool(cfg.cache_bytes, span.device) as pool:
