@@ -1,0 +1,76 @@
+"""Servers gossip signed records of themselves: span, throughput, load, state."""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from libpipe.swarm import RecordState, verified_records
+
+from .conftest import running_servers
+
+
+async def wait_until(predicate, limit: float = 30.0) -> None:
+    with trio.fail_after(limit):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+def records(server) -> dict:
+    return {r.record.peer_id: r.record for r in server.node.view()}
+
+
+async def test_three_servers_with_peers_see_each_others_records(gqa, make_config):
+    lone = make_config(gqa, (0, 3), record_interval=0.1)
+    async with running_servers([lone]) as (servers, pool):
+        first = servers[0]
+        # The others join through the first, which was started without --peers.
+        configs = [
+            make_config(gqa, (3, 5), peers=(first.address,), record_interval=0.1),
+            make_config(gqa, (5, 8), peers=(first.address,), record_interval=0.1),
+        ]
+        async with running_servers(configs) as (others, _):
+            everyone = [first, *others]
+            ids = {s.peer_id for s in everyone}
+            await wait_until(lambda: all(set(records(s)) == ids for s in everyone))
+            view = records(others[1])
+            for server in everyone:
+                record = view[server.peer_id]
+                assert record.span == server.config.blocks
+                assert record.addresses == (server.address,)
+                assert record.state is RecordState.ONLINE
+                assert record.throughput_decode == 100.0
+                assert record.dtype == "float32"
+                assert record.free_cache_bytes == server.config.cache_bytes
+
+            # Load is re-announced: a session on the first server shows up elsewhere.
+            conn = await pool.get(first.address)
+            meta = {"start": 0, "end": 3, "batch": 1, "max_length": 16}
+            async with conn.open_stream("inference", meta) as stream:
+                await stream.receive()
+                await wait_until(
+                    lambda: (
+                        records(others[0])[first.peer_id].active_sessions == 1
+                        and records(others[0])[first.peer_id].free_cache_bytes
+                        < first.config.cache_bytes
+                    )
+                )
+                await stream.close_send()
+
+            # A client learns every server from any one of them.
+            reply = await conn.call("swarm.view", {})
+            learned = verified_records(
+                reply.meta["records"], now=time.time(), ttl=60.0, max_skew=60.0
+            )
+            assert {r.record.peer_id for r in learned} == ids
+
+            # Draining is announced at once.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(others[1].drain)
+                await wait_until(
+                    lambda: (
+                        records(first).get(others[1].peer_id) is None
+                        or records(first)[others[1].peer_id].state is RecordState.DRAINING
+                    )
+                )
