@@ -37,8 +37,8 @@ import torch
 import trio
 from torch import Tensor
 
-from ..errors import InvalidRequestError, LibpipeError, RemoteError
-from ..wire import Limits
+from ..errors import InvalidRequestError, LibpipeError, RemoteError, TensorOverflowError
+from ..wire import Limits, cast_for_wire
 from ._context import SwarmContext, hop_error
 from ._failover import FailureLedger
 from ._routing import PlannedHop
@@ -226,10 +226,14 @@ class TrainChain:
         )
 
     async def _failed(self, ledger: FailureLedger, hop: PlannedHop, exc: Exception) -> None:
-        """Ban the hop's server and count the failure, or re-raise what is not one."""
+        """Ban the hop's server and count the failure, or re-raise what is not
+        the server's fault: a request it calls invalid or values that overflow
+        the wire dtype would fail the same on every server."""
         error = hop_error(exc)
         if error is None:
             raise exc
+        if isinstance(error, (InvalidRequestError, TensorOverflowError)):
+            raise error
         self.ctx.view.ban(hop.peer_id, str(error))
         self.directory.forget(hop.peer_id)
         await ledger.record(hop.describe(), error)
@@ -283,7 +287,8 @@ class TrainChain:
     def _to_wire(self, t: Tensor) -> Tensor:
         # The wire carries host memory; a client computing on a GPU gets its
         # results back on the device it sent from.
-        return t.detach().to("cpu", self.ctx.wire_dtype).contiguous()
+        # Casting down to fp16 must not turn values into infinities.
+        return cast_for_wire(t.detach().cpu(), self.ctx.wire_dtype).contiguous()
 
     def _check(self, hidden: Tensor, prompts: Tensor | None) -> None:
         h = self.ctx.hidden_size

@@ -32,16 +32,19 @@ async def test_sigkill_mid_backward_with_an_adapter(checkpoint, adapters):
     try:
         async with Client(checkpoint, [fast.address, slow.address], insecure=True) as client:
             blocks = remote_blocks(client, adapter="all")
-            calls = recording(blocks.chain, kill_before=("backward", fast.peer_id, fast.kill))
+            by_id = {s.peer_id: s for s in (fast, slow)}
+            # The server the backward goes to is SIGKILLed as it is sent.
+            calls = recording(
+                blocks.chain, kill_before=("backward", lambda peer: by_id[peer].kill())
+            )
             got = await trio.to_thread.run_sync(training_step, blocks, head, ids, soft, deep)
     finally:
         fast.close()
         slow.close()
-    assert fast.returncode == -9
-    assert [(m, p) for m, p, _, _ in calls] == [
-        ("forward", fast.peer_id),
-        ("backward", fast.peer_id),  # SIGKILLed
-        ("backward", slow.peer_id),
-    ]
+    # Backward may go to either replica (servers keep nothing between passes).
+    (_, victim, _, _), (_, other, _, _) = calls[1:]
+    assert [m for m, _, _, _ in calls] == ["forward", "backward", "backward"]
+    assert victim != other
+    assert by_id[victim].returncode == -9
     for g, e in zip(got, expected, strict=True):
         assert (g - e).abs().max() <= 1e-6

@@ -9,7 +9,7 @@ import trio
 
 from libpipe.client._remote_blocks import RemoteBlocks
 from libpipe.client._train_chain import TrainChain
-from libpipe.errors import NoRouteError
+from libpipe.errors import InvalidRequestError, NoRouteError, TensorOverflowError
 from libpipe.model import load_client_head, load_span
 
 from .conftest import kill, running_swarm
@@ -21,16 +21,16 @@ FAST, SLOW = (1000.0, 1e6), (100.0, 1000.0)
 
 def recording(chain: TrainChain, *, kill_before=None):
     """Wrap ``chain._call`` to log (method, peer, blocks) of every request.
-    ``kill_before=(method, peer_id, kill)``: call ``kill()`` just before the
-    first request of ``method`` to that server (once)."""
+    ``kill_before=(method, kill)``: call ``kill(peer_id)`` just before the
+    first request of ``method``, with the peer id it goes to."""
     calls: list[tuple[str, str, int, int]] = []
     real_call = chain._call
     pending = [kill_before] if kill_before else []
 
     async def call(hop, method, x, grad, prompts):
         calls.append((method, hop.peer_id, hop.start, hop.end))
-        if pending and pending[0][:2] == (method, hop.peer_id):
-            pending.pop()[2]()
+        if pending and pending[0][0] == method:
+            pending.pop()[1](hop.peer_id)
         return await real_call(hop, method, x, grad, prompts)
 
     chain._call = call
@@ -56,7 +56,8 @@ async def test_server_killed_mid_step_is_replaced_with_the_same_gradients(
     async with running_swarm(configs) as (servers, ctx):
         whole, first, second = servers
         chain = TrainChain(ctx)
-        calls = recording(chain, kill_before=(method, whole.peer_id, lambda: kill(whole)))
+        by_id = {s.peer_id: s for s in servers}
+        calls = recording(chain, kill_before=(method, lambda peer: kill(by_id[peer])))
         got = await step(ctx, checkpoint, ids, soft, deep, chain)
         assert ctx.view.is_banned(whole.peer_id)
     for g, e in zip(got, expected, strict=True):
@@ -135,3 +136,26 @@ async def test_server_that_cannot_say_its_adapters_is_banned(checkpoint, adapter
         assert chain.directory.loaded(dead.peer_id) is None
         assert chain.directory.loaded(alive.peer_id) == frozenset({"attn"})
         assert {peer for _, peer, _, _ in calls} == {alive.peer_id}
+
+
+async def test_errors_that_are_not_the_servers_fault_are_not_retried(checkpoint, make_config):
+    async with running_swarm([make_config(checkpoint, (0, 8))], wire_dtype=torch.float16) as (
+        servers,
+        ctx,
+    ):
+        (server,) = servers
+        x = torch.zeros(1, 4, 64)
+        x[0, 0, 0] = 1e5  # no fp16 for that
+        chain = TrainChain(ctx)
+        calls = recording(chain)
+        with pytest.raises(TensorOverflowError, match="overflows 1 value"):
+            await trio.to_thread.run_sync(RemoteBlocks(chain), x)
+        assert calls == []
+        # The client believes (wrongly) that the server has adapter "ghost":
+        # the server's invalid_request comes back at once, nobody is banned.
+        chain = TrainChain(ctx, adapter="ghost")
+        chain.directory._loaded[server.peer_id] = frozenset({"ghost"})
+        calls = recording(chain)
+        with pytest.raises(InvalidRequestError, match="unknown adapter 'ghost'"):
+            await trio.to_thread.run_sync(RemoteBlocks(chain), torch.zeros(1, 4, 64))
+        assert len(calls) == 1 and not ctx.view.is_banned(server.peer_id)
