@@ -596,7 +596,7 @@ class WireConnection:
             raise MalformedMetadataError(
                 f"{kind.name} metadata is not valid msgpack: {exc}"
             ) from exc
-        if not isinstance(meta, dict):
+        if type(meta) is not dict:
             raise InvalidMessageError(
                 f"{kind.name} metadata must be a map, not {type(meta).__name__}"
             )

@@ -70,5 +70,5 @@ def test_vector(vector):
         assert b"".join(bytes(b) for b in sender.send(expected)).hex() == vector["hex"]
     got = _receive(receiver, data)
     assert make_vectors.event_to_json(got) == vector["event"]
-    for t, e in zip(getattr(got, "tensors", ()), expected.__dict__.get("tensors", ()), strict=True):
+    for t, e in zip(getattr(got, "tensors", ()), getattr(expected, "tensors", ()), strict=True):
         assert torch.equal(t, e)
