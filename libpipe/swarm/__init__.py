@@ -26,10 +26,12 @@ from ._probe import ProbeOrder as ProbeOrder
 from ._probe import ProbeResult as ProbeResult
 from ._probe import probe_round as probe_round
 from ._pushpull import push_pull_round as push_pull_round
+from ._rebalance import LocalServer as LocalServer
 from ._rebalance import MoveCallback as MoveCallback
 from ._rebalance import RebalanceConfig as RebalanceConfig
 from ._rebalance import Rebalancer as Rebalancer
 from ._rebalance import initial_span as initial_span
+from ._rebalance import server_views as server_views
 from ._record import RecordState as RecordState
 from ._record import ServerRecord as ServerRecord
 from ._record import SignedRecord as SignedRecord

@@ -2,14 +2,15 @@
 
 Theory of operation. The gossip node already holds every server's signed
 record; a ``Rebalancer`` turns the records of servers of the same model
-into spans with throughputs and asks the placement rule two questions:
-where should a server that holds nothing yet start (``initial_span``), and
-should a running server move (``evaluate``, with hysteresis: only a clear
-improvement of the swarm counts). It evaluates on a randomised period
-(uniform over ``period * (1 +- jitter)``, first one at a random phase) so
-that servers which learn of the same death at the same moment do not all
-rush to the same gap: the first mover announces its new span, and the
-others see the gap covered when their turn comes.
+into ``placement.ServerView``s and asks the placement layer the two
+questions the simulator asks too: where should a server that holds nothing
+yet start (``placement.choose_span``), and should a running server move
+(``placement.should_move``, with hysteresis: only a clear improvement of
+the swarm counts). It evaluates on a randomised period (uniform over
+``period * (1 +- jitter)``, the first at a random phase) so that servers
+which learn of the same death at the same moment do not all rush to the
+same gap: the first mover announces its new span, and the others see the
+gap covered when their turn comes.
 
 Moving is the embedding server's job, through the ``move(start, end)``
 callback: load the new blocks, announce them (``update_local_record``),
@@ -35,8 +36,8 @@ import trio
 
 from ..errors import ConfigError
 from ..net import short_peer_id
+from ..placement import DEFAULT_MOVE_MARGIN, ModelSpec, ServerView, choose_span, should_move
 from ._node import GossipNode
-from ._petals_rule import Holding, best_start, block_throughput, should_move
 from ._record import RecordState, ServerRecord
 
 logger = logging.getLogger("libpipe.swarm")
@@ -57,11 +58,9 @@ class RebalanceConfig:
     period: float = 60.0
     # Each wait is uniform over period * [1 - jitter, 1 + jitter].
     jitter: float = 0.5
-    # Hysteresis: the swarm's per-block throughput must improve by more than
-    # this fraction at its weakest differing block before a server moves.
-    # Measured throughputs vary by a few percent between runs; 20% is well
-    # clear of that noise.
-    margin: float = 0.2
+    # Hysteresis of placement.should_move: the improvement a move must bring
+    # (its default is argued there).
+    margin: float = DEFAULT_MOVE_MARGIN
 
     def __post_init__(self) -> None:
         if not self.period > 0:
@@ -75,107 +74,143 @@ class RebalanceConfig:
         return self.period * rng.uniform(1 - self.jitter, 1 + self.jitter)
 
 
-def holding_of(record: ServerRecord) -> Holding | None:
-    """What a record says a server contributes, or None when it counts for nothing."""
+def server_view(record: ServerRecord, model: ModelSpec) -> ServerView | None:
+    """What placement knows of a server from its record, or None when it
+    counts for nothing (no span, no measured speed, or leaving)."""
     start, end = record.span
-    if record.state not in COUNTED_STATES or end <= start or record.throughput_decode <= 0:
+    n = end - start
+    if (
+        record.state not in COUNTED_STATES
+        or n <= 0
+        or record.throughput_decode <= 0
+        or record.throughput_forward <= 0
+    ):
         return None
-    return Holding(record.peer_id, start, end, record.throughput_decode)
+    # Throughputs are over the whole span; placement wants seconds per block.
+    return ServerView(
+        peer_id=record.peer_id,
+        start=start,
+        end=end,
+        tau_decode=1.0 / (record.throughput_decode * n),
+        tau_forward=1.0 / (record.throughput_forward * n),
+        free_cache_bytes=record.free_cache_bytes,
+        cache_bytes_per_token_block=model.kv_bytes_per_token_block,
+    )
+
+
+def server_views(
+    records: Iterable[ServerRecord], model_id: str, model: ModelSpec, *, exclude: str | None = None
+) -> list[ServerView]:
+    """Views of the servers of ``model_id`` among ``records`` (``exclude``: ourselves)."""
+    views = (
+        server_view(r, model) for r in records if r.peer_id != exclude and r.model_id == model_id
+    )
+    return [v for v in views if v is not None]
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """What a server knows of itself before it serves: its model, how many
+    blocks it holds, the KV cache it promises over them, and its measured
+    seconds per block (decode step, forward token)."""
+
+    model_id: str
+    model: ModelSpec
+    blocks: int
+    cache_bytes: int
+    tau_decode: float
+    tau_forward: float
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.blocks <= self.model.num_blocks:
+            raise ConfigError(
+                f"a server holds between 1 and {self.model.num_blocks} blocks, not {self.blocks}",
+                blocks=self.blocks,
+            )
+        if self.cache_bytes < 0:
+            raise ConfigError("cache_bytes must not be negative", cache_bytes=self.cache_bytes)
+        for name in ("tau_decode", "tau_forward"):
+            tau = getattr(self, name)
+            if not (math.isfinite(tau) and tau > 0):
+                raise ConfigError(f"{name} must be a positive number of seconds", tau=tau)
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens of cache per block the server promises."""
+        return self.cache_bytes // (self.blocks * self.model.kv_bytes_per_token_block)
+
+    def view(self, peer_id: str, span: tuple[int, int]) -> ServerView:
+        """This server at ``span``, with its whole cache budget free (a busy
+        server must not look like a poor one to itself)."""
+        return ServerView(
+            peer_id=peer_id,
+            start=span[0],
+            end=span[1],
+            tau_decode=self.tau_decode,
+            tau_forward=self.tau_forward,
+            free_cache_bytes=self.cache_bytes,
+            cache_bytes_per_token_block=self.model.kv_bytes_per_token_block,
+        )
 
 
 def initial_span(
-    records: Iterable[ServerRecord],
-    *,
-    model_id: str,
-    num_blocks: int,
-    blocks: int,
-    exclude: str | None = None,
-    rng: random.Random | None = None,
+    records: Iterable[ServerRecord], me: LocalServer, *, peer_id: str
 ) -> tuple[int, int]:
-    """Where a server of ``blocks`` blocks that holds nothing yet should start,
-    given the records of the swarm (``exclude``: our own peer id)."""
-    holdings = (holding_of(r) for r in records if r.peer_id != exclude and r.model_id == model_id)
-    per_block = block_throughput([h for h in holdings if h is not None], num_blocks)
-    blocks = min(blocks, num_blocks)
-    start = best_start(per_block, blocks, rng)
-    return start, start + blocks
+    """Where a server that holds nothing yet should start, given the swarm's records."""
+    return choose_span(
+        server_views(records, me.model_id, me.model, exclude=peer_id),
+        me.model,
+        blocks=me.blocks,
+        cache_tokens=me.cache_tokens,
+        tau_decode=me.tau_decode,
+        tau_forward=me.tau_forward,
+        peer_id=peer_id,
+    )
 
 
 class Rebalancer:
     """Chooses and re-chooses this server's span from ``node``'s view.
 
-    ``blocks`` is how many blocks the server can hold (from its memory
-    budget); ``tau_decode`` its measured seconds per block for one decode
-    step. ``move`` is awaited when the server should move."""
+    ``move`` is awaited when the server should move; it is public so that
+    an operator's tool (or a test) can move a server by hand."""
 
     def __init__(
         self,
         node: GossipNode,
+        me: LocalServer,
         *,
-        num_blocks: int,
-        blocks: int,
-        tau_decode: float,
         move: MoveCallback,
         config: RebalanceConfig | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        if num_blocks < 1 or blocks < 1:
-            raise ConfigError(
-                "a model has at least one block and a server holds at least one",
-                num_blocks=num_blocks,
-                blocks=blocks,
-            )
-        if not (math.isfinite(tau_decode) and tau_decode > 0):
-            raise ConfigError("tau_decode must be a positive number of seconds", tau=tau_decode)
         self.node = node
-        self.num_blocks = num_blocks
-        self.blocks = min(blocks, num_blocks)
-        self.tau_decode = tau_decode
+        self.me = me
+        self.move = move
         self.config = config if config is not None else RebalanceConfig()
         self.moves = 0
-        self.move = move
         self._rng = rng if rng is not None else random.Random()
 
     @property
     def span(self) -> tuple[int, int]:
         return self.node.local_record.record.span
 
-    def others(self) -> list[Holding]:
+    def others(self) -> list[ServerView]:
         """Every other server of our model that currently counts."""
-        me = self.node.local_record.record
-        holdings = (
-            holding_of(signed.record)
-            for signed in self.node.view()
-            if signed.record.peer_id != me.peer_id and signed.record.model_id == me.model_id
-        )
-        return [h for h in holdings if h is not None]
-
-    def coverage(self) -> list[float]:
-        """Throughput per block as this node sees the swarm, itself included."""
-        me = self.node.local_record.record
-        mine = Holding(me.peer_id, *me.span, self._throughput(me.span[1] - me.span[0]))
-        return block_throughput([*self.others(), mine], self.num_blocks)
+        records = (signed.record for signed in self.node.view())
+        return server_views(records, self.me.model_id, self.me.model, exclude=self.node.peer_id)
 
     def initial_span(self) -> tuple[int, int]:
-        """Where a server that holds nothing yet should start."""
-        return initial_span(
-            (signed.record for signed in self.node.view()),
-            model_id=self.node.local_record.record.model_id,
-            num_blocks=self.num_blocks,
-            blocks=self.blocks,
-            exclude=self.node.peer_id,
-            rng=self._rng,
-        )
+        """Where this server should start if it held nothing yet."""
+        records = (signed.record for signed in self.node.view())
+        return initial_span(records, self.me, peer_id=self.node.peer_id)
 
     def evaluate(self) -> tuple[int, int] | None:
         """The span to move to now, or None to stay."""
         start, end = self.span
         if end <= start:
             return self.initial_span()
-        me = Holding(self.node.peer_id, start, end, self._throughput(end - start))
-        return should_move(
-            self.others(), me, self.num_blocks, margin=self.config.margin, rng=self._rng
-        )
+        me = self.me.view(self.node.peer_id, (start, end))
+        return should_move(me, self.others(), self.me.model, margin=self.config.margin)
 
     async def step(self) -> bool:
         """One evaluation, and the move when it says so; True when we moved."""
@@ -200,7 +235,3 @@ class Rebalancer:
         while True:
             await self.step()
             await trio.sleep(self.config.next_wait(self._rng))
-
-    def _throughput(self, length: int) -> float:
-        """Decode steps per second through a span of ``length`` blocks."""
-        return 0.0 if length <= 0 else 1.0 / (self.tau_decode * length)

@@ -111,7 +111,7 @@ def test_span_length_comes_from_the_memory_budget(model_dir, tmp_path):
         span_length(auto_config(model_dir, tmp_path, [], memory_bytes=None, num_blocks=3), model)
         == 3
     )
-    with pytest.raises(ConfigError, match="holds no block"):
+    with pytest.raises(ConfigError, match="cannot hold one block"):
         span_length(auto_config(model_dir, tmp_path, [], memory_bytes=CACHE_BYTES + 10), model)
     with pytest.raises(ConfigError):
         ServerConfig(model_dir, (0, 4), num_blocks=4)

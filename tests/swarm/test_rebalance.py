@@ -8,18 +8,24 @@ import pytest
 import trio
 
 from libpipe.errors import ConfigError
-from libpipe.swarm import RebalanceConfig, Rebalancer, RecordState
-from libpipe.swarm._petals_rule import (
-    Holding,
-    best_start,
-    block_throughput,
-    clearly_better,
-    should_move,
+from libpipe.net import Identity
+from libpipe.placement import ModelSpec
+from libpipe.swarm import (
+    LocalServer,
+    RebalanceConfig,
+    Rebalancer,
+    RecordState,
+    ServerRecord,
+    server_views,
 )
 
 NUM_BLOCKS = 12
 BLOCKS = 4
 TAU = 0.01  # seconds per block per decode step
+MODEL = ModelSpec(
+    num_blocks=NUM_BLOCKS, block_bytes=1 << 20, hidden_size=64, kv_bytes_per_token_block=512
+)
+CACHE_BYTES = BLOCKS * 512 * 2048  # 2048 tokens of cache per block
 PERIOD = 10.0
 LOAD_TIME = 1.0  # virtual seconds a move spends loading blocks
 
@@ -48,7 +54,8 @@ async def start_server(
 ) -> Server:
     """Start a server at ``span`` (None: let the rebalancer choose it, as a new
     server does) with a rebalancer running every ~PERIOD seconds. ``noise``
-    makes it re-announce a throughput jittered by that fraction every second."""
+    makes it re-announce a throughput and a free cache jittered by that fraction
+    three times a period."""
     rng = random.Random(seed)
     node = swarm.make(span=span or (0, 0), state=RecordState.ONLINE)
 
@@ -56,18 +63,15 @@ async def start_server(
         await trio.sleep(LOAD_TIME)
         node.update_local_record(span=(start, end))
 
-    rebalancer = Rebalancer(
-        node,
-        num_blocks=NUM_BLOCKS,
-        blocks=BLOCKS,
-        tau_decode=tau,
-        move=move,
-        config=RebalanceConfig(period=PERIOD),
-        rng=rng,
-    )
+    me = LocalServer("test/model", MODEL, BLOCKS, CACHE_BYTES, tau, tau / 10)
+    rebalancer = Rebalancer(node, me, move=move, config=RebalanceConfig(period=PERIOD), rng=rng)
     bootstrap = [swarm.nodes[0].address] if swarm.nodes else []
     throughput = 1 / (tau * BLOCKS)
-    node.update_local_record(throughput_decode=throughput)
+    node.update_local_record(
+        throughput_decode=throughput,
+        throughput_forward=10 * throughput,
+        free_cache_bytes=CACHE_BYTES,
+    )
     await swarm.start(node, bootstrap)
     if span is None:
         node.update_local_record(span=rebalancer.initial_span())
@@ -78,9 +82,14 @@ async def start_server(
             async with trio.open_nursery() as inner:
                 inner.start_soon(rebalancer.run)
                 while noise:
-                    await trio.sleep(1.0)
+                    await trio.sleep(PERIOD / 3)
                     jitter = 1 + rng.uniform(-noise, noise)
-                    node.update_local_record(throughput_decode=throughput * jitter)
+                    # Sessions come and go: free cache wobbles too.
+                    in_use = rng.uniform(0, noise)
+                    node.update_local_record(
+                        throughput_decode=throughput * jitter,
+                        free_cache_bytes=int(CACHE_BYTES * (1 - in_use)),
+                    )
 
     swarm.nursery.start_soon(run)
     return Server(swarm, node, rebalancer, scope)
@@ -105,44 +114,47 @@ def moves(servers: list[Server]) -> int:
     return sum(s.rebalancer.moves for s in servers)
 
 
-# --- the rule ----------------------------------------------------------------------
+# --- records to views ----------------------------------------------------------------
 
 
-def test_block_throughput_sums_the_servers_of_each_block():
-    holdings = [Holding("a", 0, 2, 5.0), Holding("b", 1, 4, 1.0), Holding("c", 3, 3, 9.0)]
-    assert block_throughput(holdings, 4) == [5.0, 6.0, 1.0, 1.0]
+def record(span, *, state=RecordState.ONLINE, decode=25.0, forward=250.0, model_id="test/model"):
+    identity = Identity.generate()
+    return ServerRecord(
+        peer_id=identity.peer_id,
+        public_key=identity.public_key_bytes,
+        addresses=("a:1",),
+        model_id=model_id,
+        span=span,
+        dtype="float32",
+        version="",
+        throughput_decode=decode,
+        throughput_forward=forward,
+        free_cache_bytes=CACHE_BYTES,
+        active_sessions=0,
+        state=state,
+        incarnation=1,
+        timestamp=1.0,
+    )
 
 
-def test_best_start_covers_the_weakest_window():
-    assert best_start([3.0, 3.0, 0.0, 1.0, 3.0], 2) == 2
-    # Weakest block first, then the next weakest: [1, 2] beats [0, 1].
-    assert best_start([5.0, 1.0, 2.0, 1.0, 6.0], 2) == 1
-    # A window longer than the model is the whole model.
-    assert best_start([1.0, 2.0], 5) == 0
-    # Equal gaps: the window that fits its gap snugly, not one leaving slivers.
-    assert best_start([9.0, 0.0, 0.0, 0.0, 0.0, 9.0], 2, random.Random(0)) in (1, 3)
-    assert {best_start([0.0] * 6, 2, random.Random(seed)) for seed in range(20)} == {0, 4}
-    # Ties left after that are spread at random, not piled on the first window.
-    starts = {best_start([0.0, 0.0, 5.0, 0.0, 0.0], 2, random.Random(s)) for s in range(20)}
-    assert starts == {0, 3}
-
-
-def test_clearly_better_needs_the_margin():
-    assert clearly_better([1.0, 2.0], [0.0, 2.0], 0.2)
-    assert not clearly_better([1.1, 2.0], [1.0, 2.0], 0.2)
-    assert clearly_better([1.0, 3.0], [1.0, 2.0], 0.2)
-    assert not clearly_better([1.0, 2.0], [1.0, 2.0], 0.2)
-    assert not clearly_better([0.5, 9.0], [1.0, 2.0], 0.2)
-
-
-def test_should_move_only_for_a_clear_gain():
-    others = [Holding("a", 0, 2, 1.0), Holding("b", 0, 2, 1.0)]
-    assert should_move(others, Holding("me", 0, 2, 1.0), 4, margin=0.2) == (2, 4)
-    # Already on the weakest blocks: stay.
-    assert should_move(others, Holding("me", 2, 4, 1.0), 4, margin=0.2) is None
-    # A small imbalance is within the margin.
-    uneven = [Holding("a", 0, 2, 1.0), Holding("b", 2, 4, 1.1)]
-    assert should_move(uneven, Holding("me", 2, 4, 1.0), 4, margin=0.2) is None
+def test_records_become_per_block_views_of_counted_servers():
+    good = record((0, 4))
+    joining = record((4, 8), state=RecordState.JOINING)
+    records = [
+        good,
+        joining,
+        record((8, 12), state=RecordState.DRAINING),
+        record((0, 0)),
+        record((0, 4), decode=0.0),
+        record((0, 4), model_id="other/model"),
+    ]
+    views = server_views(records, "test/model", MODEL, exclude=joining.peer_id)
+    assert [v.peer_id for v in views] == [good.peer_id]
+    (view,) = views
+    # 25 steps/s through 4 blocks: 10 ms per block; forward 250 tok/s: 1 ms.
+    assert (view.start, view.end) == (0, 4)
+    assert view.tau_decode == pytest.approx(0.01) and view.tau_forward == pytest.approx(0.001)
+    assert view.free_cache_bytes == CACHE_BYTES and view.cache_bytes_per_token_block == 512
 
 
 # --- configuration -------------------------------------------------------------------
@@ -156,20 +168,27 @@ def test_bad_rebalance_config_is_refused(kwargs):
         RebalanceConfig(**kwargs)
 
 
-async def test_bad_rebalancer_arguments_are_refused(autojump_clock, swarm):
-    node = swarm.make()
-
-    async def move(start: int, end: int) -> None:
-        raise AssertionError("never called")
-
-    for kwargs in (
-        {"num_blocks": 0, "blocks": 4, "tau_decode": TAU},
-        {"num_blocks": 12, "blocks": 0, "tau_decode": TAU},
-        {"num_blocks": 12, "blocks": 4, "tau_decode": 0.0},
-        {"num_blocks": 12, "blocks": 4, "tau_decode": float("nan")},
-    ):
-        with pytest.raises(ConfigError):
-            Rebalancer(node, move=move, **kwargs)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"blocks": 0},
+        {"blocks": NUM_BLOCKS + 1},
+        {"cache_bytes": -1},
+        {"tau_decode": 0.0},
+        {"tau_forward": float("nan")},
+    ],
+)
+def test_bad_local_server_is_refused(kwargs):
+    values = dict(
+        model_id="m",
+        model=MODEL,
+        blocks=4,
+        cache_bytes=CACHE_BYTES,
+        tau_decode=TAU,
+        tau_forward=TAU,
+    )
+    with pytest.raises(ConfigError):
+        LocalServer(**(values | kwargs))
 
 
 def test_waits_are_jittered_around_the_period():
