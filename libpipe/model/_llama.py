@@ -188,12 +188,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, adapter: BlockAdapter | None = None) -> Tensor:
         gate = F.silu(_project("gate_proj", self.gate_proj, x, adapter))
-        return _project(
-            "down_proj",
-            self.down_proj,
-            gate * _project("up_proj", self.up_proj, x, adapter),
-            adapter,
-        )
+        up = _project("up_proj", self.up_proj, x, adapter)
+        return _project("down_proj", self.down_proj, gate * up, adapter)
 
 
 class Block(nn.Module):
