@@ -122,7 +122,7 @@ class TrainChain:
 
         await _concurrently([functools.partial(run, n, r) for n, r in enumerate(rows)])
         out = torch.cat([o for o in outputs if o is not None], dim=0)
-        return out.to(hidden.device, hidden.dtype), tuple(p for p in pieces if p is not None)
+        return out.to(hidden.device, hidden.dtype), tuple(pc for pc in pieces if pc is not None)
 
     async def backward(
         self,
