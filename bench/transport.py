@@ -9,7 +9,9 @@ In one run, on 127.0.0.1:
 * libpipe stream: ``net.SocketStream`` (the non-blocking socket libpipe
   drives from trio), plain and TLS, bytes only;
 * libpipe RPC: full frames through the wire codec and the connection
-  (``Connection.call`` / a stream), plaintext and TLS.
+  (``Connection.call`` / a stream), plaintext and TLS;
+* libpipe session: round trips on one open bidirectional stream, the shape
+  of a client's decode steps.
 
 Measures (a) ping-pong of a small message (median and p99 microseconds),
 (b) a decode-step RPC: a (1, 1, 4096) fp16 tensor each way (median us),
@@ -18,7 +20,7 @@ raw, measured in the same run. Targets: ``tls_stream_vs_raw_tls`` >= 0.70
 (libpipe TLS streaming over raw blocking TLS); ``rpc_rtt_vs_raw`` <= 2.0
 (libpipe's small-RPC round trip over raw trio ping-pong).
 
-    .venv/bin/python bench/transport.py [--rounds 2000 --messages 24 --json]
+    .venv/bin/python bench/transport.py [--rounds 2000 --messages 24 --json --quick]
 """
 
 from __future__ import annotations
@@ -275,6 +277,43 @@ async def rpc_pingpong(
     return _stats(samples)
 
 
+async def session_pingpong(
+    security: Security, tensor_bytes: int, rounds: int, compression: bool = False
+) -> dict[str, float]:
+    """Round trips on one bidirectional stream: an inference session's shape
+    (send a step, receive its result), as a client drives decode steps."""
+    import torch
+
+    from libpipe.net import ConnectionConfig, Router, connect, serve
+
+    config = ConnectionConfig(compression=compression)
+    router = Router()
+
+    async def echo(ctx, stream) -> None:
+        async for message in stream:
+            await stream.send(message.meta, message.tensors)
+
+    router.stream("echo", echo)
+    tensors = (torch.randn((1, 1, tensor_bytes // 2)).half(),) if tensor_bytes else ()
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            functools.partial(
+                serve, router, host="127.0.0.1", port=0, security=security, config=config
+            )
+        )
+        async with connect(host, port, security=security, config=config) as conn:
+            async with conn.open_stream("echo") as stream:
+                samples = []
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    await stream.send({"step": 1}, tensors)
+                    await stream.receive()
+                    samples.append(time.perf_counter() - t0)
+                await stream.close_send()
+        nursery.cancel_scope.cancel()
+    return _stats(samples)
+
+
 async def rpc_throughput(security: Security, messages: int, compression: bool = False) -> float:
     import torch
 
@@ -321,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of tables"
     )
+    parser.add_argument("--quick", action="store_true", help="a short run (300 rounds, 2 messages)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.messages = 300, 2
 
     ca = SwarmCA.create()
     tls = Security.tls(ca.issue("bench"))
@@ -347,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     results["small"]["libpipe_rpc_tls"] = run(rpc_pingpong, tls, 0, rounds)
     results["step"]["libpipe_rpc_plain"] = run(rpc_pingpong, plain, STEP_BYTES, rounds)
     results["step"]["libpipe_rpc_tls"] = run(rpc_pingpong, tls, STEP_BYTES, rounds)
+    results["step"]["libpipe_session_plain"] = run(session_pingpong, plain, STEP_BYTES, rounds)
+    results["step"]["libpipe_session_tls"] = run(session_pingpong, tls, STEP_BYTES, rounds)
     tp = results["throughput_mb_s"]
     tp["libpipe_rpc_plain"] = run(rpc_throughput, plain, messages)
     tp["libpipe_rpc_tls"] = run(rpc_throughput, tls, messages)
@@ -360,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         "tls_rpc_rtt_vs_raw_tls": small["libpipe_rpc_tls"]["median_us"]
         / small["raw_tls"]["median_us"],
         "step_rtt_vs_raw": step["libpipe_rpc_plain"]["median_us"] / step["raw_trio"]["median_us"],
+        "session_step_vs_raw": step["libpipe_session_plain"]["median_us"]
+        / step["raw_trio"]["median_us"],
     }
     if args.json:
         print(json.dumps({"results": results, **ratios}, indent=1))
