@@ -1,0 +1,93 @@
+"""`libpipe-server` / `libpipe server` flags: parsed into a ServerConfig, bad
+ones refused with a typed error and exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from libpipe.cli import server as cli
+from libpipe.cli.main import build_parser
+from libpipe.cli.main import main as libpipe_main
+from libpipe.errors import ConfigError
+from libpipe.server import ServerConfig, parse_blocks
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_flags_become_a_server_config(tmp_path):
+    args = parse(
+        str(tmp_path), "--blocks", "3:7", "--port", "4100", "--cache-bytes", "512M",
+        "--max-length", "4096", "--no-batching", "--throughput", "12.5,800",
+        "--peers", "127.0.0.1:1, 127.0.0.1:2", "--cache-dir", str(tmp_path / "c"),
+        "--gossip", "local", "--idle-timeout", "5",
+    )  # fmt: skip
+    config = cli.build_config(args)
+    assert isinstance(config, ServerConfig)
+    assert config.model_dir == Path(tmp_path)
+    assert config.blocks == (3, 7)
+    assert config.port == 4100
+    assert config.cache_bytes == 512 << 20
+    assert config.max_length == 4096
+    assert config.batching is False
+    assert config.throughput == (12.5, 800.0)
+    assert config.peers == ("127.0.0.1:1", "127.0.0.1:2")
+    assert config.cache_dir == tmp_path / "c"
+    assert config.idle_timeout == 5.0
+    assert config.drain_grace == ServerConfig.drain_grace  # left out: the default
+
+
+def test_the_cache_dir_defaults_to_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIBPIPE_CACHE_DIR", str(tmp_path / "env"))
+    assert cli.build_config(parse(str(tmp_path), "--blocks", "0:1")).cache_dir == tmp_path / "env"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1024", 1024), ("2K", 2048), ("1.5G", 3 << 29), ("4GiB", 4 << 30)]
+)
+def test_byte_sizes(text, value):
+    assert cli.parse_bytes(text, "--cache-bytes") == value
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--blocks", "3"], "--blocks must be A:B"),
+        (["--blocks", "5:5"], "start must be below the end"),
+        (["--blocks", "0:2", "--cache-bytes", "lots"], "--cache-bytes must be a size"),
+        (["--blocks", "0:2", "--throughput", "1"], "--throughput must be DECODE,FORWARD"),
+        (["--blocks", "0:2", "--max-length", "0"], "max_length must be at least 1"),
+        (["--blocks", "0:2", "--drain-grace", "-1"], "drain_grace must be positive"),
+        (["--blocks", "0:2", "--host", "0.0.0.0"], "give --announce-address"),
+        (["--blocks", "0:2", "--insecure", "--identity", "x"], "cannot be combined"),
+        (["--blocks", "0:2"], "give --identity DIR"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(tmp_path, capsys, argv, message):
+    assert cli.main([str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and message in err and "Traceback" not in err
+
+
+def test_a_missing_checkpoint_is_a_typed_error(tmp_path, capsys):
+    assert cli.main([str(tmp_path / "none"), "--blocks", "0:2", "--insecure"]) == 2
+    assert "CheckpointError: no config.json" in capsys.readouterr().err
+
+
+def test_libpipe_server_subcommand_takes_the_same_flags(tmp_path, capsys):
+    args = build_parser().parse_args(["server", str(tmp_path), "--blocks", "1:2", "--insecure"])
+    assert args.func is cli.run
+    assert cli.build_config(args).blocks == (1, 2)
+    assert libpipe_main(["server", str(tmp_path), "--blocks", "x"]) == 2
+
+
+def test_parse_blocks():
+    assert parse_blocks("0:8") == (0, 8)
+    with pytest.raises(ConfigError):
+        parse_blocks("-1:3")
