@@ -47,7 +47,8 @@ from ._workload import SessionRequest
 
 Router = Callable[[Sequence[ServerView], SessionRequest], Route]
 """(views of every placed server as the session's client sees them, the
-session) -> its route. Called at the session's arrival, with the load then."""
+session) -> its route. Called at the session's arrival and at each retry,
+with the load of that moment."""
 
 # Event kinds, in the order they run at equal times: cache freed by a
 # finishing session is available to a session arriving at that instant.
