@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ._connection import Connection
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     """One message: a msgpack-able metadata map and tensors sent raw."""
 
@@ -24,7 +24,7 @@ class Message:
     tensors: tuple[torch.Tensor, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallContext:
     """Who is calling, for handlers that log, authorise or ban.
 
