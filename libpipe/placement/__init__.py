@@ -28,6 +28,8 @@ from ._model import ServerSpec as ServerSpec
 from ._model import Workload as Workload
 from ._model import block_capacity as block_capacity
 from ._petals import place_petals as place_petals
+from ._predict import Prediction as Prediction
+from ._predict import predict as predict
 from ._route import UNSCHEDULED_WAIT_S as UNSCHEDULED_WAIT_S
 from ._route import route as route
 from ._route import uncovered_ranges as uncovered_ranges

@@ -34,16 +34,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from ._cgbp import place_cg_bp
-from ._evaluate import evaluate
+from ._cgbp import largest_covering_r, place_cg_bp
 from ._load import design_sessions
 from ._model import Placement, PlacementProblem, ServerSpec, block_capacity
+from ._predict import predict
 from ._windows import most_under_served_window
 
 # Evaluations of local search allowed for an instance of one server and one
 # block; the budget is this divided by servers x blocks (capped below).
-SEARCH_WORK = 400_000
-MAX_SEARCH_EVALUATIONS = 400
+SEARCH_WORK = 40_000
+MAX_SEARCH_EVALUATIONS = 60
 # Above this many servers x blocks the candidates are not scored one by one
 # (each score routes every client location): the RTT-aware greedy pass at the
 # load's own design concurrency is used directly.
@@ -61,7 +61,7 @@ def place_libpipe(problem: PlacementProblem) -> Placement:
     for candidate in _candidates(problem, sessions):
         if not _covers(candidate, problem.model.num_blocks):
             continue
-        score = evaluate(problem, candidate, sessions).token_time
+        score = predict(problem, candidate).token_time
         if score < best_score:
             best, best_score = candidate, score
     if best is None:
@@ -101,15 +101,17 @@ def greedy(problem: PlacementProblem, r: int, sessions: int) -> Placement:
 
 
 def _candidates(problem: PlacementProblem, sessions: int) -> Iterator[Placement]:
-    yield place_cg_bp(problem, sessions)
-    for r in _design_grid(sessions):
+    yield place_cg_bp(problem)
+    for r in _design_grid(sessions, largest_covering_r(problem)):
         yield greedy(problem, r, sessions)
 
 
-def _design_grid(sessions: int) -> list[int]:
-    grid = {sessions}
+def _design_grid(sessions: int, largest: int) -> list[int]:
+    """1, 2, 4... up to the largest R that still covers the model, and the
+    load's own design concurrency."""
+    grid = {min(sessions, largest), largest}
     r = 1
-    while r < sessions:
+    while r < largest:
         grid.add(r)
         r *= 2
     return sorted(grid)
@@ -164,7 +166,7 @@ def _local_search(
                 if not _covers(trial, model.num_blocks):
                     continue
                 budget -= 1
-                trial_score = evaluate(problem, trial, sessions).token_time
+                trial_score = predict(problem, trial).token_time
                 if trial_score < score * (1 - 1e-9):
                     placement, score, improved = trial, trial_score, True
                     break

@@ -1,0 +1,162 @@
+"""Predicted mean per-token time of a placement under its offered load,
+waiting for cache included: what libpipe's placement minimises.
+
+Theory of operation
+-------------------
+1. Slots. Sessions are opened on the placement one client location after
+   another (in proportion to their shares), each routed by the live
+   ``route`` (waiting penalty on) and holding its KV cache, until every
+   client location finds no route with room or there are clearly more
+   slots than the load can use. Each slot is a place for one session and
+   has the per-token time t_i of its route. Sessions that share a route
+   are opened together, so this costs about one route per cache that fills.
+2. Load. Sessions live D = l_max * t seconds, so with the cheapest k slots
+   in use the open sessions average A = lambda * l_max * mean(t_1..t_k)
+   (Little's law); k is the smallest count that carries that load.
+3. Waiting. With c slots and A sessions offered, a new session waits for
+   cache with the Erlang C probability and, when it does, D / (c - A) on
+   average (M/M/c with the slots as servers): W = C(c, A) * D / (c - A),
+   spread over its l_max tokens.
+4. Overload. When even every slot cannot carry the load (lambda above the
+   slots' total rate sum 1 / (l_max * t_i)), queues grow without bound;
+   such placements are ranked by that ratio, far above any stable one.
+
+This is what CG-BP's single design concurrency guesses at: more blocks per
+server mean fewer hops but fewer slots, and the prediction weighs the two
+with the routing the system really runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..errors import NoRouteError
+from ._load import design_sessions
+from ._model import PlacementProblem
+from ._route import route, uncovered_ranges
+from ._view import ServerView
+
+# Seconds per token charged per unit of overload (lambda over the slots'
+# total rate): any overloaded placement ranks behind every stable one.
+OVERLOAD_S_PER_TOKEN = 100.0
+# Sessions opened per client location per round of filling (times its share
+# of arrivals): the larger of ROUND_SESSIONS and the cap over ROUNDS, small
+# enough that locations take turns, large enough that filling stays a few
+# dozen routes.
+ROUND_SESSIONS = 8
+ROUNDS = 16
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """``token_time``: predicted mean seconds per token, waiting included;
+    ``decode_time``: mean per-token time of the routes the load uses;
+    ``wait``: predicted mean seconds a session waits for cache; ``slots``:
+    sessions the placement holds at once (up to the cap filling stops at);
+    ``load``: mean sessions open (Little's law); ``overload``: the load over
+    what all slots can serve (>= 1 means queues grow without bound)."""
+
+    token_time: float
+    decode_time: float
+    wait: float
+    slots: int
+    load: float
+    overload: float
+
+
+def predict(problem: PlacementProblem, placement: Mapping[str, tuple[int, int]]) -> Prediction:
+    """Raises ``NoRouteError`` when the placement leaves blocks uncovered."""
+    w = problem.workload
+    missing = uncovered_ranges(placement.values(), 0, problem.model.num_blocks)
+    if missing:
+        text = ", ".join(f"[{a}, {b})" for a, b in missing)
+        raise NoRouteError(f"the placement leaves blocks {text} uncovered", missing=missing)
+    times = sorted(_fill_slots(problem, placement, cap=4 * design_sessions(problem) + 16))
+    if not times:
+        # Not one session fits anywhere: every arrival waits forever.
+        return Prediction(math.inf, math.inf, math.inf, 0, 0.0, math.inf)
+    rate = sum(1.0 / (w.l_max * t) if t > 0 else math.inf for t in times)
+    overload = w.arrival_rate / rate if rate > 0 else math.inf
+    total = 0.0
+    for k, t in enumerate(times, 1):
+        total += t
+        decode = total / k
+        load = w.arrival_rate * w.l_max * decode
+        if k >= load:
+            break
+    c = len(times)
+    if overload >= 1 or load >= c:
+        mean_all = sum(times) / c
+        return Prediction(
+            mean_all + OVERLOAD_S_PER_TOKEN * max(overload, 1.0),
+            mean_all,
+            math.inf,
+            c,
+            load,
+            overload,
+        )
+    wait = erlang_c(c, load) * (w.l_max * decode) / (c - load)
+    return Prediction(decode + wait / w.l_max, decode, wait, c, load, overload)
+
+
+def erlang_c(servers: int, load: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue with ``servers``
+    servers and offered load ``load`` < servers (Erlang C, computed through
+    the Erlang B recursion, which stays stable for hundreds of servers)."""
+    if load <= 0:
+        return 0.0
+    b = 1.0
+    for k in range(1, servers + 1):
+        b = load * b / (k + load * b)
+    return servers * b / (servers - load * (1 - b))
+
+
+def _fill_slots(
+    problem: PlacementProblem, placement: Mapping[str, tuple[int, int]], cap: int
+) -> list[float]:
+    model, w = problem.model, problem.workload
+    per_block = model.session_cache_bytes(w)
+    views = {
+        client: [v for v in problem.views(placement, client) if v.start < v.end]
+        for client, _ in w.client_shares()
+    }
+    free = {v.peer_id: v.free_cache_bytes for vs in views.values() for v in vs}
+    # Per client location: servers found without room for the hop it was
+    # routed over; they are left out of its later routes.
+    full: dict[str, set[str]] = {client: set() for client in views}
+    active = list(w.client_shares())
+    slots: list[float] = []
+    while active and len(slots) < cap:
+        for client, share in list(active):
+            current = [
+                _with_free(v, free[v.peer_id])
+                for v in views[client]
+                if v.peer_id not in full[client] and free[v.peer_id] >= per_block
+            ]
+            try:
+                r = route(current, model.num_blocks, session_tokens=w.session_tokens)
+            except NoRouteError:  # no room left along any chain
+                active.remove((client, share))
+                continue
+            fits = {h.peer_id: free[h.peer_id] // ((h.end - h.start) * per_block) for h in r.hops}
+            room = min(fits.values())
+            if room == 0:
+                full[client].update(peer for peer, n in fits.items() if n == 0)
+                continue
+            quota = max(1, round(share * max(ROUND_SESSIONS, cap / ROUNDS)))
+            batch = min(room, quota, cap - len(slots))
+            slots += [r.cost] * batch
+            for h in r.hops:
+                free[h.peer_id] -= batch * (h.end - h.start) * per_block
+            if len(slots) >= cap:
+                break
+    return slots
+
+
+def _with_free(view: ServerView, free: int) -> ServerView:
+    if view.free_cache_bytes == free:
+        return view
+    return dataclasses.replace(view, free_cache_bytes=free)
