@@ -8,6 +8,10 @@ while a long prefill computes. Priorities: interactive decode steps first,
 then prefill chunks of sessions, then bulk forward/backward; FIFO within a
 priority.
 
+Priorities alone would starve bulk work under a steady stream of decode
+steps, so a job that has waited longer than ``max_wait`` seconds goes
+first, whatever its priority (oldest first).
+
 Continuous batching: when the dispatcher takes a decode step, it also
 takes every other decode step queued at that moment for the same sub-span
 (``BlockSpan.decode_batch`` needs one), up to ``max_batch`` sessions, and
@@ -40,6 +44,12 @@ from ..model import InferenceSession
 logger = logging.getLogger("libpipe.server")
 
 
+# A bulk call waits at most this long behind interactive work: long enough
+# that decode latency is untouched by occasional bulk calls, short against
+# a client's call timeout.
+DEFAULT_MAX_WAIT = 2.0
+
+
 class Priority(enum.IntEnum):
     DECODE = 0  # one position of an inference session: a user waits on it
     PREFILL = 1  # a chunk of a session's prompt
@@ -50,6 +60,7 @@ class Priority(enum.IntEnum):
 class _Job:
     priority: int
     seq: int
+    queued_at: float
     fn: Callable[[], Any] | None = None
     session: InferenceSession | None = None
     hidden: Tensor | None = None
@@ -81,9 +92,12 @@ class ExecutorStats:
 class Executor:
     """One device's queue; ``await nursery.start(executor.run)`` before use."""
 
-    def __init__(self, *, batching: bool = True, max_batch: int = 64) -> None:
+    def __init__(
+        self, *, batching: bool = True, max_batch: int = 64, max_wait: float = DEFAULT_MAX_WAIT
+    ) -> None:
         self.batching = batching
         self.max_batch = max_batch
+        self.max_wait = max_wait
         self.stats = ExecutorStats()
         self._heap: list[_Job] = []
         self._seq = itertools.count()
@@ -124,11 +138,13 @@ class Executor:
 
     async def call(self, priority: Priority, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` on the worker thread at ``priority``; its result or error."""
-        return await self._submit(_Job(priority, next(self._seq), fn=fn))
+        return await self._submit(_Job(priority, next(self._seq), trio.current_time(), fn=fn))
 
     async def decode(self, session: InferenceSession, hidden: Tensor) -> Tensor:
         """One position of ``session`` (``hidden: [B, 1, D]``), batched with its peers."""
-        job = _Job(Priority.DECODE, next(self._seq), session=session, hidden=hidden)
+        job = _Job(
+            Priority.DECODE, next(self._seq), trio.current_time(), session=session, hidden=hidden
+        )
         return await self._submit(job)
 
     async def _submit(self, job: _Job) -> Any:
@@ -156,7 +172,7 @@ class Executor:
             heapq.heappop(self._heap)
         if not self._heap:
             return []
-        first = heapq.heappop(self._heap)
+        first = self._pop_first()
         key = first.batch_key
         if key is None or not self.batching:
             return [first]
@@ -173,6 +189,15 @@ class Executor:
             heapq.heapify(rest)
             self._heap = rest
         return batch
+
+    def _pop_first(self) -> _Job:
+        """The most urgent job, unless one has waited past ``max_wait``."""
+        oldest = min(self._heap, key=lambda j: (j.abandoned, j.seq))
+        if not oldest.abandoned and trio.current_time() - oldest.queued_at > self.max_wait:
+            self._heap.remove(oldest)
+            heapq.heapify(self._heap)
+            return oldest
+        return heapq.heappop(self._heap)
 
     # --- worker thread ------------------------------------------------------------------
 

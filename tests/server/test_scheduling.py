@@ -58,7 +58,7 @@ async def wait_queued(executor: Executor, n: int) -> None:
 
 
 async def test_decode_before_prefill_before_bulk_fifo_within_each():
-    executor = Executor()
+    executor = Executor(max_wait=60)  # no aging here, however slow the machine
     order: list[str] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(executor.run)
@@ -81,6 +81,25 @@ async def test_decode_before_prefill_before_bulk_fifo_within_each():
     assert order == ["decode1", "decode2", "prefill1", "bulk1", "bulk2"]
 
 
+async def test_a_job_waiting_past_max_wait_goes_first():
+    executor = Executor(max_wait=0.05)
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        gate = await hold_worker(nursery, executor)
+        nursery.start_soon(executor.call, Priority.BULK, lambda: order.append("bulk"))
+        await wait_queued(executor, 1)
+        await trio.sleep(0.1)
+        nursery.start_soon(executor.call, Priority.DECODE, lambda: order.append("decode"))
+        await wait_queued(executor, 2)
+        gate.set()
+        with trio.fail_after(10):
+            while len(order) < 2:
+                await trio.sleep(0.005)
+        nursery.cancel_scope.cancel()
+    assert order == ["bulk", "decode"]
+
+
 @pytest.mark.parametrize(
     ("batches", "tolerance"), [((12, 13, 16, 12), EXACT), ((1, 2, 1, 3), FP32)]
 )
@@ -95,7 +114,7 @@ async def test_queued_decode_steps_run_as_one_batch_equal_to_alone(span, batches
         b.step(prompt)
     steps = [rand(s.cache.batch, 1, H, seed=10 + i) for i, s in enumerate(batched)]
     results: dict[int, torch.Tensor] = {}
-    executor = Executor(max_batch=8)
+    executor = Executor(max_batch=8, max_wait=60)
 
     async def decode(i: int) -> None:
         results[i] = await executor.decode(batched[i], steps[i])
