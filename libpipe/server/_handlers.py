@@ -139,14 +139,13 @@ class RpcHandlers:
             )
         adapter = self._adapter(meta)
         _validate.tensor_count(stream.opening.tensors, (0,), "opening a session")
-        with s.sessions.session(ctx.peer_id) as entry:
+        with s.sessions.session(short_peer_id(ctx.peer_id)) as entry:
             session = s.span.open_session(
                 s.pool, batch=batch, max_length=max_length, start=start, end=end, adapter=adapter
             )
-            peer = short_peer_id(ctx.peer_id)
             logger.info(
                 "session %d opened by %s: blocks %d:%d batch %d max_length %d",
-                entry.id, peer, start, end, batch, max_length,
+                entry.id, entry.peer, start, end, batch, max_length,
             )  # fmt: skip
             try:
                 await stream.send({"position": 0})
@@ -165,7 +164,9 @@ class RpcHandlers:
                     await stream.send(reply.meta, reply.tensors)
             finally:
                 session.close()
-                logger.info("session %d closed at position %d", entry.id, session.position)
+                logger.info(
+                    "session %d of %s closed at position %d", entry.id, entry.peer, session.position
+                )
 
     async def _step(self, session: InferenceSession, msg: Message) -> Message:
         s = self.s
