@@ -58,6 +58,8 @@ logger = logging.getLogger("libpipe.client")
 # Seconds we wait for a server to acknowledge a graceful close before
 # cancelling the stream (either way it frees the cache).
 CLOSE_GRACE = 1.0
+# How long a failed send waits for the server's reason to be readable.
+WHY_ENDED_WAIT = 0.1
 
 
 class _HopFailed(Exception):
@@ -318,7 +320,10 @@ class RemoteSession:
         t = x.shape[1]
         try:
             with trio.fail_after(self._ctx.policy.step_timeout):
-                await hop.stream.send({"position": position, "step": step}, (x,))
+                try:
+                    await hop.stream.send({"position": position, "step": step}, (x,))
+                except LibpipeError as exc:
+                    raise await _why_ended(hop.stream, exc) from None
                 reply = await hop.stream.receive()
             out = _check_reply(reply.meta, reply.tensors, position + t, step, x)
         except BaseException as exc:
@@ -348,6 +353,20 @@ def _note_cache_full(ctx: SwarmContext, server: ServerEntry, error: LibpipeError
     if isinstance(error, CacheFullError):
         free = error.details.get("free")
         ctx.view.note_cache_full(server.peer_id, free if isinstance(free, int) else 0)
+
+
+async def _why_ended(stream: Stream, send_error: LibpipeError) -> LibpipeError:
+    """Sending failed because the server had already ended the stream: its
+    reason (idle timeout, draining) is waiting in the inbox and says more
+    than our send's 'stream not open'."""
+    with trio.move_on_after(WHY_ENDED_WAIT):
+        try:
+            await stream.receive()
+        except LibpipeError as reason:
+            return reason
+        except (trio.EndOfChannel, trio.BrokenResourceError):
+            pass
+    return send_error
 
 
 async def _close_hop(hop: _Hop) -> None:
