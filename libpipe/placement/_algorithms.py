@@ -3,8 +3,8 @@
 An ``Algorithm`` pairs a placement function (problem in, {server: span}
 out) with its routing policy; the simulator runs each by name and the live
 system uses ``libpipe``. Routing is always ``route``: the policies differ
-only in whether the router is told the session's cache needs (WS-RR and
-ours) or not (PETALS' client, which does not know free cache).
+only in what a server short of cache costs, WS-RR's estimated wait (CG-BP
+and ours) or PETALS' flat allocation delay.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ._libpipe import place_libpipe
 from ._milp import place_milp
 from ._model import Placement, PlacementProblem
 from ._petals import place_petals
-from ._route import route, uncovered_ranges
+from ._route import CachePenalty, route, uncovered_ranges
 from ._view import Route, ServerView
 
 
@@ -30,7 +30,7 @@ class Algorithm:
     name: str
     description: str
     placer: Callable[[PlacementProblem], Placement]
-    cache_aware: bool
+    cache_penalty: CachePenalty
 
     def place(self, problem: PlacementProblem) -> Placement:
         """The placement, in the problem's server order; raises
@@ -55,6 +55,7 @@ class Algorithm:
         session_tokens: int,
         batch: int = 1,
         start: int = 0,
+        end: int | None = None,
         rng: random.Random | None = None,
     ) -> Route:
         """A generation session's route under this algorithm's policy."""
@@ -62,9 +63,11 @@ class Algorithm:
             views,
             num_blocks,
             start=start,
-            session_tokens=session_tokens if self.cache_aware else 0,
+            end=end,
+            session_tokens=session_tokens,
             batch=batch,
             rng=rng,
+            cache_penalty=self.cache_penalty,
         )
 
 
@@ -73,29 +76,30 @@ ALGORITHMS: dict[str, Algorithm] = {
     for a in (
         Algorithm(
             "petals",
-            "PETALS: join order, weakest window, fixed cache reservation; min-latency routing",
+            "PETALS: join order, weakest window, fixed cache reservation; min-latency"
+            " routing with its flat penalty for servers short of cache",
             place_petals,
-            cache_aware=False,
+            cache_penalty="petals",
         ),
         Algorithm(
             "cg-bp",
             "CG-BP + WS-RR (Sun et al.): R sessions of cache per server, fastest first,"
             " most under-served window; waiting-penalised routing",
             place_cg_bp,
-            cache_aware=True,
+            cache_penalty="wait",
         ),
         Algorithm(
             "libpipe",
             "ours: greedy candidates over design concurrencies, RTT-aware order, scored"
             " by the WS-RR steady state, local search; waiting-penalised routing",
             place_libpipe,
-            cache_aware=True,
+            cache_penalty="wait",
         ),
         Algorithm(
             "milp",
             "exact joint placement and routing (HiGHS via scipy), small instances only",
             place_milp,
-            cache_aware=True,
+            cache_penalty="wait",
         ),
     )
 }

@@ -5,8 +5,10 @@ once every hosted block has its fixed cache reservation (2 * hidden * 4096
 tokens * 2 bytes, whatever the workload), and puts them on the window whose
 per-block throughput is weakest (``weakest_window``). A block's throughput
 is the sum over its servers of their per-block decode rate 1 / tau_decode.
-Routing is plain min-latency Dijkstra that ignores cache (``route`` with no
-session tokens): PETALS' client does not know a server's free cache.
+Routing is PETALS' min-latency Dijkstra (``route`` with
+``cache_penalty="petals"``): a server whose announced free cache cannot
+hold the session on its whole span costs a flat 10 s more, whatever it
+would really take to free it.
 """
 
 from __future__ import annotations

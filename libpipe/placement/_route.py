@@ -36,12 +36,17 @@ from ..errors import ConfigError, NoRouteError
 from ._view import Hop, Route, ServerView
 
 Objective = Literal["latency", "throughput"]
+CachePenalty = Literal["wait", "petals"]
 
 # A server whose free cache is short and that announces no release schedule
 # (the live system) is assumed to keep a session waiting this long: about
 # the life of a typical interactive session, so such a server is used only
 # when every alternative is worse by more than that.
 UNSCHEDULED_WAIT_S = 30.0
+# PETALS' client (sequence_manager.py, ``alloc_delay``) adds this many seconds
+# to a server whose announced free cache cannot hold the session on its whole
+# span (a deliberately pessimistic check), instead of estimating a wait.
+PETALS_ALLOC_DELAY_S = 10.0
 
 
 def route(
@@ -55,6 +60,7 @@ def route(
     objective: Objective = "latency",
     load: Mapping[str, float] | None = None,
     rng: random.Random | None = None,
+    cache_penalty: CachePenalty = "wait",
 ) -> Route:
     """The cheapest chain of hops through blocks [start, end) (end defaults to
     ``num_blocks``).
@@ -69,12 +75,20 @@ def route(
     T_j / sum T). Without ``rng`` the answer depends only on the inputs, ties
     going to the smaller peer id.
 
+    ``cache_penalty`` says what a server short of cache costs: "wait" (WS-RR,
+    the default) the wait until it has freed enough for the blocks used,
+    spread over the session's tokens; "petals" PETALS' rule, a flat
+    ``PETALS_ALLOC_DELAY_S`` on any hop of a server that cannot hold the
+    session on its whole span (the baseline's router).
+
     Raises ``NoRouteError`` naming the uncovered block ranges
     (``details["missing"]``, a list of [a, b)) and ``ConfigError`` for
     arguments that make no sense.
     """
     end = num_blocks if end is None else end
     _check_arguments(num_blocks, start, end, session_tokens, batch, objective, load)
+    if cache_penalty not in ("wait", "petals"):
+        raise ConfigError(f"cache_penalty must be 'wait' or 'petals', got {cache_penalty!r}")
     if start == end:
         return Route((), 0.0)
     views = _usable_views(servers, num_blocks, start, end)
@@ -87,7 +101,10 @@ def route(
 
     load = load or {}
     need_per_block = session_tokens * batch
-    edges = [_Edges.build(v, objective, load, rng, need_per_block, session_tokens) for v in views]
+    edges = [
+        _Edges.build(v, objective, load, rng, need_per_block, session_tokens, cache_penalty)
+        for v in views
+    ]
     if rng is None:
         rank = {v.peer_id: n for n, v in enumerate(views)}
     else:
@@ -131,8 +148,9 @@ class _Edges:
         objective: Objective,
         load: Mapping[str, float],
         rng: random.Random | None,
-        session_tokens_x_batch: int,
+        tokens: int,
         session_tokens: int,
+        cache_penalty: CachePenalty,
     ) -> _Edges:
         if objective == "latency":
             reported = per_block = view.tau_decode
@@ -140,7 +158,7 @@ class _Edges:
             reported = per_block = view.tau_forward * (1.0 + load.get(view.peer_id, 0.0))
             if rng is not None:
                 per_block *= rng.expovariate(1.0)
-        penalty = _penalties(view, session_tokens_x_batch, session_tokens)
+        penalty = _penalties(view, tokens, session_tokens, cache_penalty)
         return cls(view, view.rtt, per_block, reported, penalty)
 
     def cost(self, n: int, *, reported: bool = False) -> float:
@@ -149,11 +167,16 @@ class _Edges:
         return self.fixed + n * rate + extra
 
 
-def _penalties(view: ServerView, tokens: int, session_tokens: int) -> list[float] | None:
-    """penalty[n]: waiting seconds per session token to use n blocks of view."""
+def _penalties(
+    view: ServerView, tokens: int, session_tokens: int, cache_penalty: CachePenalty
+) -> list[float] | None:
+    """penalty[n]: what using n blocks of ``view`` adds to the per-token cost
+    when its free cache is short (``tokens``: session tokens x batch)."""
     per_block = tokens * view.cache_bytes_per_token_block
     if per_block == 0 or view.free_cache_bytes >= per_block * view.num_blocks:
         return None
+    if cache_penalty == "petals":
+        return [0.0] + [PETALS_ALLOC_DELAY_S] * view.num_blocks
     releases = sorted(view.cache_release)
     out = [0.0] * (view.num_blocks + 1)
     for n in range(1, view.num_blocks + 1):

@@ -26,6 +26,7 @@ from libpipe.placement import (
 )
 from libpipe.placement._cgbp import largest_covering_r
 from libpipe.placement._predict import OVERLOAD_S_PER_TOKEN, erlang_c
+from libpipe.placement._route import PETALS_ALLOC_DELAY_S
 from libpipe.placement._windows import most_under_served_window, weakest_window
 
 from .conftest import GB, tiny_problem
@@ -111,15 +112,37 @@ def test_uncovered_model_is_a_no_route_error():
 # --- routing policies ---------------------------------------------------------------
 
 
-def test_petals_routes_blind_to_cache_and_ws_rr_does_not():
+def test_petals_router_charges_a_flat_delay_and_ws_rr_the_wait():
+    # "fast" is full now but frees its cache in 1 s; "slow" costs 8 s more per token.
     full = ServerView(
-        "fast", 0, 4, 0.001, 0.001, rtt=0.01, free_cache_bytes=0, cache_bytes_per_token_block=1
+        "fast",
+        0,
+        4,
+        0.001,
+        0.001,
+        rtt=0.01,
+        free_cache_bytes=0,
+        cache_bytes_per_token_block=1,
+        cache_release=((1.0, 10**6),),
     )
-    spare = ServerView("spare", 0, 4, 0.01, 0.01, rtt=0.01, cache_bytes_per_token_block=1)
-    petals = get_algorithm("petals").route([full, spare], 4, session_tokens=100)
-    ws_rr = get_algorithm("cg-bp").route([full, spare], 4, session_tokens=100)
-    assert petals.hops == (Hop("fast", 0, 4),)
-    assert ws_rr.hops == (Hop("spare", 0, 4),)
+    slow = ServerView("slow", 0, 4, 2.0, 2.0, rtt=0.01, cache_bytes_per_token_block=1)
+    petals = get_algorithm("petals").route([full, slow], 4, session_tokens=100)
+    ws_rr = get_algorithm("cg-bp").route([full, slow], 4, session_tokens=100)
+    assert petals.hops == (Hop("slow", 0, 4),)  # 8 s < PETALS' 10 s delay
+    assert ws_rr.hops == (Hop("fast", 0, 4),)  # waiting 1 s over 100 tokens is cheap
+    assert ws_rr.cost == pytest.approx(0.01 + 0.004 + 1.0 / 100)
+
+
+def test_petals_cache_check_is_pessimistic_about_the_span():
+    # Room for the session on 4 of the 8 blocks: enough for blocks [0, 4), but
+    # PETALS checks the whole span and charges its delay anyway.
+    half = ServerView(
+        "half", 0, 8, 0.001, 0.001, rtt=0.01, free_cache_bytes=400, cache_bytes_per_token_block=1
+    )
+    petals = get_algorithm("petals").route([half], 8, end=4, session_tokens=100)
+    ws_rr = get_algorithm("libpipe").route([half], 8, end=4, session_tokens=100)
+    assert petals.cost == pytest.approx(0.01 + 0.004 + PETALS_ALLOC_DELAY_S)
+    assert ws_rr.cost == pytest.approx(0.01 + 0.004)
 
 
 # --- the steady-state objective -------------------------------------------------------

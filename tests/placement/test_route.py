@@ -296,6 +296,7 @@ def test_throughput_cost_is_reported_without_the_random_factor():
         {"objective": "fastest"},
         {"load": {"a": -1.0}},
         {"load": {"a": math.nan}},
+        {"cache_penalty": "pray"},
     ],
 )
 def test_bad_arguments(kwargs):
