@@ -3,7 +3,7 @@ through, propagates closes and resets, and can kill or blackhole a link.
 
 Timing claims are lower bounds (a loaded machine only adds time), except
 one loose upper bound that tells a concurrent delay from a serialised one
-by a factor of ten."""
+(half the serialised time)."""
 
 from __future__ import annotations
 
@@ -87,8 +87,9 @@ async def test_delay_is_concurrent_not_per_chunk() -> None:
         await stream.aclose()
     assert received == b"".join(bytes([i]) * 10 for i in range(chunks))
     assert elapsed >= 2 * delay * 0.95
-    # Serialised, the chunks would take chunks x 2 x delay = 2 s.
-    assert elapsed < chunks * 2 * delay / 10
+    # Serialised, the chunks would take chunks x 2 x delay = 2 s; concurrent,
+    # about 2 x delay. Half the serialised time leaves room for a loaded box.
+    assert elapsed < chunks * 2 * delay / 2
 
 
 async def test_bytes_and_order_survive_and_are_counted() -> None:
