@@ -90,8 +90,17 @@ class _Hop:
     def remember(self, position: int, hidden: Tensor) -> None:
         """Keep ``hidden`` as the input at ``position``, forgetting whatever
         was kept from ``position`` on (a rollback overwrites)."""
-        self.chunks = _truncate(self.chunks, position)
+        if position != self.length:  # a rollback or a replay; appending is O(1)
+            self.chunks = _truncate(self.chunks, position)
         self.chunks.append((position, hidden))
+
+    @property
+    def length(self) -> int:
+        """Positions kept."""
+        if not self.chunks:
+            return 0
+        begin, chunk = self.chunks[-1]
+        return begin + chunk.shape[1]
 
     def history(self, position: int) -> Tensor | None:
         """Inputs for positions ``[0, position)``, or None when empty."""
