@@ -67,6 +67,7 @@ from ..wire import (
 )
 from ._identity import short_peer_id
 from ._rpc import END_OF_STREAM, CallContext, Message, Router, Stream
+from ._send_turn import SendTurn
 from ._transport import COALESCE_BYTES, SocketStream
 from ._workers import WorkerPool
 
@@ -75,6 +76,10 @@ logger = logging.getLogger("libpipe.net")
 # Bytes asked of the codec per read: large enough that a 16 MiB payload
 # arrives in few syscalls, small enough to stay in cache for small frames.
 READ_SIZE = 256 * 1024
+# A frame carrying more tensor bytes than this is bulk (a prefill chunk, a
+# weight transfer) and waits behind small ones (decode steps of up to a few
+# dozen sequences, control frames) for the send turn.
+BULK_FRAME_BYTES = 256 * 1024
 # Handler tasks kept parked per connection for the next unary call: enough
 # for a client's pipelined decode steps, few enough to cost nothing idle.
 IDLE_UNARY_WORKERS = 8
@@ -176,12 +181,10 @@ class Connection:
         self._model_id = model_id
         self._info = dict(info or {})
         self._handshake_timeout = handshake_timeout
-        # The send turn: one frame at a time, FIFO (a Cancel queued before a
-        # later Request is written before it). Not a trio.Lock: the common
-        # uncontended frame takes the turn with one flag, no parking-lot
-        # bookkeeping.
-        self._sending = False
-        self._send_queue = trio.lowlevel.ParkingLot()
+        # One frame at a time; small frames overtake queued bulk ones. Not a
+        # trio.Lock: the common uncontended frame takes the turn with one
+        # flag, no parking-lot bookkeeping.
+        self._turn = SendTurn()
         self._ids = itertools.count(1 if role is Role.DIALER else 2, 2)
         self._nonces = itertools.count(1)
         self._calls: dict[int, _PendingCall] = {}
@@ -326,11 +329,8 @@ class Connection:
         """Write one frame. ``only_if_open``: skip it if the stream ended while
         we waited for the lock (a Cancel overtaken by the peer's reply)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._sending:
-            # Woken with the turn handed over (see the finally below).
-            await self._send_queue.park()
-        else:
-            self._sending = True
+        if not self._turn.take_now():
+            await self._turn.wait(getattr(event, "stream_id", 0), _is_bulk(event))
         try:
             if self._error is not None:
                 raise self._error
@@ -356,10 +356,7 @@ class Connection:
                     raise
                 raise self._error from exc
         finally:
-            if self._send_queue:
-                self._send_queue.unpark()
-            else:
-                self._sending = False
+            self._turn.release()
 
     async def _send_quietly(self, event: Event) -> None:
         """For frames whose failure the connection already records."""
@@ -518,9 +515,7 @@ class Connection:
                 # we are not listening. Keepalive must not count that time.
                 self._stalled = True
                 try:
-                    await self._streams[sid].deliver(
-                        _message(event)
-                    )
+                    await self._streams[sid].deliver(_message(event))
                 finally:
                     self._stalled = False
                     self._last_received = trio.current_time()
@@ -727,7 +722,8 @@ class Connection:
                 # this call's (and dropped) and a graceful close waits for
                 # the Cancel. Its slot under the peer's stream cap is free
                 # at once: a later Request queues behind the Cancel on the
-                # send turn (FIFO), so the peer sees the Cancel first.
+                # send turn (same stream order, FIFO among small frames), so the
+                # peer sees the Cancel first.
                 self._opened_by_us.discard(sid)
                 if sent:
                     await self._send_cancel(sid)
@@ -831,6 +827,12 @@ class _PeerFailed(Exception):
     def __init__(self, error: LibpipeError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _is_bulk(event: Event) -> bool:
+    """Whether ``event`` is a bulk frame that small ones may overtake."""
+    tensors = getattr(event, "tensors", ())
+    return sum(t.numel() * t.element_size() for t in tensors) > BULK_FRAME_BYTES
 
 
 def _message(event: Request | Response | StreamOpen | StreamData) -> Message:
