@@ -10,16 +10,19 @@ Theory of operation
    slots than the load can use. Each slot is a place for one session and
    has the per-token time t_i of its route. Sessions that share a route
    are opened together, so this costs about one route per cache that fills.
-2. Load. Sessions live D = l_max * t seconds, so with the cheapest k slots
-   in use the open sessions average A = lambda * l_max * mean(t_1..t_k)
-   (Little's law); k is the smallest count that carries that load.
+2. Load. Sessions live D = l_max * t seconds, so with a client location's
+   cheapest k slots in use its open sessions average A = lambda * share *
+   l_max * mean(t_1..t_k) (Little's law); k is the smallest count that
+   carries that load. The decode time is the share-weighted mean over
+   client locations (a session uses routes from its own client).
 3. Waiting. With c slots and A sessions offered, a new session waits for
    cache with the Erlang C probability and, when it does, D / (c - A) on
    average (M/M/c with the slots as servers): W = C(c, A) * D / (c - A),
    spread over its l_max tokens.
-4. Overload. When even every slot cannot carry the load (lambda above the
-   slots' total rate sum 1 / (l_max * t_i)), queues grow without bound;
-   such placements are ranked by that ratio, far above any stable one.
+4. Overload. When even every slot of a client location cannot carry its
+   arrivals (lambda * share above its slots' total rate sum 1 / (l_max *
+   t_i)), queues grow without bound; such placements are ranked by the
+   worst such ratio, far above any stable one.
 
 This is what CG-BP's single design concurrency guesses at: more blocks per
 server mean fewer hops but fewer slots, and the prediction weighs the two
@@ -74,31 +77,37 @@ def predict(problem: PlacementProblem, placement: Mapping[str, tuple[int, int]])
     if missing:
         text = ", ".join(f"[{a}, {b})" for a, b in missing)
         raise NoRouteError(f"the placement leaves blocks {text} uncovered", missing=missing)
-    times = sorted(_fill_slots(problem, placement, cap=4 * design_sessions(problem) + 16))
-    if not times:
-        # Not one session fits anywhere: every arrival waits forever.
-        return Prediction(math.inf, math.inf, math.inf, 0, 0.0, math.inf)
-    rate = sum(1.0 / (w.l_max * t) if t > 0 else math.inf for t in times)
-    overload = w.arrival_rate / rate if rate > 0 else math.inf
-    total = 0.0
-    for k, t in enumerate(times, 1):
-        total += t
-        decode = total / k
-        load = w.arrival_rate * w.l_max * decode
-        if k >= load:
-            break
-    c = len(times)
+    slots = _fill_slots(problem, placement, cap=4 * design_sessions(problem) + 16)
+    decode = load = mean_all = overload = 0.0
+    for client, share in w.client_shares():
+        # Each client location's sessions use its own routes: its load is
+        # carried by its cheapest slots, and its share weighs its times.
+        times = sorted(slots[client])
+        rate = sum(1.0 / (w.l_max * t) if t > 0 else math.inf for t in times)
+        arrivals = w.arrival_rate * share
+        overload = max(overload, arrivals / rate if rate > 0 else math.inf)
+        if not times:
+            continue
+        total = 0.0
+        for k, t in enumerate(times, 1):
+            total += t
+            if k >= arrivals * w.l_max * total / k:
+                break
+        decode += share * total / k
+        load += arrivals * w.l_max * total / k
+        mean_all += share * sum(times) / len(times)
+    c = sum(len(times) for times in slots.values())
     if overload >= 1 or load >= c:
-        mean_all = sum(times) / c
         return Prediction(
-            mean_all + OVERLOAD_S_PER_TOKEN * max(overload, 1.0),
+            mean_all + OVERLOAD_S_PER_TOKEN * min(max(overload, 1.0), 1e6),
             mean_all,
             math.inf,
             c,
             load,
             overload,
         )
-    wait = erlang_c(c, load) * (w.l_max * decode) / (c - load)
+    service = w.l_max * decode
+    wait = erlang_c(c, load) * service / (c - load)
     return Prediction(decode + wait / w.l_max, decode, wait, c, load, overload)
 
 
@@ -116,7 +125,8 @@ def erlang_c(servers: int, load: float) -> float:
 
 def _fill_slots(
     problem: PlacementProblem, placement: Mapping[str, tuple[int, int]], cap: int
-) -> list[float]:
+) -> dict[str, list[float]]:
+    """Per client location, the per-token times of the slots opened for it."""
     model, w = problem.model, problem.workload
     per_block = model.session_cache_bytes(w)
     views = {
@@ -128,8 +138,9 @@ def _fill_slots(
     # routed over; they are left out of its later routes.
     full: dict[str, set[str]] = {client: set() for client in views}
     active = list(w.client_shares())
-    slots: list[float] = []
-    while active and len(slots) < cap:
+    slots: dict[str, list[float]] = {client: [] for client in views}
+    opened = 0
+    while active and opened < cap:
         for client, share in list(active):
             current = [
                 _with_free(v, free[v.peer_id])
@@ -147,11 +158,12 @@ def _fill_slots(
                 full[client].update(peer for peer, n in fits.items() if n == 0)
                 continue
             quota = max(1, round(share * max(ROUND_SESSIONS, cap / ROUNDS)))
-            batch = min(room, quota, cap - len(slots))
-            slots += [r.cost] * batch
+            batch = min(room, quota, cap - opened)
+            slots[client] += [r.cost] * batch
+            opened += batch
             for h in r.hops:
                 free[h.peer_id] -= batch * (h.end - h.start) * per_block
-            if len(slots) >= cap:
+            if opened >= cap:
                 break
     return slots
 
