@@ -1,19 +1,25 @@
-"""Keeping this server's signed gossip record in step with what it is doing.
+"""The server's gossip: its node kept running, its record kept current.
 
 Load (free cache, open sessions) changes with every session; each
 re-signing is news that travels to the whole swarm, so changes are
 published at most once per ``interval``. A state change (online, draining)
 is published at once through ``poke``.
+
+Gossip is how clients find a server, not what it serves: if the node fails
+after joining (a bug, say), the server logs it and rejoins through the
+members it knew, with backoff, instead of dropping every open session.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
 from ..swarm import GossipNode
+from ._groups import sole_error
 from ._handlers import Serving
 
 logger = logging.getLogger("libpipe.server")
@@ -58,3 +64,38 @@ class RecordPublisher:
             with trio.move_on_after(self.interval):
                 await self._poked.wait()
             self._poked = trio.Event()
+
+
+# Backoff between rejoins after a failure: from one second up to a probe
+# period's worth of a WAN swarm.
+REJOIN_DELAY = 1.0
+MAX_REJOIN_DELAY = 30.0
+
+
+async def supervise_gossip(
+    node: GossipNode,
+    peers: Sequence[str],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``node`` (started once it has joined through ``peers``); restart it on failure.
+
+    A failed first join raises (the server cannot start); ``leave()`` ends it."""
+    started = False
+    delay = REJOIN_DELAY
+    while True:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.run, list(peers))
+                if not started:
+                    started = True
+                    task_status.started()
+            return
+        except Exception as exc:
+            if not started:
+                raise sole_error(exc) from None
+            logger.exception("gossip failed; rejoining in %g s", delay)
+        await trio.sleep(delay)
+        delay = min(2 * delay, MAX_REJOIN_DELAY)
+        known = [m.address for m in node.members.values() if m.peer_id != node.peer_id]
+        peers = list(dict.fromkeys([*known, *peers]))

@@ -20,13 +20,14 @@ import logging
 import trio
 
 from .. import __version__
-from ..errors import ConfigError
+from ..errors import ConfigError, LibpipeError
 from ..model import KVCachePool, ModelConfig, load_span
 from ..net import ConnectionPool, HelloInfo, Router, Security, serve, short_peer_id
 from ..swarm import GossipNode, Rebalancer, RecordState, RpcTransport
 from ._config import ServerConfig
 from ._executor import Executor
-from ._gossip import RecordPublisher
+from ._gossip import RecordPublisher, supervise_gossip
+from ._groups import sole_error
 from ._handlers import RpcHandlers, Serving
 from ._rebalance import choose_blocks, rebalance
 from ._sessions import SessionTable
@@ -58,6 +59,19 @@ class BlockServer:
         return self.security.peer_id
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load, measure, serve and gossip until drained or cancelled.
+
+        Start-up errors (checkpoint, flags, no peer answering) raise as
+        their own ``LibpipeError`` class, not wrapped in exception groups."""
+        try:
+            await self._run(task_status)
+        except BaseExceptionGroup as group:
+            sole = sole_error(group)
+            if isinstance(sole, LibpipeError):
+                raise sole from None
+            raise
+
+    async def _run(self, task_status: trio.TaskStatus[str]) -> None:
         cfg = self.config
         me = short_peer_id(self.peer_id)
         model = ModelConfig.from_file(cfg.model_dir)
@@ -135,7 +149,7 @@ class BlockServer:
                         state=RecordState.JOINING,
                         config=cfg.gossip,
                     )
-                    await nursery.start(self.node.run, list(cfg.peers))
+                    await nursery.start(supervise_gossip, self.node, cfg.peers)
                     serving.state = RecordState.ONLINE
                     self._publisher = RecordPublisher(self.node, serving, cfg.record_interval)
                     self._publisher.publish()

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import trio
 
+from libpipe.errors import ConnectionBrokenError
+from libpipe.net import Security
+from libpipe.server import BlockServer
+from libpipe.server import _gossip as server_gossip
 from libpipe.swarm import RecordState, verified_records
 
 from .conftest import running_servers
@@ -74,3 +79,37 @@ async def test_three_servers_with_peers_see_each_others_records(gqa, make_config
                         or records(first)[others[1].peer_id].state is RecordState.DRAINING
                     )
                 )
+
+
+async def test_a_failing_gossip_node_is_restarted_and_the_server_keeps_serving(
+    gqa, make_config, monkeypatch, caplog
+):
+    monkeypatch.setattr(server_gossip, "REJOIN_DELAY", 0.05)
+    async with running_servers([make_config(gqa, (0, 4))]) as (servers, pool):
+        first = servers[0]
+        async with running_servers([make_config(gqa, (4, 8), peers=(first.address,))]) as (
+            others,
+            _,
+        ):
+            second = others[0]
+            await wait_until(lambda: len(records(second)) == 2)
+            transport = second.node.transport
+            real = transport.request
+
+            async def broken(*args, **kwargs):
+                transport.request = real  # fail once
+                raise RuntimeError("a bug in gossip")
+
+            transport.request = broken
+            await wait_until(lambda: "gossip failed; rejoining" in caplog.text)
+            await wait_until(lambda: second.node._nursery is not None)
+            conn = await pool.get(second.address)
+            assert (await conn.call("info")).meta["state"] == "online"
+            await wait_until(lambda: len(records(second)) == 2 and len(records(first)) == 2)
+
+
+async def test_a_server_whose_peers_do_not_answer_does_not_start(gqa, make_config):
+    server = BlockServer(make_config(gqa, (0, 4), peers=("127.0.0.1:9",)), Security.insecure())
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(ConnectionBrokenError, match="no bootstrap peer"):
+            await nursery.start(server.run)
