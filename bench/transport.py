@@ -15,8 +15,10 @@ In one run, on 127.0.0.1:
 
 Measures (a) ping-pong of a small message (median and p99 microseconds),
 (b) a decode-step RPC: a (1, 1, 4096) fp16 tensor each way (median us),
-(c) one-way throughput of 16 MiB messages (MB/s). Ratios are libpipe over
-raw, measured in the same run. Targets: ``tls_stream_vs_raw_tls`` >= 0.70
+(c) one-way throughput of 16 MiB messages (MB/s), and the small call again
+while four streams push 16 MiB frames on its connection (head-of-line
+blocking; ``rpc_during_bulk_vs_idle``). Ratios are libpipe over raw (or
+over idle), measured in the same run. Targets: ``tls_stream_vs_raw_tls`` >= 0.70
 (libpipe TLS streaming over raw blocking TLS); ``rpc_rtt_vs_raw`` <= 2.0
 (libpipe's small-RPC round trip over raw trio ping-pong).
 
@@ -314,6 +316,61 @@ async def session_pingpong(
     return _stats(samples)
 
 
+async def rpc_during_bulk(
+    security: Security, streams: int, frames: int, rounds: int
+) -> dict[str, float]:
+    """Small-RPC round trips on a connection that ``streams`` streams are
+    filling with 16 MiB frames at the same time (head-of-line blocking)."""
+    import torch
+
+    from libpipe.net import ConnectionConfig, Message, Router, connect, serve
+
+    config = ConnectionConfig(compression=False)
+    router = Router()
+
+    async def echo(ctx, request: Message) -> Message:
+        return request
+
+    async def sink(ctx, stream) -> None:
+        async for _ in stream:
+            pass
+
+    router.unary("echo", echo)
+    router.stream("sink", sink)
+    tensor = torch.randn(BIG // 2).half()
+    samples: list[float] = []
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            functools.partial(
+                serve, router, host="127.0.0.1", port=0, security=security, config=config
+            )
+        )
+        async with connect(host, port, security=security, config=config) as conn:
+            done = 0
+
+            async def fill() -> None:
+                nonlocal done
+                async with conn.open_stream("sink") as stream:
+                    for _ in range(frames):
+                        await stream.send({}, (tensor,))
+                    await stream.close_send()
+                done += 1
+
+            async with trio.open_nursery() as bulk:
+                for _ in range(streams):
+                    bulk.start_soon(fill)
+                await trio.sleep(0.01)
+                while done < streams and len(samples) < rounds:
+                    t0 = time.perf_counter()
+                    await conn.call("echo", {"step": 1})
+                    samples.append(time.perf_counter() - t0)
+        nursery.cancel_scope.cancel()
+    stats = _stats(samples)
+    stats["max_us"] = max(samples) * 1e6
+    stats["samples"] = len(samples)
+    return stats
+
+
 async def rpc_throughput(security: Security, messages: int, compression: bool = False) -> float:
     import torch
 
@@ -391,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     results["step"]["libpipe_rpc_tls"] = run(rpc_pingpong, tls, STEP_BYTES, rounds)
     results["step"]["libpipe_session_plain"] = run(session_pingpong, plain, STEP_BYTES, rounds)
     results["step"]["libpipe_session_tls"] = run(session_pingpong, tls, STEP_BYTES, rounds)
+    # Head-of-line blocking: the same small call while 4 streams push 16 MiB
+    # frames on its connection, against the idle figure above.
+    results["small"]["libpipe_rpc_plain_during_bulk"] = run(
+        rpc_during_bulk, plain, 4, max(2, messages // 2), rounds
+    )
     tp = results["throughput_mb_s"]
     tp["libpipe_rpc_plain"] = run(rpc_throughput, plain, messages)
     tp["libpipe_rpc_tls"] = run(rpc_throughput, tls, messages)
@@ -406,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         "step_rtt_vs_raw": step["libpipe_rpc_plain"]["median_us"] / step["raw_trio"]["median_us"],
         "session_step_vs_raw": step["libpipe_session_plain"]["median_us"]
         / step["raw_trio"]["median_us"],
+        "rpc_during_bulk_vs_idle": small["libpipe_rpc_plain_during_bulk"]["median_us"]
+        / small["libpipe_rpc_plain"]["median_us"],
     }
     if args.json:
         print(json.dumps({"results": results, **ratios}, indent=1))
