@@ -117,17 +117,13 @@ def run(args: argparse.Namespace) -> int:
         trio.run(_serve, config, security, args.ready_file, args.monitor)
     except BaseExceptionGroup as group:
         # A start-up error arrives wrapped by the nurseries; show it as itself.
-        sole = _sole_error(group)
+        from ..server._groups import sole_error
+
+        sole = sole_error(group)
         if isinstance(sole, LibpipeError):
             raise sole from None
         raise
     return 0
-
-
-def _sole_error(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
