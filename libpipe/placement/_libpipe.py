@@ -15,8 +15,8 @@ its RTT on each token. We keep its greedy shape and fix both:
    to a client's token (tau_j + hop time / m_j, averaged over clients), and
    puts each on the window with the largest shortfall against the sessions
    the load needs, counting what each server's cache can really hold
-   there. CG-BP's own placement is a candidate too, so we never start
-   behind it.
+   there. CG-BP's and PETALS' own placements are candidates too, so we
+   never start behind either.
 2. Scoring. Every candidate is scored by ``evaluate``: the mean per-token
    time of the offered load's open sessions, routed by WS-RR on it. This
    trades blocks against cache using the same routing the live system
@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from ._cgbp import largest_covering_r, place_cg_bp
 from ._load import design_sessions
 from ._model import Placement, PlacementProblem, ServerSpec, block_capacity
+from ._petals import place_petals
 from ._predict import predict
 from ._windows import most_under_served_window
 
@@ -102,6 +103,7 @@ def greedy(problem: PlacementProblem, r: int, sessions: int) -> Placement:
 
 def _candidates(problem: PlacementProblem, sessions: int) -> Iterator[Placement]:
     yield place_cg_bp(problem)
+    yield place_petals(problem)
     for r in _design_grid(sessions, largest_covering_r(problem)):
         yield greedy(problem, r, sessions)
 
