@@ -19,7 +19,8 @@ import trio
 from torch import Tensor
 
 from ..errors import InvalidRequestError, RemoteError
-from ._context import SwarmContext, hop_error
+from ..wire import cast_for_wire
+from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
 from ._routing import PlannedHop
 
@@ -71,7 +72,7 @@ async def forward_span(
             f"blocks [{start}, {end}) are not within the model's {ctx.num_blocks}"
         )
     _check_hidden(ctx, hidden)
-    x = hidden.to(ctx.wire_dtype).contiguous()
+    x = cast_for_wire(hidden, ctx.wire_dtype).contiguous()
     ledger = FailureLedger(ctx.policy, f"forward over blocks [{start}, {end})")
     block = start
     while block < end:
@@ -83,6 +84,8 @@ async def forward_span(
                 error = hop_error(exc)
                 if error is None:
                     raise
+                if same_on_every_server(error):
+                    raise error from None
                 ctx.view.ban(hop.peer_id, str(error))
                 await ledger.record(hop.describe(), error)
                 break

@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 import torch
 import trio
 
-from ..errors import ConnectionBrokenError, DeadlineExceededError, LibpipeError, NoRouteError
+from ..errors import (
+    ConnectionBrokenError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    LibpipeError,
+    NoRouteError,
+    TensorOverflowError,
+)
 from ..net import Connection, ConnectionPool
 from ._failover import FailureLedger, RetryPolicy
 from ._routing import PlannedHop, plan_route
@@ -81,6 +88,12 @@ class SwarmContext:
                 else:
                     await ledger.record("routing", exc)
                 await self.refresh()
+
+
+def same_on_every_server(error: LibpipeError) -> bool:
+    """A request the server calls invalid, or values that overflow the wire
+    dtype, would fail alike anywhere: the caller's problem, not a failover's."""
+    return isinstance(error, (InvalidRequestError, TensorOverflowError))
 
 
 def hop_error(exc: BaseException) -> LibpipeError | None:

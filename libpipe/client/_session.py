@@ -48,7 +48,8 @@ from ..errors import (
     SessionError,
 )
 from ..net import Stream
-from ._context import SwarmContext, hop_error
+from ..wire import cast_for_wire
+from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
 from ._routing import PlannedHop
 from ._view import ServerEntry
@@ -193,7 +194,7 @@ class RemoteSession:
             )
         self._busy = True
         try:
-            out = await self._run(hidden.to(self._ctx.wire_dtype).contiguous())
+            out = await self._run(cast_for_wire(hidden, self._ctx.wire_dtype).contiguous())
         finally:
             self._busy = False
         self._position += t
@@ -339,6 +340,8 @@ class RemoteSession:
             error = hop_error(exc)
             if error is None:
                 raise
+            if same_on_every_server(error):
+                raise error from None
             raise _HopFailed(index, hop.planned, error) from None
         return out
 

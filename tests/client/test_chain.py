@@ -13,7 +13,13 @@ import torch
 
 import libpipe
 from libpipe.cli.main import main as cli_main
-from libpipe.errors import ConfigError, ConnectionClosedError, InvalidRequestError, SessionError
+from libpipe.errors import (
+    ConfigError,
+    ConnectionClosedError,
+    InvalidRequestError,
+    SessionError,
+    TensorOverflowError,
+)
 
 from .conftest import NUM_BLOCKS, LocalModel
 
@@ -140,6 +146,20 @@ async def test_bad_arguments_get_typed_errors(model_dir, chain):
                 await session.step(torch.ones(2, 1, dtype=torch.long))
         with pytest.raises(SessionError):
             await session.step([1])
+
+
+async def test_values_the_wire_dtype_cannot_hold_are_refused(model_dir, chain):
+    huge = torch.full((1, 2, 64), 1e6)
+    async with client(model_dir, chain, wire_dtype=torch.float16) as c:
+        with pytest.raises(TensorOverflowError):
+            await c.forward(huge)
+        async with c.inference_session(max_length=4) as session:
+            with pytest.raises(TensorOverflowError):
+                await session.step_hidden(huge)
+            # Nothing was sent: the session is still usable, and nobody is banned.
+            out = await session.step_hidden(torch.randn(1, 2, 64))
+        assert out.dtype == torch.float16 and out.shape == (1, 2, 64)
+        assert not any(c.view.is_banned(p) for p in c.view.servers)
 
 
 def test_blocking_client_from_plain_code(model_dir, chain, local_model):
