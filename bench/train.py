@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -55,12 +56,20 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prefix", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="measured rounds")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the client and of each server (three processes share the cores)",
+    )
     ap.add_argument("--quick", action="store_true", help="small model, few rounds")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.hidden, args.tokens, args.steps = 64, 32, 4
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     overrides = {
         "hidden_size": args.hidden,
         "intermediate_size": 4 * args.hidden,
@@ -78,7 +87,7 @@ def main() -> int:
             for blocks in [(0, half), (half, args.blocks)]:
                 servers.append(
                     ServerProcess.start(
-                        model_dir, blocks=blocks, extra_args=["--throughput", "100,1000"]
+                        model_dir, blocks=blocks, extra_args=["--throughput", "100,1000"], env=env
                     )
                 )
             peers = [s.address for s in servers]
@@ -134,6 +143,7 @@ def main() -> int:
         "batch": args.batch,
         "tokens": args.tokens,
         "prefix": args.prefix,
+        "threads": args.threads,
         "rows": rows,
         "local_steps_s": rows[0]["steps_s"],
         "remote_fp32_steps_s": rows[1]["steps_s"],
@@ -147,7 +157,8 @@ def main() -> int:
         return 0
     print(
         f"model: {args.blocks} blocks, hidden {args.hidden}; step: batch {args.batch} x "
-        f"{args.tokens} tokens + {args.prefix} prompt positions, deep prompts; 2 servers"
+        f"{args.tokens} tokens + {args.prefix} prompt positions, deep prompts; 2 servers; "
+        f"{args.threads} torch thread(s) per process"
     )
     print(
         f"{'mode':<12} {'steps/s':>8} {'ms/step':>8} {'sent/step':>11} {'recv/step':>11} {'vs local':>9}"
