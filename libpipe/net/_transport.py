@@ -105,8 +105,24 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 buffers = (b"".join(buffers),)
             views = [memoryview(b).cast("B") for b in buffers]
             return self._write_tls(views)
+        if len(buffers) == 1:
+            # One buffer (every frame without tensors): send() skips the
+            # iovec that sendmsg builds.
+            return self._write_one(buffers[0])
         views = [memoryview(b).cast("B") for b in buffers]
         return self._write_plain(views)
+
+    def _write_one(self, buffer: _BUFFER) -> list[memoryview]:
+        try:
+            sent = self._sock.send(buffer)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise self._broken(exc) from exc
+        if type(buffer) is bytes and sent == len(buffer):
+            return []
+        view = memoryview(buffer).cast("B")
+        return [view[sent:]] if sent < view.nbytes else []
 
     async def send_rest(self, views: list[memoryview]) -> None:
         """Finish a write ``send_now`` began, waiting for the kernel."""
