@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import trio
 
 import libpipe
 from libpipe.errors import NoRouteError
-from libpipe.net import DelayProxy
+from libpipe.net import DelayProxy, Security
+from libpipe.server import BlockServer, ServerConfig
+from libpipe.swarm import GossipConfig, RecordState
 
 PROMPT = [9, 8, 7, 6]
 
@@ -72,3 +75,36 @@ async def test_no_reachable_peer_is_no_route(model_dir):
             await client.generate(PROMPT, max_new_tokens=2)
         assert "[0, 8)" in str(caught.value)
         assert "unreachable" in str(caught.value)
+
+
+async def test_learns_every_server_from_one_peer_by_gossip(model_dir, tmp_path, local_model):
+    """In-process servers that gossip: the client is told about one of them
+    and routes through both (the other is known from signed records)."""
+    gossip = GossipConfig.local().replace(
+        probe_interval=0.2, probe_timeout=0.1, gossip_interval=0.05, request_timeout=1.0
+    )
+
+    def config(blocks: tuple[int, int], peers: tuple[str, ...] = ()) -> ServerConfig:
+        return ServerConfig(
+            model_dir, blocks, throughput=(200.0, 4000.0), gossip=gossip, peers=peers,
+            cache_dir=tmp_path, progress=False,
+        )  # fmt: skip
+
+    async with trio.open_nursery() as nursery:
+        server = BlockServer(config((0, 5)), Security.insecure())
+        first = await nursery.start(server.run)
+        await nursery.start(BlockServer(config((5, 8), (first,)), Security.insecure()).run)
+        with trio.fail_after(30):  # until the first server's view has the other online
+            while not any(
+                s.record.span == (5, 8) and s.record.state is RecordState.ONLINE
+                for s in server.node.view()
+            ):
+                await trio.sleep(0.05)
+        async with libpipe.Client(model_dir, [first], insecure=True) as client:
+            learned = {e.span: e for e in client.view.servers.values()}
+            assert set(learned) == {(0, 5), (5, 8)}
+            assert learned[(5, 8)].pinned  # from a signed record: dialled by its peer id
+            tokens = await client.generate(PROMPT, max_new_tokens=4, stop_tokens=())
+            assert [(h.start, h.end) for h in client.last_route] == [(0, 5), (5, 8)]
+        nursery.cancel_scope.cancel()
+    assert tokens == local_model.greedy(PROMPT, 4)
