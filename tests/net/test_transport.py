@@ -114,3 +114,25 @@ def test_public_names_are_reexports() -> None:
         obj = getattr(libpipe.net, name)
         if hasattr(obj, "__module__"):
             assert obj.__module__.startswith("libpipe.net._"), name
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_one_buffer_larger_than_the_socket_buffer(
+    tls: bool, server_security: Security
+) -> None:
+    security = server_security if tls else Security.insecure()
+    payload = bytes(range(256)) * 32768  # 8 MiB: written in parts, waiting between
+    async with trio.open_nursery() as nursery:
+        client, server = await _pair(security, nursery)
+        received: list[bytes] = []
+
+        async def reader() -> None:
+            received.append(await _receive_exactly(server, len(payload)))
+
+        nursery.start_soon(reader)
+        rest = client.send_now([payload])
+        assert rest  # the kernel took only part of it at once
+        await client.send_rest(rest)
+    assert received == [payload]
+    client.close()
+    server.close()
