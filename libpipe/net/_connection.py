@@ -3,12 +3,16 @@
 Theory of operation. The codec owns the byte format and the stream state
 machine; this module owns time and tasks. One reader task pulls bytes into
 the codec and dispatches each event: replies wake the caller waiting on that
-stream id, requests and stream opens start a handler task, stream messages
-go to that stream's bounded inbox. Writers take one lock so a frame's
-buffers are written back to back; a small frame is written shielded from
-cancellation (it cannot block for long and must never be cut in half), and a
-large one cut by a cancel leaves the byte stream unusable, so the connection
-is marked broken. Whatever ends the connection (EOF, a protocol error, a
+stream id, requests go to a pooled handler task (``_workers``), stream opens
+start a handler task, stream messages go to that stream's bounded inbox.
+Writers take the send turn (``_send_turn``: one frame at a time, small
+frames before queued bulk ones) so a frame's buffers are written back to
+back. A frame the kernel takes whole is written without waiting (the common
+case, and the fast one: no cancel scope, no scheduler trip); the rest of a
+small frame is written shielded from cancellation (it cannot block for long
+and must never be cut in half), and a large one cut by a cancel leaves the
+byte stream unusable, so the connection is marked broken. Whatever ends the
+connection (EOF, a protocol error, a
 socket error, a keepalive timeout, ``aclose``) goes through ``_end``, which
 records the reason once, closes the socket and fails everything still
 waiting with that reason.
