@@ -24,7 +24,7 @@ import trio
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..errors import InvalidRequestError
+from ..errors import ConnectionClosedError, InvalidRequestError
 from ._blocking import SyncClient
 from ._client import Client
 from ._train_chain import Piece, TrainChain
@@ -80,7 +80,10 @@ class RemoteBlocks(nn.Module):
                 "remote blocks block while the swarm works, so they cannot run on the client's "
                 "own trio thread: call them from trio.to_thread.run_sync or the blocking client"
             )
-        return trio.from_thread.run(fn, *args, trio_token=self._token)
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            raise ConnectionClosedError("the client of these remote blocks is closed") from None
 
     def extra_repr(self) -> str:
         adapter = f", adapter={self.chain.adapter!r}" if self.chain.adapter else ""

@@ -10,8 +10,10 @@ import pytest
 import torch
 import trio
 
+from libpipe.client import SyncClient
 from libpipe.client._prompt_tuning import PromptTuning
-from libpipe.errors import InvalidRequestError
+from libpipe.client._remote_blocks import remote_blocks
+from libpipe.errors import ConnectionClosedError, InvalidRequestError
 from libpipe.model import load_client_head, load_span
 
 from .conftest import running_swarm
@@ -69,3 +71,16 @@ def test_bad_arguments_are_typed(checkpoint):
         tuner.loss(ids, ids[:, :2])
     with pytest.raises(InvalidRequestError, match="token ids"):
         tuner(ids + 1000)
+
+
+async def test_remote_blocks_of_a_closed_client(checkpoint, make_config):
+    async with running_swarm([make_config(checkpoint, (0, 8))]) as (servers, _):
+
+        def use_after_close() -> None:
+            with SyncClient(checkpoint, [servers[0].address], insecure=True) as client:
+                blocks = remote_blocks(client, start=1, end=3)
+                assert (blocks.start, blocks.end) == (1, 3)
+            with pytest.raises(ConnectionClosedError, match="closed"):
+                blocks(torch.zeros(1, 2, 64))
+
+        await trio.to_thread.run_sync(use_after_close)
