@@ -1,5 +1,5 @@
-"""libpipe's own placement: greedy candidates, scored by the steady state,
-then polished by local search.
+"""libpipe's own placement: greedy candidates, scored by a queueing
+prediction, then polished by local search.
 
 Theory of operation
 -------------------
@@ -9,24 +9,28 @@ servers by speed alone, although a fast server far from every client costs
 its RTT on each token. We keep its greedy shape and fix both:
 
 1. Candidates. For a grid of per-server design concurrencies r (1, 2, 4...
-   up to the open sessions the offered load implies, and that number
-   itself), a greedy pass gives each server m_j = min(floor(M_j / (s_m +
+   up to the largest that still covers the model, and the open sessions
+   the offered load implies), a greedy pass gives each server m_j = min(floor(M_j / (s_m +
    s_c * r)), L, cap) blocks, orders servers by the per-block time they add
    to a client's token (tau_j + hop time / m_j, averaged over clients), and
    puts each on the window with the largest shortfall against the sessions
    the load needs, counting what each server's cache can really hold
    there. CG-BP's and PETALS' own placements are candidates too, so we
    never start behind either.
-2. Scoring. Every candidate is scored by ``evaluate``: the mean per-token
-   time of the offered load's open sessions, routed by WS-RR on it. This
-   trades blocks against cache using the same routing the live system
-   runs, instead of guessing R.
+2. Scoring. Every candidate is scored by ``predict``: the mean per-token
+   time under the offered load, waiting for cache included, with sessions
+   routed by the same WS-RR ``route`` the live system runs. This trades
+   blocks (fewer hops) against cache (fewer waits) instead of guessing R.
 3. Local search. From the best candidate, each server in turn tries other
    windows (aligned to its neighbours' boundaries or the model's ends) and
    other block counts (one more or fewer, or none), keeping a change only
-   when the score drops. The number of evaluations is bounded by a budget
-   that shrinks with the instance (``search_budget``), so 500 servers x 80
-   blocks still place in well under a second.
+   when the score drops. The number of predictions is bounded by a budget
+   that shrinks with the instance (``search_budget``).
+4. Scale. Above ``MAX_SCORED_SIZE`` servers x blocks, scoring every
+   candidate would take seconds; the greedy pass runs once, each server
+   provisioning its share of the load's sessions (the load over the number
+   of copies of the model the swarm holds), so 500 servers x 80 blocks
+   place in tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def place_libpipe(problem: PlacementProblem) -> Placement:
     if best is None:
         # No candidate covers the model; CG-BP's placement shows the gap.
         return place_cg_bp(problem, sessions)
-    return _local_search(problem, best, best_score, sessions, search_budget(problem))
+    return _local_search(problem, best, best_score, search_budget(problem))
 
 
 def search_budget(problem: PlacementProblem) -> int:
@@ -152,7 +156,7 @@ def _covers(placement: Placement, num_blocks: int) -> bool:
 
 
 def _local_search(
-    problem: PlacementProblem, placement: Placement, score: float, sessions: int, budget: int
+    problem: PlacementProblem, placement: Placement, score: float, budget: int
 ) -> Placement:
     """First-improvement hill climbing over one server's span at a time."""
     model = problem.model
@@ -203,5 +207,4 @@ def _moves(
         if blocks > 1:
             spans += [(start + 1, end), (start, end - 1)]
         spans.append((0, 0))
-    unique = list(dict.fromkeys(spans))
-    return unique
+    return list(dict.fromkeys(spans))
