@@ -208,3 +208,13 @@ def test_bad_adapter_files_are_typed(tmp_path, checkpoint, gqa_checkpoint, adapt
     (half / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read"):
         load(half)
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank(tmp_path, checkpoint):
+    config = ModelConfig.from_file(checkpoint)
+    path = write_random_lora_adapter(tmp_path / "rs", config, rank=4, alpha=8.0, layers=[1])
+    raw = json.loads((path / "adapter_config.json").read_text()) | {"use_rslora": True}
+    (path / "adapter_config.json").write_text(json.dumps(raw))
+    adapter = load_lora_adapter(path, config, 0, 8, device=torch.device("cpu"), dtype=torch.float32)
+    assert sorted(adapter.blocks) == [1]
+    assert adapter.blocks[1].pairs["q_proj"].scaling == pytest.approx(8.0 / 2.0)
