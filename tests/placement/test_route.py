@@ -84,7 +84,7 @@ releases = st.lists(
 
 @st.composite
 def instances(draw):
-    num_blocks = draw(st.integers(1, 6))
+    num_blocks = draw(st.integers(1, 5))
     n = draw(st.integers(1, 5))
     views = []
     for j in range(n):
@@ -108,7 +108,7 @@ def instances(draw):
     return num_blocks, views, start, end
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     instances(),
     st.sampled_from(["latency", "throughput"]),
