@@ -66,7 +66,7 @@ def test_report_shapes(tiny):
 def test_cg_bp_beats_petals_when_petals_runs_out_of_cache():
     """The paper's direction on its clustered testbed: at 0.5 sessions/s of
     148-token sessions PETALS' cache-blind routing queues on one A100."""
-    scenario = load_scenario("clustered").with_workload(arrival_rate=0.5, duration=1200)
+    scenario = load_scenario("clustered").with_workload(arrival_rate=0.5, duration=600)
     result = compare(scenario, ["petals", "cg-bp"], seed=0).results
     petals, cg_bp = result["petals"].summary, result["cg-bp"].summary
     assert petals.wait_s > 0 and cg_bp.wait_s == 0

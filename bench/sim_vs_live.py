@@ -1,0 +1,403 @@
+"""The simulator against a live loopback swarm: predicted vs measured per-token time.
+
+A real swarm on 127.0.0.1: a generated Llama checkpoint, four
+``libpipe-server`` processes on fixed spans, each behind a ``DelayProxy``
+that puts it in a cluster as seen from the client (near: 10 ms RTT, far:
+50 ms), and one ``libpipe.Client`` generating for Poisson sessions.
+
+1. Servers start one after another so each measures its own decode and
+   forward throughput undisturbed; tau is what they announce, converted as
+   the client's router converts it.
+2. RTTs: pings through each proxy (the RPC's own round trip included),
+   fed to the client's own RTT estimator, whose estimates both the live
+   router and the simulator then use.
+3. Poisson sessions drawn from ``--seed``, each generating through the
+   client at its arrival time, concurrently; and ``libpipe.sim`` fed those
+   measured tau and RTTs, with the same placement, the same routing
+   function and the very same sessions: once with nothing fitted, once
+   with the two constants the paper calibrated for PETALS (a per-hop
+   overhead and the session-open cost), measured beforehand on sessions
+   run one at a time with the proxies at zero delay.
+
+Prints measured and predicted mean per-token time, decode step and time to
+first token, and the prediction error (the paper's own simulator was off by
+13% on average). ``--json`` prints one JSON object; ``--quick`` a short run.
+
+    .venv/bin/python bench/sim_vs_live.py [--quick] [--seed 0] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import trio
+
+import libpipe
+from libpipe.model import ModelConfig, write_random_checkpoint
+from libpipe.net import ConnectionPool, DelayProxy, Security
+from libpipe.placement import ModelSpec, Network, PlacementProblem, ServerSpec, Workload, route
+from libpipe.server import ServerProcess
+from libpipe.sim import Scenario, SessionCosts, Simulation, generate_sessions, summarize
+
+NEAR_RTT = 0.010
+FAR_RTT = 0.050
+# (name, blocks, cluster): a near chain of two, a far replica of the whole
+# model, and a near server on the middle blocks the router may splice in.
+DEPLOYMENT = (
+    ("near-a", (0, 4), "near"),
+    ("near-b", (4, 8), "near"),
+    ("near-c", (2, 6), "near"),
+    ("far", (0, 8), "far"),
+)
+CHECKPOINT = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+}
+# One compute thread per server: four servers and the client share few
+# cores, and oversubscribed thread pools would time each other's spinning.
+SERVER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PINGS = 20
+CALIBRATION_SESSIONS = 5
+# Discarded first: a server's first passes (allocator, kernels) are slower.
+WARMUP_SESSIONS = 2
+# Longer than a run: the client re-probes no RTT mid-run (one noisy ping
+# would move its estimate away from the simulator's).
+REFRESH_S = 3600.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a short run (fewer, shorter sessions)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the Poisson sessions")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    # Light load: the performance model has servers' compute unshared, so
+    # sessions should seldom overlap on one server's cores.
+    plan = {
+        "rate": 0.4 if args.quick else 0.5,
+        "duration": 20.0 if args.quick else 90.0,
+        "l_in": 16,
+        "l_max": 24 if args.quick else 48,
+    }
+    with tempfile.TemporaryDirectory(prefix="sim-vs-live-") as tmp:
+        model_dir = write_random_checkpoint(
+            Path(tmp) / "model", "llama", seed=3, overrides=CHECKPOINT
+        )
+        servers = _start_servers(model_dir, Path(tmp) / "cache")
+        try:
+            report = trio.run(_measure_and_predict, model_dir, servers, plan, args.seed)
+        finally:
+            for server in servers.values():
+                server.close()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print(report)
+    return 0
+
+
+def _start_servers(model_dir: Path, cache_dir: Path) -> dict[str, ServerProcess]:
+    started: dict[str, ServerProcess] = {}
+    try:
+        for name, blocks, _ in DEPLOYMENT:
+            args = ["--cache-dir", str(cache_dir / name), "--log-level", "WARNING", "--no-progress"]
+            started[name] = ServerProcess.start(
+                model_dir, blocks=blocks, extra_args=args, env=SERVER_ENV
+            )
+    except BaseException:
+        for server in started.values():
+            server.close()
+        raise
+    return started
+
+
+async def _measure_and_predict(model_dir, servers, plan, seed) -> dict:
+    names = [name for name, _, _ in DEPLOYMENT]
+    async with AsyncExitStack() as stack:
+        proxies = {
+            name: await stack.enter_async_context(DelayProxy(servers[name].address))
+            for name in names
+        }
+        calibration = await _calibrate(model_dir, servers, proxies, plan)
+        for name, _, cluster in DEPLOYMENT:
+            proxies[name].set_delay((NEAR_RTT if cluster == "near" else FAR_RTT) / 2)
+        pings = await _ping_all(proxies)
+        async with libpipe.Client(
+            model_dir,
+            [p.address for p in proxies.values()],
+            insecure=True,
+            refresh_interval=REFRESH_S,
+        ) as client:
+            rtts = _feed_rtts(client, servers, pings)
+            tau = _announced_tau(client, servers)
+            tau_forward = _announced_tau(client, servers, forward=True)
+            raw, placement = _scenario(model_dir, tau, tau_forward, rtts, plan, 0.0, 0.0)
+            calibrated, _ = _scenario(model_dir, tau, tau_forward, rtts, plan, **calibration)
+            sessions = generate_sessions(raw, seed)
+            live = await _run_live(client, proxies, sessions)
+
+    measured = {
+        "mean_token_s": statistics.fmean(s["per_token"] for s in live),
+        "decode_token_s": statistics.fmean(s["decode"] for s in live),
+        "ttft_s": statistics.fmean(s["ttft"] for s in live),
+    }
+    predictions = {
+        "measured_inputs": _predict(raw, placement, sessions, plan),
+        "calibrated": _predict(calibrated, placement, sessions, plan),
+    }
+    rows = {
+        key: {
+            "measured": measured[key],
+            **{f"predicted_{how}": getattr(summary, key) for how, summary in predictions.items()},
+            **{
+                f"error_{how}": getattr(summary, key) / measured[key] - 1
+                for how, summary in predictions.items()
+            },
+        }
+        for key in measured
+    }
+    routes_live = sorted({tuple(s["route"]) for s in live})
+    return {
+        "sessions": len(live),
+        "plan": plan,
+        "seed": seed,
+        "tau_decode_ms": {n: 1000 * tau[n] for n in names},
+        "rtt_ms": {n: 1000 * rtts[n] for n in names},
+        "routes_live": [list(r) for r in routes_live],
+        "load_average": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "hops_predicted": predictions["measured_inputs"].mean_hops,
+        "hop_overhead_ms": 1000 * calibration["hop_overhead"],
+        "session_open_ms": 1000 * calibration["session_open"],
+        "results": rows,
+    }
+
+
+def _predict(scenario, placement, sessions, plan):
+    """The simulator's summary of the same sessions, routed as the live client routes."""
+    max_length = plan["l_in"] + plan["l_max"]
+    num_blocks = scenario.model.num_blocks
+
+    def router(views, request):
+        return route(views, num_blocks, session_tokens=max_length)
+
+    outcomes = Simulation(scenario, placement, router).run(sessions)
+    return summarize(outcomes, scenario.duration)
+
+
+async def _calibrate(model_dir, servers, proxies, plan) -> dict[str, float]:
+    """The performance model's two constants for this software, as the paper
+    calibrated PETALS': a per-hop overhead (a decode step measured, minus
+    ping RTT + k * tau, per hop) and the session-open cost (the first token
+    measured, minus its modelled prefill). From sessions run one at a time
+    with the proxies at zero delay: the validation then runs under other
+    delays and concurrent load."""
+    pings = await _ping_all(proxies)
+    rng = random.Random(-1)
+    by_address = {p.address: n for n, p in proxies.items()}
+    steps, firsts = [], []
+    async with libpipe.Client(
+        model_dir, [p.address for p in proxies.values()], insecure=True, refresh_interval=REFRESH_S
+    ) as client:
+        rtts = _feed_rtts(client, servers, pings)
+        tau = _announced_tau(client, servers)
+        tau_forward = _announced_tau(client, servers, forward=True)
+        for n in range(WARMUP_SESSIONS + CALIBRATION_SESSIONS):
+            prompt = [rng.randrange(3, 256) for _ in range(plan["l_in"])]
+            run = await _one_session(client, prompt, plan["l_max"], trio.current_time())
+            if n < WARMUP_SESSIONS:
+                continue
+            hops = [(by_address[address], b - a) for address, a, b in run["route"]]
+            step = sum(rtts[n] + k * tau[n] for n, k in hops)
+            overhead = (run["decode"] - step) / len(hops)
+            first = sum(rtts[n] + overhead + k * tau_forward[n] * plan["l_in"] for n, k in hops)
+            steps.append(overhead)
+            firsts.append(run["ttft"] - first)
+    return {
+        "hop_overhead": max(0.0, statistics.median(steps)),
+        "session_open": max(0.0, statistics.median(firsts)),
+    }
+
+
+async def _ping_all(proxies) -> dict[str, list[float]]:
+    """``PINGS`` ping round trips through each proxy (the RPC's own cost included)."""
+    samples: dict[str, list[float]] = {}
+    async with ConnectionPool(Security.insecure()) as pool:
+        for name, proxy in proxies.items():
+            connection = await pool.get(proxy.address)
+            samples[name] = []
+            for _ in range(PINGS):
+                began = trio.current_time()
+                await connection.call("ping")
+                samples[name].append(trio.current_time() - began)
+    return samples
+
+
+def _feed_rtts(client, servers, pings) -> dict[str, float]:
+    """Give the client's RTT estimator (an EMA) all the pings, and return
+    its estimates: the live router and the simulator then see one RTT each."""
+    rtts = {}
+    for name, samples in pings.items():
+        peer_id = servers[name].peer_id
+        for seconds in samples:
+            client.view.observe_rtt(peer_id, seconds)
+        rtts[name] = client.view.rtt_of(peer_id)
+    return rtts
+
+
+def _announced_tau(client, servers, *, forward: bool = False) -> dict[str, float]:
+    """Seconds per block from each server's announced throughput, as the router uses it."""
+    by_peer = {s.peer_id: name for name, s in servers.items()}
+    out = {}
+    for entry in client.view.servers.values():
+        name = by_peer[entry.peer_id]
+        throughput = entry.throughput_forward if forward else entry.throughput_decode
+        out[name] = 1.0 / throughput / entry.blocks
+    return out
+
+
+async def _one_session(client, prompt, new_tokens, arrival) -> dict:
+    stamps = []
+    route = []
+    async for _ in client.stream(prompt, max_new_tokens=new_tokens, stop_tokens=()):
+        stamps.append(trio.current_time())
+        # Read at once: the client's last_route is this session's only until
+        # another session's token comes in.
+        route = [(h.server.address, h.start, h.end) for h in client.last_route]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return {
+        "ttft": stamps[0] - arrival,
+        "decode": statistics.fmean(gaps),
+        "per_token": (stamps[-1] - arrival) / len(stamps),
+        "route": route,
+    }
+
+
+async def _run_live(client, proxies, sessions) -> list[dict]:
+    """Every session started at its arrival time, concurrently, as the simulator has them."""
+    results: list[dict] = []
+    prompt_rng = random.Random(0)
+    prompts = [[prompt_rng.randrange(3, 256) for _ in range(s.prompt_tokens)] for s in sessions]
+    by_address = {p.address: n for n, p in proxies.items()}
+    start = trio.current_time()
+
+    async def one(index: int) -> None:
+        request = sessions[index]
+        arrival = start + request.arrival
+        await trio.sleep_until(arrival)
+        run = await _one_session(client, prompts[index], request.new_tokens, arrival)
+        run["route"] = [f"{by_address[a]}[{x}:{y})" for a, x, y in run["route"]]
+        results.append(run)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(sessions)):
+            nursery.start_soon(one, index)
+    return results
+
+
+def _scenario(
+    model_dir, tau, tau_forward, rtts, plan, hop_overhead, session_open
+) -> tuple[Scenario, dict[str, tuple[int, int]]]:
+    config = ModelConfig.from_file(model_dir)
+    block_bytes = 4 * (
+        4 * config.hidden_size * config.hidden_size
+        + 3 * config.hidden_size * config.intermediate_size
+    )
+    kv = 2 * config.num_key_value_heads * config.head_dim * 4  # fp32 K and V
+    names = [name for name, _, _ in DEPLOYMENT]
+    locations = ["client", *names]
+    matrix = [[0.0] * len(locations) for _ in locations]
+    for i, name in enumerate(names, start=1):
+        matrix[0][i] = matrix[i][0] = rtts[name]
+    specs = tuple(
+        ServerSpec(
+            name=name,
+            memory_bytes=(blocks[1] - blocks[0]) * block_bytes + 2**30,  # the server's 1 GiB cache
+            tau_decode=tau[name],
+            prefill_per_token=tau_forward[name],
+            prefill_fixed=0.0,
+            location=name,
+        )
+        for name, blocks, _ in DEPLOYMENT
+    )
+    problem = PlacementProblem(
+        model=ModelSpec(
+            num_blocks=config.num_hidden_layers,
+            block_bytes=block_bytes,
+            hidden_size=config.hidden_size,
+            kv_bytes_per_token_block=kv,
+        ),
+        servers=specs,
+        workload=Workload(plan["l_in"], plan["l_max"], plan["rate"], (("client", 1.0),)),
+        network=Network.from_matrix(locations, matrix, hop_overhead=hop_overhead),
+    )
+    scenario = Scenario(
+        name="loopback",
+        description="the live loopback swarm, measured",
+        problem=problem,
+        costs=SessionCosts(
+            prefill_overhead=hop_overhead, prefill_per_token=0.0, session_open=session_open
+        ),
+        min_new_tokens=plan["l_max"],
+        duration=plan["duration"],
+        server_classes={name: cluster for name, _, cluster in DEPLOYMENT},
+    )
+    return scenario, {name: blocks for name, blocks, _ in DEPLOYMENT}
+
+
+def _print(report: dict) -> None:
+    plan = report["plan"]
+    print(
+        f"live loopback swarm vs libpipe.sim: {report['sessions']} sessions,"
+        f" lambda {plan['rate']}/s over {plan['duration']:g} s, l_in {plan['l_in']},"
+        f" l_max {plan['l_max']}, seed {report['seed']}"
+    )
+    print(
+        "  measured inputs: tau ms/block "
+        + ", ".join(f"{n} {v:.3f}" for n, v in report["tau_decode_ms"].items())
+        + "; RTT ms "
+        + ", ".join(f"{n} {v:.1f}" for n, v in report["rtt_ms"].items())
+    )
+    print(
+        f"  live routes: {report['routes_live']}; predicted mean hops {report['hops_predicted']:.2f}"
+    )
+    print(
+        f"  calibrated at zero delay, one session at a time: per-hop overhead"
+        f" {report['hop_overhead_ms']:.2f} ms, session open {report['session_open_ms']:.1f} ms"
+    )
+    print()
+    print(
+        f"{'':24s} {'measured':>9s} {'predicted':>10s} {'error':>7s}"
+        f" {'calibrated':>11s} {'error':>7s}"
+    )
+    labels = {
+        "mean_token_s": "mean per-token (s)",
+        "decode_token_s": "decode step (s)",
+        "ttft_s": "time to first token (s)",
+    }
+    for key, row in report["results"].items():
+        print(
+            f"{labels[key]:24s} {row['measured']:9.4f} {row['predicted_measured_inputs']:10.4f}"
+            f" {row['error_measured_inputs']:+7.1%} {row['predicted_calibrated']:11.4f}"
+            f" {row['error_calibrated']:+7.1%}"
+        )
+    print(
+        "(predicted: the simulator fed measured tau and RTTs only; calibrated: plus the two"
+        " constants from the zero-delay run)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
