@@ -14,7 +14,7 @@ from libpipe import Client
 from libpipe.errors import ConfigError, DrainingError, InvalidRequestError
 from libpipe.model import ModelConfig, write_random_checkpoint
 from libpipe.net import ConnectionPool, Security
-from libpipe.server import BlockServer, ServerConfig, ServerProcess
+from libpipe.server import BlockServer, ServerConfig
 from libpipe.server._rebalance import block_weight_bytes, span_length
 
 from .conftest import FAST
@@ -210,13 +210,3 @@ async def test_move_keeps_open_sessions_until_the_grace_ends(model_dir, tmp_path
             with pytest.raises(DrainingError):
                 await step(old, 2, hidden)
     nursery.cancel_scope.cancel()
-
-
-@pytest.mark.slow
-def test_server_process_without_blocks_chooses_its_span(model_dir):
-    common = ["--throughput", "100,1000", "--num-blocks", "6", "--gossip", "local"]
-    with ServerProcess.start(model_dir, blocks=None, extra_args=common) as first:
-        assert first.span == (0, 6)
-        peers = ["--peers", first.address]
-        with ServerProcess.start(model_dir, blocks=None, extra_args=[*common, *peers]) as second:
-            assert second.span == (6, 12)

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.skipif(
 # What the test reads off the page: rows, bars, events, status, poll count.
 PAGE_STATE = """document.getElementById('status') && JSON.stringify({
   rows: [...document.querySelectorAll('#servers tbody tr')].map(r => r.dataset.peer),
+  unreachable: [...document.querySelectorAll('#servers tbody tr.unreachable')].map(
+      r => r.dataset.peer),
   bars: [...document.querySelectorAll('#coverage g.server')].map(g => g.dataset.peer),
   blocks: [...document.querySelectorAll('#coverage g.block')].map(g => +g.dataset.servers),
   events: [...document.querySelectorAll('#events li[data-kind]')].map(
