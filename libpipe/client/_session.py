@@ -256,9 +256,12 @@ class RemoteSession:
                 batch=self.batch,
             )
             try:
-                for planned in plan:
-                    await self._open_hop(planned)
-                    if self._replay is not None:
+                if self._replay is None:
+                    # Nothing to replay (a new session): open every hop at once.
+                    await self._open_all(plan)
+                else:
+                    for planned in plan:
+                        self._hops.append(await self._open_hop(planned, len(self._hops)))
                         self._replay = await self._replay_into(len(self._hops) - 1)
             except _HopFailed as failure:
                 await self._fail(failure, ledger)
@@ -285,8 +288,38 @@ class RemoteSession:
                     await _close_hop(hop)
         await ledger.record(failure.hop.describe(), failure.error)
 
-    async def _open_hop(self, planned: PlannedHop) -> None:
-        index = len(self._hops)
+    async def _open_all(self, plan: list[PlannedHop]) -> None:
+        """Open the hops of ``plan`` concurrently: one round trip, not one per
+        hop. Keeps those before the first failure; raises that failure."""
+        base = len(self._hops)
+        opened: list[_Hop | _HopFailed | None] = [None] * len(plan)
+
+        async def one(i: int) -> None:
+            try:
+                opened[i] = await self._open_hop(plan[i], base + i)
+            except _HopFailed as failure:
+                opened[i] = failure
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(plan)):
+                    nursery.start_soon(one, i)
+        except BaseException:  # cancelled: let go of what did open
+            for item in opened:
+                if isinstance(item, _Hop):
+                    await _shielded_close(item.exits)
+            raise
+        failure = next((o for o in opened if isinstance(o, _HopFailed)), None)
+        for item in opened:
+            if isinstance(item, _Hop):
+                if failure is None or item.planned.start < failure.hop.start:
+                    self._hops.append(item)
+                else:
+                    await _close_hop(item)
+        if failure is not None:
+            raise failure
+
+    async def _open_hop(self, planned: PlannedHop, index: int) -> _Hop:
         exits = contextlib.AsyncExitStack()
         try:
             with trio.fail_after(self._ctx.policy.step_timeout):
@@ -313,7 +346,7 @@ class RemoteSession:
             _note_cache_full(self._ctx, planned.server, error)
             raise _HopFailed(index, planned, error) from None
         self._ctx.view.answered(planned.peer_id)
-        self._hops.append(_Hop(planned, stream, exits, []))
+        return _Hop(planned, stream, exits, [])
 
     async def _replay_into(self, index: int) -> Tensor:
         """Give hop ``index`` the replay input (positions ``[0, position)``)."""
