@@ -1,35 +1,80 @@
-"""`libpipe demo`: what libpipe does, on this machine, in about a minute."""
+"""`libpipe demo`: a private swarm on this machine generating text, in about a minute.
+
+Starts a fresh swarm CA and identities, three or four ``libpipe-server``
+processes on 127.0.0.1 over the demo model (mutual TLS, joined by gossip),
+and a ``libpipe.Client`` that streams text through them while showing its
+route and per-token latency. Part-way, it kills a server on the route; the
+client re-routes to a replica and carries on. Then it checks the text
+against the same model run locally, and shuts the swarm down.
+
+``--codec`` shows the wire codec on a real activation instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+
+DEFAULT_PROMPT = "And God said"
+
+
+def default_model_dir() -> Path:
+    """The checkpoint trained by examples/train_demo_model.py, in the source
+    tree this package runs from (`make demo` installs it editable)."""
+    return Path(__file__).resolve().parents[2] / "examples" / "demo_model"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="show libpipe working on this machine",
-        description="Show libpipe working on this machine.",
+        help="run a local swarm generating text (or --codec: the wire codec)",
+        description=__doc__.split("\n\n")[1],
+    )
+    parser.add_argument(
+        "--model", metavar="DIR", help="checkpoint directory (default: examples/demo_model)"
+    )
+    parser.add_argument("--servers", type=int, default=4, choices=(3, 4), help="default 4")
+    parser.add_argument("--tokens", type=int, default=120, help="tokens to generate (default 120)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"default {DEFAULT_PROMPT!r}")
+    parser.add_argument(
+        "--kill-after",
+        type=int,
+        metavar="N",
+        help="kill a server after N tokens (default: a third of --tokens; 0: never)",
     )
     parser.add_argument(
         "--codec",
         action="store_true",
-        help="push a real activation of a small Llama checkpoint through the wire codec "
-        "and print its sizes and timings",
+        help="instead: push a real activation of a small Llama checkpoint through the wire "
+        "codec and print its sizes and timings",
     )
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ._demo_codec import run
+    if args.codec:
+        from ._demo_codec import run
 
-    # The block server and client are not in yet: until they are, the demo
-    # shows the part of the pipeline that exists, the codec.
-    status = run()
-    if not args.codec:
-        print(
-            "\ncoming next: `libpipe demo` starts a private TLS swarm of block servers on "
-            "127.0.0.1,\nstreams text from a small trained model through them, and kills one "
-            "server mid-generation."
+        return run()
+    if args.tokens < 1:
+        raise ConfigError(f"--tokens must be at least 1, got {args.tokens}")
+    kill_after = args.tokens // 3 if args.kill_after is None else args.kill_after
+    if not 0 <= kill_after < args.tokens:
+        raise ConfigError(f"--kill-after must be in [0, {args.tokens}), got {kill_after}")
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(
+            f"no demo model at {model_dir}: pass --model DIR, or train one with "
+            "examples/train_demo_model.py"
         )
-    return status
+    from ._demo_main import run_swarm_demo
+
+    return run_swarm_demo(
+        model_dir,
+        servers=args.servers,
+        prompt=args.prompt,
+        tokens=args.tokens,
+        kill_after=kill_after or None,
+    )

@@ -1,30 +1,24 @@
-"""`libpipe demo --codec`: the interim demo of the wire codec on a real activation."""
+"""`libpipe demo --codec`: the wire codec on a real activation."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
+import pytest
 import torch
 
 from libpipe.cli import _demo_codec
+from libpipe.cli.main import main
 
 
-def test_codec_demo_command_prints_the_table() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "libpipe.cli.main", "demo", "--codec"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr
+def test_codec_demo_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--codec"]) == 0
+    out = capsys.readouterr().out
     for row in (
         "in memory, fp32",
         "wire fp16, raw",
         "wire fp16, zstd negotiated",
         "no byte-shuffle",
     ):
-        assert row in done.stdout
+        assert row in out
 
 
 def test_rows_measure_the_frames_actually_sent() -> None:

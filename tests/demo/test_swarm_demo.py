@@ -1,0 +1,81 @@
+"""`libpipe demo`: a real local swarm generating text, a server killed mid-way."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from libpipe.cli._demo_generate import pick_victim
+from libpipe.cli._demo_swarm import waves
+from libpipe.cli.main import main
+from libpipe.errors import ConfigError
+
+# Server start-up imports torch in each process: slow on a loaded machine.
+TIMEOUT = 300
+
+
+def test_demo_runs_a_swarm_survives_a_kill_and_shuts_down(tmp_path: Path) -> None:
+    env = dict(os.environ, LIBPIPE_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run(
+        [sys.executable, "-m", "libpipe.cli.main", "demo", "--servers", "3", "--tokens", "24",
+         "--kill-after", "8"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+    )  # fmt: skip
+    out = done.stdout
+    assert done.returncode == 0, done.stderr + out
+    assert "learned all 3 servers by gossip" in out
+    assert "[route: " in out
+    assert "with SIGKILL, mid-generation" in out
+    assert "[new route: " in out
+    assert "24 tokens generated" in out
+    assert "failover lost nothing" in out
+    # the two survivors drained and exited cleanly
+    assert out.count(": exited 0") == 2
+
+
+def test_servers_start_in_waves_so_each_sees_the_ones_before() -> None:
+    assert waves(2) == [range(0, 1), range(1, 2)]
+    assert waves(4) == [range(0, 1), range(1, 2), range(2, 4)]
+    with pytest.raises(ConfigError, match="at least 2 servers"):
+        waves(1)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tokens", "0"], "--tokens must be at least 1"),
+        (["--tokens", "10", "--kill-after", "10"], "--kill-after must be in [0, 10)"),
+        (["--model", "/nonexistent/model"], "no demo model at /nonexistent/model"),
+    ],
+)
+def test_bad_options_are_refused_with_a_clear_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_victim_is_a_hop_whose_blocks_stay_covered() -> None:
+    route = [("a", 0, 4), ("b", 4, 8)]
+    spans = {"a": (0, 4), "b": (4, 8), "c": (4, 8)}
+    assert pick_victim(route, spans) == ("b", 4, 8)
+    # the replica of b's blocks is split over two servers
+    assert pick_victim(route, {"a": (0, 4), "b": (4, 8), "c": (3, 6), "d": (6, 8)}) == (
+        "b",
+        4,
+        8,
+    )
+    # only a has a replica
+    assert pick_victim(route, {"a": (0, 4), "b": (4, 8), "c": (0, 3), "d": (2, 5)}) == (
+        "a",
+        0,
+        4,
+    )
+    assert pick_victim(route, {"a": (0, 4), "b": (4, 8), "c": (5, 8)}) is None
