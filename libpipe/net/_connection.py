@@ -335,6 +335,7 @@ class Connection:
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self._turn.take_now():
             await self._turn.wait(getattr(event, "stream_id", 0), _is_bulk(event))
+        handed_off = False
         try:
             if self._error is not None:
                 raise self._error
@@ -346,19 +347,43 @@ class Connection:
                     # Most frames go whole at once: no cancel scope, no wait.
                     rest = self._stream.send_now(buffers)
                     if rest:
-                        small = sum(v.nbytes for v in rest) <= COALESCE_BYTES
-                        with trio.CancelScope(shield=small):
+                        try:
                             await self._stream.send_rest(rest)
+                        except trio.Cancelled:
+                            if self._nursery is not None and self._error is None:
+                                # The caller gives up; the frame cannot (half
+                                # a frame would break the connection for
+                                # every stream). A task finishes it, holding
+                                # the turn, while the cancel goes on.
+                                self._nursery.start_soon(self._finish_frame, rest)
+                                handed_off = True
+                            raise
                 else:
                     small = sum(memoryview(b).nbytes for b in buffers) <= COALESCE_BYTES
                     with trio.CancelScope(shield=small):
                         await self._stream.send_all(b"".join(buffers))
             except BaseException as exc:
+                if handed_off:
+                    raise
                 # Part of the frame may be on the wire: nothing can follow it.
                 self._end(_as_broken(exc, "sending"))
                 if isinstance(exc, trio.Cancelled):
                     raise
                 raise self._error from exc
+        finally:
+            if not handed_off:
+                self._turn.release()
+
+    async def _finish_frame(self, rest: list[memoryview]) -> None:
+        """Write the rest of a frame whose sender was cancelled, then pass
+        the turn on. Cancelled only when the connection ends."""
+        assert isinstance(self._stream, SocketStream)
+        try:
+            await self._stream.send_rest(rest)
+        except BaseException as exc:
+            self._end(_as_broken(exc, "sending"))
+            if not isinstance(exc, LibpipeError):
+                raise
         finally:
             self._turn.release()
 
@@ -370,15 +395,35 @@ class Connection:
         except LibpipeError:
             pass
 
-    async def _send_cancel(self, sid: int) -> None:
-        """Tell the peer to stop work on ``sid``; shielded, since it runs as
-        the caller is cancelled. Not sent if the peer's last frame on it
-        arrived while the Cancel waited for the lock."""
-        try:
+    async def _drop(self, sid: int) -> None:
+        """Our call or stream ``sid`` ends on our side: cancel it if the peer
+        knows of it (its opening frame was encoded: written, or being
+        finished by ``_finish_frame``), else just forget it.
+
+        The id stays registered until the Cancel is written, so a reply that
+        arrives meanwhile is known as this call's (and dropped), the peer's
+        stream cap is respected (it counts the stream until it reads the
+        Cancel), and a graceful close waits for the Cancel. When another
+        frame (perhaps a bulk one) is being written, the Cancel waits for it
+        in a task of its own: the caller that gave up does not."""
+        if self._wire.stream_state(sid) is None or self._nursery is None:
+            self._finish_call(sid)
+            self._forget_stream(sid)
+        elif self._turn.busy:
+            self._nursery.start_soon(self._cancel_and_forget, sid)
+        else:
             with trio.CancelScope(shield=True):
-                await self._send(Cancel(sid), only_if_open=True)
+                await self._cancel_and_forget(sid)
+
+    async def _cancel_and_forget(self, sid: int) -> None:
+        try:
+            # Not sent if the peer's last frame on it arrived meanwhile.
+            await self._send(Cancel(sid), only_if_open=True)
         except LibpipeError:
             pass
+        finally:
+            self._finish_call(sid)
+            self._forget_stream(sid)
 
     async def _report_to_peer(self, exc: LibpipeError) -> None:
         """Tell the peer why we drop it (best effort, bounded)."""
@@ -703,17 +748,14 @@ class Connection:
         sid = self._open_stream_id()
         call = _PendingCall()
         self._calls[sid] = call
-        sent = False
         try:
             if timeout is None:
                 # Without a deadline there is no cancel scope to pay for.
                 await self._send(Request(sid, method, meta or {}, tuple(tensors)))
-                sent = True
                 await call.wait()
             else:
                 with trio.move_on_after(timeout) as scope:
                     await self._send(Request(sid, method, meta or {}, tuple(tensors)))
-                    sent = True
                     await call.wait()
                 if scope.cancelled_caught:
                     raise DeadlineExceededError(
@@ -721,19 +763,7 @@ class Connection:
                     )
         finally:
             if not call.done:
-                # Abandoned. The call stays registered until its Cancel is on
-                # the wire, so a reply that arrives meanwhile is known as
-                # this call's (and dropped) and a graceful close waits for
-                # the Cancel. Its slot under the peer's stream cap is free
-                # at once: a later Request queues behind the Cancel on the
-                # send turn (same stream order, FIFO among small frames), so the
-                # peer sees the Cancel first.
-                self._opened_by_us.discard(sid)
-                if sent:
-                    await self._send_cancel(sid)
-                self._finish_call(sid)
-            elif not sent:
-                self._opened_by_us.discard(sid)
+                await self._drop(sid)
         if call.error is not None:
             raise call.error
         assert call.reply is not None
@@ -757,7 +787,8 @@ class Connection:
         try:
             await self._send(StreamOpen(sid, method, meta or {}, tuple(tensors)))
         except BaseException:
-            self._forget_stream(sid)
+            stream.discard()
+            await self._drop(sid)
             raise
         clean = False
         try:
@@ -765,15 +796,13 @@ class Connection:
             clean = True
         finally:
             stream.discard()
-            if sid in self._streams and self._error is None:
-                if clean and stream.receive_closed:
-                    with trio.CancelScope(shield=True):
-                        await stream.close_send()
-                else:
-                    # Registered until the Cancel is written (see ``call``);
-                    # what the peer sends meanwhile meets a discarded inbox.
-                    await self._send_cancel(sid)
-            self._forget_stream(sid)
+            if clean and stream.receive_closed and sid in self._streams and self._error is None:
+                with trio.CancelScope(shield=True):
+                    await stream.close_send()
+                self._forget_stream(sid)
+            else:
+                # What the peer sends meanwhile meets a discarded inbox.
+                await self._drop(sid)
 
     async def send_stream_data(
         self, sid: int, meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]

@@ -34,6 +34,11 @@ class SendTurn:
         self._busy = False
         self._waiting: list[_Waiter] = []
 
+    @property
+    def busy(self) -> bool:
+        """A frame is being written (or waits to be)."""
+        return self._busy
+
     def take_now(self) -> bool:
         """Take the turn if nobody holds it (the common, uncontended case)."""
         if self._busy:

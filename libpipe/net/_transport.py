@@ -125,7 +125,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
         return [view[sent:]] if sent < view.nbytes else []
 
     async def send_rest(self, views: list[memoryview]) -> None:
-        """Finish a write ``send_now`` began, waiting for the kernel."""
+        """Finish a write ``send_now`` began, waiting for the kernel.
+
+        ``views`` is consumed in place: if this is cancelled, it holds what
+        is still unwritten, and a later ``send_rest`` may finish the frame."""
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
         self._sending = True
@@ -133,7 +136,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
             while views:
                 await trio.lowlevel.wait_writable(self._sock)
                 self._check_open()
-                views = self._write_tls(views) if self._tls else self._write_plain(views)
+                if self._tls:
+                    self._write_tls(views)
+                else:
+                    self._write_plain(views)
         except trio.ClosedResourceError as exc:
             # Another task closed the socket while this one waited on it.
             raise ConnectionClosedError("stream closed") from exc
@@ -141,8 +147,9 @@ class SocketStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     def _write_tls(self, views: list[memoryview]) -> list[memoryview]:
-        """SSL_write each view until OpenSSL would block; ``ssl`` sets
-        ACCEPT_MOVING_WRITE_BUFFER, so the retry may pass a fresh view."""
+        """SSL_write each view until OpenSSL would block; ``views`` is
+        consumed in place. ``ssl`` sets ACCEPT_MOVING_WRITE_BUFFER, so the
+        retry may pass a fresh view of the same bytes."""
         while views:
             view = views[0]
             try:
@@ -158,7 +165,8 @@ class SocketStream(trio.abc.HalfCloseableStream):
         return views
 
     def _write_plain(self, views: list[memoryview]) -> list[memoryview]:
-        views = [v for v in views if v.nbytes]
+        """sendmsg until the kernel would block; ``views`` is consumed in place."""
+        views[:] = [v for v in views if v.nbytes]
         while views:
             try:
                 sent = self._sock.sendmsg(views[:MAX_IOV])

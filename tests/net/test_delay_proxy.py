@@ -17,8 +17,22 @@ import pytest
 import torch
 import trio
 
-from libpipe.errors import ConfigError, ConnectionBrokenError, ConnectionClosedError
-from libpipe.net import CallContext, DelayProxy, Message, Router, Security, connect, serve
+from libpipe.errors import (
+    ConfigError,
+    ConnectionBrokenError,
+    ConnectionClosedError,
+    DeadlineExceededError,
+)
+from libpipe.net import (
+    CallContext,
+    ConnectionConfig,
+    DelayProxy,
+    Message,
+    Router,
+    Security,
+    connect,
+    serve,
+)
 
 
 @asynccontextmanager
@@ -294,3 +308,25 @@ async def test_set_delay_validates_and_keeps_old_values() -> None:
     assert (proxy.delay, proxy.reverse_delay) == (0.02, 0.03)
     with pytest.raises(ConnectionClosedError):
         _ = proxy.address
+
+
+async def test_a_call_cancelled_mid_frame_leaves_the_connection_whole() -> None:
+    """A 16 MiB request through a slow link is cut by its caller's timeout
+    mid-write; the frame is finished behind the caller's back (half a frame
+    would break every stream), the peer is told to cancel, and the same
+    connection serves the next call."""
+    security = Security.insecure()
+    big = torch.randn(8 * 1024 * 1024).to(torch.float16)
+    async with (
+        served(security) as target,
+        DelayProxy(target, bandwidth=40e6, buffer_bytes=256 * 1024) as proxy,
+        connect(
+            proxy.host, proxy.port, security=security, config=ConnectionConfig(compression=False)
+        ) as connection,
+    ):
+        with pytest.raises(DeadlineExceededError):
+            await connection.call("echo", {}, [big], timeout=0.05)
+        assert not connection.is_closed
+        reply = await connection.call("echo", {"after": 1}, timeout=20)
+        assert reply.meta["after"] == 1
+        assert proxy.bytes_to_target > big.numel() * 2  # the frame went whole
