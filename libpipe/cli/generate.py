@@ -50,20 +50,23 @@ def parse_ids(text: str) -> list[int]:
     try:
         ids = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"--prompt-ids must be integers separated by commas, got {text!r}") from None
+        raise ConfigError(
+            f"--prompt-ids must be integers separated by commas, got {text!r}"
+        ) from None
     if not ids:
         raise ConfigError("--prompt-ids needs at least one token id")
     return ids
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Arguments first: a typo costs no torch import.
+    prompt: str | list[int] = args.prompt if args.prompt is not None else parse_ids(args.prompt_ids)
+    peers = peers_of(args)
     import trio
 
     from ..client import Client, RetryPolicy
 
-    peers = peers_of(args)
     security = security_of(args)
-    prompt: str | list[int] = args.prompt if args.prompt is not None else parse_ids(args.prompt_ids)
     client = Client(
         args.model,
         peers,
