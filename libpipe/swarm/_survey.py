@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +72,7 @@ class ModelCoverage:
     servers: tuple[int, ...]
     throughput: tuple[float, ...]
 
-    def ranges(self, predicate: Any) -> list[tuple[int, int]]:
+    def ranges(self, predicate: Callable[[int], bool]) -> list[tuple[int, int]]:
         """Maximal half-open block ranges whose server count satisfies ``predicate``."""
         found: list[tuple[int, int]] = []
         for b, n in enumerate(self.servers):
@@ -167,7 +167,7 @@ async def fetch_view(
     peers: Sequence[str],
     *,
     timeout: float = 5.0,
-    clock: Any = time.time,
+    clock: Callable[[], float] = time.time,
     rejected: Counter[str] | None = None,
 ) -> tuple[str, list[ServerRecord]]:
     """``(peer, records)``: the verified view of the first of ``peers`` that answers.
@@ -200,7 +200,7 @@ async def survey(
     peers: Sequence[str],
     *,
     timeout: float = 5.0,
-    clock: Any = time.time,
+    clock: Callable[[], float] = time.time,
 ) -> SwarmSnapshot:
     """Ask the first of ``peers`` that answers for the view, then ping every server.
 
