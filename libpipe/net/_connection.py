@@ -8,14 +8,14 @@ start a handler task, stream messages go to that stream's bounded inbox.
 Writers take the send turn (``_send_turn``: one frame at a time, small
 frames before queued bulk ones) so a frame's buffers are written back to
 back. A frame the kernel takes whole is written without waiting (the common
-case, and the fast one: no cancel scope, no scheduler trip); the rest of a
-small frame is written shielded from cancellation (it cannot block for long
-and must never be cut in half), and a large one cut by a cancel leaves the
-byte stream unusable, so the connection is marked broken. Whatever ends the
-connection (EOF, a protocol error, a
-socket error, a keepalive timeout, ``aclose``) goes through ``_end``, which
-records the reason once, closes the socket and fails everything still
-waiting with that reason.
+case, and the fast one: no cancel scope, no scheduler trip). A frame whose
+sender is cancelled while it waits for the kernel is never left half
+written, which would break the connection for every stream: a task of its
+own (``_finish_frame``) writes the rest, holding the turn, and the stream is
+then cancelled (``_drop``). Whatever ends the connection (EOF, a protocol
+error, a socket error, a keepalive timeout, ``aclose``) goes through
+``_end``, which records the reason once, closes the socket and fails
+everything still waiting with that reason.
 
 Decisions about a frame that arrives are made by ``_dispatch`` without I/O
 beyond the reply it queues; calls by the application never touch the
@@ -331,7 +331,7 @@ class Connection:
 
     async def _send(self, event: Event, *, only_if_open: bool = False) -> None:
         """Write one frame. ``only_if_open``: skip it if the stream ended while
-        we waited for the lock (a Cancel overtaken by the peer's reply)."""
+        we waited for the turn (a Cancel overtaken by the peer's reply)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self._turn.take_now():
             await self._turn.wait(getattr(event, "stream_id", 0), _is_bulk(event))
@@ -359,6 +359,9 @@ class Connection:
                                 handed_off = True
                             raise
                 else:
+                    # Any trio stream (tests' memory streams): a small frame
+                    # is shielded, a large one cut by a cancel breaks the
+                    # connection below.
                     small = sum(memoryview(b).nbytes for b in buffers) <= COALESCE_BYTES
                     with trio.CancelScope(shield=small):
                         await self._stream.send_all(b"".join(buffers))
