@@ -178,6 +178,8 @@ class RemoteSession:
         """Send ``hidden: [batch, t, H]`` (positions ``position ..``) through
         every block; returns the last block's outputs, same shape."""
         self._check_usable()
+        if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
+            raise InvalidRequestError("hidden states must be a floating-point tensor")
         if hidden.dim() != 3 or hidden.shape[0] != self.batch or hidden.shape[1] == 0:
             raise InvalidRequestError(
                 f"hidden states must be [{self.batch}, t>0, H], got {list(hidden.shape)}"

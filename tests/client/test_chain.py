@@ -144,6 +144,10 @@ async def test_bad_arguments_get_typed_errors(model_dir, chain):
                 session.rollback(1)
             with pytest.raises(InvalidRequestError):
                 await session.step(torch.ones(2, 1, dtype=torch.long))
+            with pytest.raises(InvalidRequestError):
+                await session.step_hidden(torch.ones(1, 1, 64, dtype=torch.long))
+            with pytest.raises(InvalidRequestError):
+                await session.step_hidden(torch.ones(1, 1, 65))
         with pytest.raises(SessionError):
             await session.step([1])
 
