@@ -1,5 +1,9 @@
 """Authenticated transport and multiplexed RPC on trio (the only layer that
-touches sockets). See DESIGN.md, 'Layers'."""
+touches sockets). See DESIGN.md, 'Layers'.
+
+Servers: ``serve`` (pass a ``ServeHandle`` to stop accepting and drain).
+Clients: ``connect``, ``ConnectionPool``. Tests and benchmarks: ``DelayProxy``
+puts latency, a bandwidth cap, dead links or black holes between the two."""
 
 from ._ca import NodeCredentials as NodeCredentials
 from ._ca import SwarmCA as SwarmCA
