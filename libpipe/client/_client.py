@@ -102,8 +102,11 @@ class Client:
     # --- lifetime ------------------------------------------------------------------
 
     async def __aenter__(self) -> Client:
-        self._exits = self._lifetime()
-        await self._exits.__aenter__()
+        if self._exits is not None:
+            raise ConfigError("this client is already open")
+        exits = self._lifetime()
+        await exits.__aenter__()
+        self._exits = exits
         return self
 
     async def __aexit__(

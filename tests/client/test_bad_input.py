@@ -90,6 +90,8 @@ async def test_requests_on_an_open_client(model_dir):
     async with libpipe.Client(model_dir, NOWHERE, insecure=True) as client:
         assert client.view.servers == {}
         with pytest.raises(ConfigError):
+            await client.__aenter__()  # one lifetime at a time
+        with pytest.raises(ConfigError):
             client.inference_session(max_length=10**9)
         with pytest.raises(ConfigError):
             client.inference_session(max_length=8, batch=0)
