@@ -8,6 +8,11 @@ the server, the swarm and the simulator all call the same code (see
 - ``ServerView``: one server as routing sees it (span, speeds, RTT, cache).
 - ``ModelSpec``, ``ServerSpec``, ``Workload``, ``Network``,
   ``PlacementProblem``: a scenario's inputs to the performance model.
+- ``get_algorithm(name)`` / ``ALGORITHMS``: petals, cg-bp, libpipe, milp,
+  each an ``Algorithm`` with ``place(problem)`` and ``route(...)``.
+- ``predict`` (libpipe's objective, waiting included), ``evaluate`` (the
+  MILP's objective), ``solve_milp`` (the yardstick with its bound).
+- ``span_blocks``, ``choose_span``, ``should_move``: a live server's span.
 """
 
 from ._algorithms import ALGORITHMS as ALGORITHMS
