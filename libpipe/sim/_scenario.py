@@ -54,8 +54,8 @@ GB = 1e9
 MS = 1e-3
 
 _SCATTERED = re.compile(r"^scattered-(\d+)$")
-# Bounds for scattered-<n>: at least a client and a server; the MILP and
-# Floyd-Warshall stay tractable well past the paper's 150.
+# Bounds for scattered-<n>: at least two nodes; the all-pairs RTTs
+# (Floyd-Warshall, n^3) stay quick well past the paper's 150.
 MIN_SCATTERED_NODES = 2
 MAX_SCATTERED_NODES = 1000
 
