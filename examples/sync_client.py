@@ -27,18 +27,21 @@ def main() -> None:
     who.add_argument("--identity", help="identity directory (libpipe ca issue)")
     who.add_argument("--insecure", action="store_true", help="plaintext, local development")
     parser.add_argument("--prompt", default="And God said")
+    parser.add_argument("--tokens", type=int, default=24, help="new tokens per generation")
     args = parser.parse_args()
 
     with libpipe.SyncClient(
         args.model, args.peer, identity=args.identity, insecure=args.insecure
     ) as client:
         # 1. A whole answer at once (greedy).
-        ids = client.generate(args.prompt, max_new_tokens=24)
+        ids = client.generate(args.prompt, max_new_tokens=args.tokens)
         print("generate:", repr(args.prompt + client.decode(ids)))
 
         # 2. Sampled, token by token, as they come.
         tokens: list[int] = []
-        for token in client.stream(args.prompt, max_new_tokens=24, temperature=0.8, seed=1):
+        for token in client.stream(
+            args.prompt, max_new_tokens=args.tokens, temperature=0.8, seed=1
+        ):
             tokens.append(token)
         print("stream:  ", repr(args.prompt + client.decode(tokens)))
 

@@ -21,8 +21,8 @@ TIMEOUT = 300
 def test_demo_runs_a_swarm_survives_a_kill_and_shuts_down(tmp_path: Path) -> None:
     env = dict(os.environ, LIBPIPE_CACHE_DIR=str(tmp_path / "cache"))
     done = subprocess.run(
-        [sys.executable, "-m", "libpipe.cli.main", "demo", "--servers", "3", "--tokens", "24",
-         "--kill-after", "8"],
+        [sys.executable, "-m", "libpipe.cli.main", "demo", "--servers", "3", "--tokens", "16",
+         "--kill-after", "6"],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -34,7 +34,7 @@ def test_demo_runs_a_swarm_survives_a_kill_and_shuts_down(tmp_path: Path) -> Non
     assert "[route: " in out
     assert "with SIGKILL, mid-generation" in out
     assert "[new route: " in out
-    assert "24 tokens generated" in out
+    assert "16 tokens generated" in out
     assert "failover lost nothing" in out
     # the two survivors drained and exited cleanly
     assert out.count(": exited 0") == 2
