@@ -11,6 +11,10 @@ that path exactly as ``BlockSpan.forward`` adds them.
 
 Backward is ``BlockSpan.backward``: it recomputes the forward under autograd
 with respect to the inputs (and prompts); the weights never get a gradient.
+
+Moving tensors between the host and the device (and casting replies to the
+wire dtype) also happens here, on the worker: a copy back from a GPU waits
+for its kernels, and the event loop must never wait for the device.
 """
 
 from __future__ import annotations
@@ -19,6 +23,17 @@ import torch
 from torch import Tensor
 
 from ..model import BlockSpan, KVCachePool
+from ..wire import cast_for_wire
+
+
+def to_span(t: Tensor, span: BlockSpan) -> Tensor:
+    """A received tensor on the span's device, in its compute dtype."""
+    return t.to(device=span.device, dtype=span.dtype)
+
+
+def to_wire(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A result ready to send: cast (overflow refused) on the device, then on the host."""
+    return cast_for_wire(t, dtype).to("cpu").contiguous()
 
 
 def forward(

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..errors import DrainingError
 from ..model import InferenceSession
+from ._compute import to_span, to_wire
 
 logger = logging.getLogger("libpipe.server")
 
@@ -141,7 +142,10 @@ class Executor:
         return await self._submit(_Job(priority, next(self._seq), trio.current_time(), fn=fn))
 
     async def decode(self, session: InferenceSession, hidden: Tensor) -> Tensor:
-        """One position of ``session`` (``hidden: [B, 1, D]``), batched with its peers."""
+        """One position of ``session``, batched with its peers.
+
+        ``hidden: [B, 1, D]`` as received (host, any accepted float dtype);
+        the output comes back on the host in that dtype, ready to send."""
         job = _Job(
             Priority.DECODE, next(self._seq), trio.current_time(), session=session, hidden=hidden
         )
@@ -212,10 +216,11 @@ class Executor:
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
             first = batch[0].session
             assert first is not None
+            span = first.span
             try:
-                outs = first.span.decode_batch(
+                outs = span.decode_batch(
                     [j.session for j in batch],  # type: ignore[misc]
-                    [j.hidden for j in batch],  # type: ignore[misc]
+                    [to_span(j.hidden, span) for j in batch],  # type: ignore[arg-type]
                 )
             except Exception as exc:
                 # decode_batch advances no session unless all succeed; run
@@ -225,7 +230,7 @@ class Executor:
                 )
             else:
                 for job, out in zip(batch, outs, strict=True):
-                    job.result = out
+                    _deliver(job, out)
                 return
         for job in batch:
             _run_one(job)
@@ -235,8 +240,18 @@ def _run_one(job: _Job) -> None:
     try:
         if job.fn is not None:
             job.result = job.fn()
-        else:
-            assert job.session is not None
-            job.result = job.session.step(job.hidden)
+            return
+        assert job.session is not None and job.hidden is not None
+        out = job.session.step(to_span(job.hidden, job.session.span))
     except Exception as exc:
+        job.error = exc
+    else:
+        _deliver(job, out)
+
+
+def _deliver(job: _Job, out: Tensor) -> None:
+    assert job.hidden is not None
+    try:
+        job.result = to_wire(out, job.hidden.dtype)
+    except Exception as exc:  # fp16 overflow: this session's error only
         job.error = exc

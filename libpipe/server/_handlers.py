@@ -3,7 +3,8 @@
 Handlers turn wire messages into calls on the span and back: each request
 is checked field by field (``_validate``) before any work is queued, inputs
 are cast to the compute dtype and replies back to the request's dtype
-(``cast_for_wire`` refuses an fp16 overflow with ``TensorOverflowError``).
+(``cast_for_wire`` refuses an fp16 overflow with ``TensorOverflowError``);
+both happen on the worker (``_compute.to_span``, ``to_wire``).
 Every error a handler raises ends only its own call or stream; the
 connection layer sends it to that client with its kind.
 """
@@ -24,7 +25,7 @@ from ..errors import DrainingError, InvalidRequestError, SessionError
 from ..model import BlockSpan, InferenceSession, KVCachePool
 from ..net import CallContext, Message, Router, Stream, short_peer_id
 from ..swarm import RecordState
-from ..wire import PROTOCOL_VERSION, cast_for_wire
+from ..wire import PROTOCOL_VERSION
 from . import _compute, _validate
 from ._config import ServerConfig
 from ._executor import Executor, Priority
@@ -193,23 +194,22 @@ class RpcHandlers:
             )
         if position < session.position:
             session.rollback(position)
-        x = hidden.to(device=s.span.device, dtype=s.span.dtype)
         if t == 1:
-            out = await s.executor.decode(session, x)
+            out = await s.executor.decode(session, hidden)
         else:
-            out = await self._prefill(session, x)
+            out = await self._prefill(session, hidden)
         reply: dict[str, Any] = {"position": session.position}
         if step is not None:
             reply["step"] = step
-        return Message(reply, (_to_wire(out, hidden.dtype),))
+        return Message(reply, (out,))
 
-    async def _prefill(self, session: InferenceSession, x: Tensor) -> Tensor:
+    async def _prefill(self, session: InferenceSession, hidden: Tensor) -> Tensor:
         # One job per chunk, so decode steps of other sessions slip in
         # between the chunks of a long prompt instead of waiting for all of it.
         chunk = self.s.span.prefill_chunk
         outs = []
-        for c in range(0, x.shape[1], chunk):
-            job = functools.partial(session.step, x[:, c : c + chunk])
+        for c in range(0, hidden.shape[1], chunk):
+            job = functools.partial(_prefill_job, session, hidden[:, c : c + chunk])
             outs.append(await self.s.executor.call(Priority.PREFILL, job))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -261,8 +261,9 @@ def info_meta(s: Serving) -> dict[str, Any]:
     }
 
 
-def _to_wire(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return cast_for_wire(t, dtype).to("cpu").contiguous()
+def _prefill_job(session: InferenceSession, hidden: Tensor) -> Tensor:
+    out = session.step(_compute.to_span(hidden, session.span))
+    return _compute.to_wire(out, hidden.dtype)
 
 
 def _forward_job(
@@ -275,10 +276,10 @@ def _forward_job(
     adapter: str | None,
 ) -> Tensor:
     # Casts run here, on the worker, not on the event loop: bulk inputs are big.
-    x = hidden.to(device=span.device, dtype=span.dtype)
-    p = None if prompts is None else prompts.to(device=span.device, dtype=span.dtype)
+    x = _compute.to_span(hidden, span)
+    p = None if prompts is None else _compute.to_span(prompts, span)
     out = _compute.forward(span, pool, x, start, end, prompts=p, adapter=adapter)
-    return _to_wire(out, hidden.dtype)
+    return _compute.to_wire(out, hidden.dtype)
 
 
 def _backward_job(
@@ -290,9 +291,8 @@ def _backward_job(
     prompts: Tensor | None,
     adapter: str | None,
 ) -> tuple[Tensor, ...]:
-    x = hidden.to(device=span.device, dtype=span.dtype)
-    g = grad.to(device=span.device, dtype=span.dtype)
-    p = None if prompts is None else prompts.to(device=span.device, dtype=span.dtype)
+    x, g = _compute.to_span(hidden, span), _compute.to_span(grad, span)
+    p = None if prompts is None else _compute.to_span(prompts, span)
     grads = _compute.backward(span, x, g, start, end, prompts=p, adapter=adapter)
     dtypes = [hidden.dtype] + ([] if prompts is None else [prompts.dtype])
-    return tuple(_to_wire(gr, dt) for gr, dt in zip(grads, dtypes, strict=True))
+    return tuple(_compute.to_wire(gr, dt) for gr, dt in zip(grads, dtypes, strict=True))
