@@ -26,11 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_ALGORITHMS,
         help=f"comma-separated algorithm names (default {DEFAULT_ALGORITHMS})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the sessions and of route tie-breaks (default 0)",
+    )
     parser.add_argument("--duration", type=float, help="seconds of arrivals (default: scenario's)")
     parser.add_argument(
         "--lambda",
         dest="arrival_rate",
+        metavar="LAMBDA",
         type=float,
         help="session arrival rate per second (default: scenario's)",
     )
