@@ -43,7 +43,12 @@ def run_swarm_demo(
                 f"{s.span[0]}:{s.span[1]}\n"
             )
         screen.note(f"  all serving after {time.perf_counter() - began:.1f} s\n\n")
-        run = trio.run(_client_side, swarm, model_dir, prompt, tokens, kill_after, screen)
+        try:
+            run = trio.run(_client_side, swarm, model_dir, prompt, tokens, kill_after, screen)
+        except BaseExceptionGroup as group:
+            # A typed error from inside the client's nurseries arrives
+            # wrapped; unwrapped, the CLI prints it as the user's answer.
+            raise _sole_error(group) from None
         screen.note("\n" + "\n".join(summary(run)) + "\n")
         same = _compare(screen, model_dir, run)
         screen.note("\nshutting the swarm down (SIGTERM: each server drains, then exits)\n")
@@ -52,6 +57,12 @@ def run_swarm_demo(
             screen.note(f"  server {short_peer_id(stopped.peer_id)}: {status}\n")
     screen.note(f"done in {time.perf_counter() - began:.1f} s\n")
     return 0 if same else 1
+
+
+def _sole_error(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 async def _client_side(

@@ -73,6 +73,8 @@ def _run(args: argparse.Namespace) -> int:
             f"no demo model at {model_dir}: pass --model DIR, or train one with "
             "examples/train_demo_model.py"
         )
+    if not (model_dir / "tokenizer.json").exists():
+        raise ConfigError(f"{model_dir} has no tokenizer.json: the demo prints text")
     from ._demo_main import run_swarm_demo
 
     return run_swarm_demo(

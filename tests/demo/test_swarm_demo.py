@@ -13,6 +13,7 @@ from libpipe.cli._demo_generate import pick_victim
 from libpipe.cli._demo_swarm import waves
 from libpipe.cli.main import main
 from libpipe.errors import ConfigError
+from libpipe.model import write_random_checkpoint
 
 # Server start-up imports torch in each process: slow on a loaded machine.
 TIMEOUT = 300
@@ -45,6 +46,14 @@ def test_servers_start_in_waves_so_each_sees_the_ones_before() -> None:
     assert waves(4) == [range(0, 1), range(1, 2), range(2, 4)]
     with pytest.raises(ConfigError, match="at least 2 servers"):
         waves(1)
+
+
+def test_a_model_without_tokenizer_is_refused_before_any_server_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = write_random_checkpoint(tmp_path / "m", "llama", tokenizer=False)
+    assert main(["demo", "--model", str(model)]) == 2
+    assert "has no tokenizer.json: the demo prints text" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
