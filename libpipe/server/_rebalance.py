@@ -166,10 +166,10 @@ class SpanMover:
         self.serving = serving
         self.publisher = publisher
 
-    async def move(self, start: int, end: int) -> None:
+    async def move(self, start: int, end: int) -> bool:
         cfg, s = self.config, self.serving
         if s.state is not RecordState.ONLINE:
-            return  # draining (shutting down): stay put
+            return False  # draining (shutting down): stay put
         old = s.blocks
         try:
             span = await trio.to_thread.run_sync(
@@ -188,9 +188,9 @@ class SpanMover:
         except (LibpipeError, RuntimeError) as exc:
             # RuntimeError: torch's out-of-memory. The server stays where it was.
             logger.warning("move to blocks %d:%d failed to load: %s", start, end, exc)
-            return
+            return False
         if s.state is not RecordState.ONLINE:
-            return
+            return False
         on_old = s.sessions.open_entries()
         s.span = span
         self.publisher.publish()
@@ -205,6 +205,7 @@ class SpanMover:
         if left:
             logger.warning("ending %d session(s) still on blocks %d:%d", len(left), *old)
             s.sessions.kick(left)
+        return True
 
 
 async def rebalance(

@@ -15,8 +15,10 @@ gap covered when their turn comes.
 Moving is the embedding server's job, through the ``move(start, end)``
 callback: load the new blocks, announce them (``update_local_record``),
 stop new sessions on the old span, let running ones finish, drop the old
-blocks. The callback returns once the new span is served and announced;
-the next evaluation then sees the swarm as it is after the move.
+blocks. The callback returns True once the new span is served and
+announced (False when it could not move: the server stays and the next
+evaluation tries again); the next evaluation sees the swarm as it is after
+the move.
 
 Records count when they are ONLINE or JOINING (a joining server already
 announced where it will be, and counting it is what keeps a crowd that
@@ -42,8 +44,9 @@ from ._record import RecordState, ServerRecord
 
 logger = logging.getLogger("libpipe.swarm")
 
-# The server supplies this: move to [start, end), return once it is announced.
-MoveCallback = Callable[[int, int], Awaitable[None]]
+# The server supplies this: move to [start, end) and return True once the new
+# span is announced, or False when it could not (shutting down, no memory).
+MoveCallback = Callable[[int, int], Awaitable[bool]]
 
 COUNTED_STATES = (RecordState.ONLINE, RecordState.JOINING)
 
@@ -223,7 +226,8 @@ class Rebalancer:
             list(self.span),
             list(target),
         )
-        await self.move(*target)
+        if not await self.move(*target):
+            return False
         self.moves += 1
         return True
 

@@ -189,7 +189,7 @@ async def test_move_keeps_open_sessions_until_the_grace_ends(model_dir, tmp_path
             moved = trio.Event()
 
             async def move() -> None:
-                await server.rebalancer.move(4, 8)
+                assert await server.rebalancer.move(4, 8)
                 moved.set()
 
             nursery.start_soon(move)

@@ -59,9 +59,10 @@ async def start_server(
     rng = random.Random(seed)
     node = swarm.make(span=span or (0, 0), state=RecordState.ONLINE)
 
-    async def move(start: int, end: int) -> None:
+    async def move(start: int, end: int) -> bool:
         await trio.sleep(LOAD_TIME)
         node.update_local_record(span=(start, end))
+        return True
 
     me = LocalServer("test/model", MODEL, BLOCKS, CACHE_BYTES, tau, tau / 10)
     rebalancer = Rebalancer(node, me, move=move, config=RebalanceConfig(period=PERIOD), rng=rng)
@@ -189,6 +190,27 @@ def test_bad_local_server_is_refused(kwargs):
     )
     with pytest.raises(ConfigError):
         LocalServer(**(values | kwargs))
+
+
+async def test_a_refused_move_is_not_counted_and_is_tried_again(autojump_clock, swarm):
+    node = swarm.make(span=(0, BLOCKS), state=RecordState.ONLINE)
+    node.update_local_record(throughput_decode=25.0, throughput_forward=250.0)
+    other = swarm.make(span=(0, BLOCKS), state=RecordState.ONLINE)
+    other.update_local_record(throughput_decode=25.0, throughput_forward=250.0)
+    await swarm.start(other)
+    await swarm.start(node, [other.address])
+    await swarm.settle()
+    asked = []
+
+    async def refuse(start: int, end: int) -> bool:
+        asked.append((start, end))
+        return False
+
+    me = LocalServer("test/model", MODEL, BLOCKS, CACHE_BYTES, TAU, TAU / 10)
+    rebalancer = Rebalancer(node, me, move=refuse)
+    assert not await rebalancer.step()
+    assert not await rebalancer.step()
+    assert rebalancer.moves == 0 and len(asked) == 2 and asked[0][0] >= BLOCKS
 
 
 def test_waits_are_jittered_around_the_period():
