@@ -11,6 +11,7 @@ import torch
 import trio
 
 from libpipe import Client
+from libpipe.cli.server import main as server_main
 from libpipe.errors import ConfigError, DrainingError, InvalidRequestError
 from libpipe.model import ModelConfig, write_random_checkpoint
 from libpipe.net import ConnectionPool, Security
@@ -210,3 +211,20 @@ async def test_move_keeps_open_sessions_until_the_grace_ends(model_dir, tmp_path
             with pytest.raises(DrainingError):
                 await step(old, 2, hidden)
     nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--memory", "lots"], "--memory must be a size"),
+        (["--num-blocks", "0"], "num_blocks must be at least 1"),
+        (["--blocks", "0:4", "--num-blocks", "4"], "not with --blocks"),
+        (["--memory", "0"], "memory_bytes must be positive"),
+        (["--rebalance-period", "-1"], "rebalance_period must be positive"),
+        (["--monitor", "70000"], "--monitor must be a port"),
+    ],
+)
+def test_bad_placement_flags_are_config_errors(argv, message, tmp_path, capsys):
+    assert server_main([str(tmp_path), "--insecure", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and message in err
