@@ -32,6 +32,8 @@ COALESCE_BYTES = 64 * 1024
 # The kernel accepts at most IOV_MAX buffers per sendmsg (1024 on Linux).
 MAX_IOV = 1024
 DEFAULT_RECEIVE_SIZE = 256 * 1024
+# The most plaintext one TLS record carries (RFC 8446, 5.1).
+TLS_RECORD_BYTES = 16 * 1024
 
 _BUFFER = bytes | bytearray | memoryview
 
@@ -225,9 +227,14 @@ class SocketStream(trio.abc.HalfCloseableStream):
             raise ConnectionClosedError("stream closed") from exc
         finally:
             self._receiving = False
-        # A short read emptied the kernel's buffer (and, under TLS,
-        # OpenSSL's: decrypted bytes it holds are not seen by epoll).
-        self._drained = 0 < n < len(buffer) and not (self._tls and self._sock.pending())
+        # A short read emptied the kernel's buffer. Under TLS one read returns
+        # at most one record, so only a read shorter than a full record says
+        # so, and only if OpenSSL holds no decrypted bytes (epoll cannot see
+        # those).
+        if self._tls:
+            self._drained = 0 < n < TLS_RECORD_BYTES and not self._sock.pending()
+        else:
+            self._drained = 0 < n < len(buffer)
         if not waited:
             # Data was there at once: still let other tasks run (a schedule
             # point), as a wait would have. After a wait that was one already.
