@@ -135,6 +135,35 @@ async def test_queued_decode_steps_run_as_one_batch_equal_to_alone(span, batches
     assert other.position == 1
 
 
+async def test_the_dispatcher_waits_briefly_for_the_rest_of_the_last_batch(span):
+    pool = KVCachePool(1 << 24)
+    sessions = [span.open_session(pool, batch=1, max_length=8) for _ in range(3)]
+    # A long window, so that this test does not depend on the machine's speed.
+    executor = Executor(gather_window=30.0, gather_fraction=1e9)
+    one = rand(1, 1, H, seed=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        async with trio.open_nursery() as work:
+            gate = await hold_worker(work, executor)
+            for s in sessions:
+                work.start_soon(executor.decode, s, one)
+            await wait_queued(executor, 3)
+            gate.set()
+        assert (executor.stats.batches, executor.stats.largest_batch) == (1, 3)
+        # Next round: the steps arrive one by one, yet they run as one batch.
+        async with trio.open_nursery() as work:
+            for s in sessions:
+                work.start_soon(executor.decode, s, one)
+                await trio.sleep(0.05)
+        assert executor.stats.batches == 2 and executor.stats.batched_steps == 6
+        # When the others do not come, the wait is bounded by the window.
+        executor.gather_window = 0.05
+        with trio.fail_after(10):
+            await executor.decode(sessions[0], one)
+        nursery.cancel_scope.cancel()
+    assert [s.position for s in sessions] == [3, 2, 2]
+
+
 async def test_a_bad_member_fails_alone_and_the_rest_of_its_batch_succeeds(span):
     pool = KVCachePool(1 << 24)
     sessions = [span.open_session(pool, batch=1, max_length=8) for _ in range(3)]
