@@ -330,3 +330,17 @@ async def test_a_call_cancelled_mid_frame_leaves_the_connection_whole() -> None:
         reply = await connection.call("echo", {"after": 1}, timeout=20)
         assert reply.meta["after"] == 1
         assert proxy.bytes_to_target > big.numel() * 2  # the frame went whole
+
+
+async def test_keepalive_finds_a_link_that_went_silent() -> None:
+    """A black-holed link neither closes nor resets: only keepalive can tell."""
+    security = Security.insecure()
+    config = ConnectionConfig(keepalive_interval=0.1, idle_timeout=0.4)
+    async with served(security) as target, DelayProxy(target) as proxy:
+        async with connect(proxy.host, proxy.port, security=security, config=config) as conn:
+            await conn.call("echo", {}, timeout=10)
+            proxy.blackhole = True
+            with trio.fail_after(10):
+                await conn.wait_closed()
+            assert isinstance(conn.error, ConnectionBrokenError)
+            assert "silent" in str(conn.error)
