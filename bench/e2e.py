@@ -6,11 +6,12 @@ Rows: local; 1, 2, 4 hops direct; the same through a ``DelayProxy`` per hop
 adding ``--delay-ms`` per round trip; and time to first token for a
 ``--prompt``-token prompt (session open + prefill + the first token).
 
-``hop_overhead_ms`` is what each hop adds per token beyond its compute:
-``(latency(h hops) - local latency) / h``, median over the hop counts on
-loopback. The target is <= 1 ms. ``extra_hop_ms`` is the slope
-``(latency(4) - latency(1)) / 3``, the cost of splitting the same blocks
-over one more server.
+Local and swarm decode steps are taken in turns, token by token, so that
+load from other processes hits both alike; ``overhead_ms_per_hop`` is the
+median of (swarm step - local step), less the emulated delay, divided by
+the hops. ``hop_overhead_ms`` is its median over the loopback rows (target
+<= 1 ms); ``extra_hop_ms`` the slope from 1 to 4 hops, the cost of
+splitting the same blocks over more servers.
 
     .venv/bin/python bench/e2e.py [--quick] [--json] [--hidden 512]
 
@@ -56,25 +57,25 @@ def write_model(root: Path, hidden: int) -> Path:
     return write_random_checkpoint(root / "model", "llama", overrides=overrides, seed=0)
 
 
-@torch.no_grad()
-def local_latency(model: Path, tokens: int, prompt: int) -> tuple[float, float]:
-    """(median seconds per decode token, time to first token) in one process."""
-    head = load_client_head(model, progress=False)
-    span = load_span(model, 0, BLOCKS, progress=False)
-    pool = KVCachePool(1 << 30)
-    ids = torch.randint(0, 1000, (1, prompt))
-    t0 = time.perf_counter()
-    session = span.open_session(pool, batch=1, max_length=prompt + tokens + 1)
-    logits = head.logits(session.step(head.embed(ids)))
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    ttft = time.perf_counter() - t0
-    times = []
-    for _ in range(tokens):
-        t = time.perf_counter()
-        token = head.logits(session.step(head.embed(token)))[:, -1].argmax(-1, keepdim=True)
-        times.append(time.perf_counter() - t)
-    session.close()
-    return statistics.median(times), ttft
+class LocalModel:
+    """The whole model in this process: the baseline."""
+
+    def __init__(self, model: Path) -> None:
+        self.head = load_client_head(model, progress=False)
+        self.span = load_span(model, 0, BLOCKS, progress=False)
+        self.pool = KVCachePool(1 << 30)
+
+    @torch.no_grad()
+    def open(self, ids: torch.Tensor, max_length: int) -> tuple[object, torch.Tensor]:
+        """A session with the prompt in; returns it and the first token."""
+        session = self.span.open_session(self.pool, batch=1, max_length=max_length)
+        logits = self.head.logits(session.step(self.head.embed(ids)))
+        return session, logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def step(self, session, token: torch.Tensor) -> torch.Tensor:
+        logits = self.head.logits(session.step(self.head.embed(token)))
+        return logits[:, -1].argmax(-1, keepdim=True)
 
 
 def start_servers(model: Path, hops: int, cache: Path, threads: int) -> list[ServerProcess]:
@@ -90,10 +91,11 @@ def start_servers(model: Path, hops: int, cache: Path, threads: int) -> list[Ser
         )
 
 
-async def swarm_latency(
-    model: Path, addresses: list[str], tokens: int, prompt: int, delay: float
-) -> tuple[float, float]:
-    """(median seconds per decode token, time to first token) through the servers."""
+async def paired_latency(
+    model: Path, local: LocalModel, addresses: list[str], tokens: int, prompt: int, delay: float
+) -> dict[str, float]:
+    """Decode steps and time to first token, the swarm's and the local
+    model's taken in turns so that load from elsewhere hits both alike."""
     async with AsyncExitStack() as stack:
         if delay:
             proxies = [
@@ -104,17 +106,29 @@ async def swarm_latency(
         ids = torch.randint(0, 1000, (1, prompt))
         for _ in range(2):  # warm connections and the servers' first steps
             await client.generate(ids, max_new_tokens=2, stop_tokens=())
+        max_length = prompt + tokens + 1
         t0 = time.perf_counter()
-        async with client.inference_session(max_length=prompt + tokens + 1) as session:
-            logits = await session.step(ids)
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            ttft = time.perf_counter() - t0
-            times = []
+        local_session, local_token = local.open(ids, max_length)
+        t1 = time.perf_counter()
+        async with client.inference_session(max_length=max_length) as session:
+            token = (await session.step(ids))[:, -1].argmax(-1, keepdim=True)
+            t2 = time.perf_counter()
+            here, there = [], []
             for _ in range(tokens):
                 t = time.perf_counter()
+                local_token = local.step(local_session, local_token)
+                u = time.perf_counter()
                 token = (await session.step(token))[:, -1].argmax(-1, keepdim=True)
-                times.append(time.perf_counter() - t)
-        return statistics.median(times), ttft
+                here.append(u - t)
+                there.append(time.perf_counter() - u)
+        local_session.close()
+        return {
+            "local_ms": 1e3 * statistics.median(here),
+            "swarm_ms": 1e3 * statistics.median(there),
+            "extra_ms": 1e3 * statistics.median(b - a for a, b in zip(here, there, strict=True)),
+            "local_ttft_ms": 1e3 * (t1 - t0),
+            "ttft_ms": 1e3 * (t2 - t1),
+        }
 
 
 def main() -> int:
@@ -139,30 +153,24 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model(Path(tmp), args.hidden)
-        local, local_ttft = local_latency(model, args.tokens, args.prompt)
-        rows.append({"mode": "local", "hops": 0, "delay_ms": 0.0, "ms_per_token": 1e3 * local,
-                     "ttft_ms": 1e3 * local_ttft})  # fmt: skip
+        local = LocalModel(model)
         for hops in args.hops:
             servers = start_servers(model, hops, Path(tmp) / "cache", args.threads)
             try:
                 addresses = [s.address for s in servers]
                 for delay in (0.0, args.delay_ms / 1e3):
-                    per_token, ttft = trio.run(
-                        swarm_latency, model, addresses, args.tokens, args.prompt, delay
+                    m = trio.run(
+                        paired_latency, model, local, addresses, args.tokens, args.prompt, delay
                     )
-                    rows.append({"mode": "swarm", "hops": hops, "delay_ms": 1e3 * delay,
-                                 "ms_per_token": 1e3 * per_token, "ttft_ms": 1e3 * ttft})  # fmt: skip
+                    m.update(hops=hops, delay_ms=1e3 * delay)
+                    # What each hop adds beyond its compute and the emulated delay.
+                    m["overhead_ms_per_hop"] = (m["extra_ms"] - m["delay_ms"] * hops) / hops
+                    m["ratio_to_local"] = m["swarm_ms"] / m["local_ms"]
+                    rows.append(m)
             finally:
                 for s in servers:
                     s.close()
-    for r in rows:
-        r["ratio_to_local"] = r["ms_per_token"] / rows[0]["ms_per_token"]
-        r["overhead_ms_per_hop"] = (
-            (r["ms_per_token"] - rows[0]["ms_per_token"] - r["delay_ms"] * r["hops"]) / r["hops"]
-            if r["hops"]
-            else 0.0
-        )
-    loopback = {r["hops"]: r for r in rows if r["mode"] == "swarm" and r["delay_ms"] == 0}
+    loopback = {r["hops"]: r for r in rows if r["delay_ms"] == 0}
     result = {
         "bench": "e2e",
         "hidden": args.hidden,
@@ -171,22 +179,22 @@ def main() -> int:
         "prompt": args.prompt,
         "delay_ms": args.delay_ms,
         "threads": args.threads,
-        "local_ms_per_token": rows[0]["ms_per_token"],
         "hop_overhead_ms": statistics.median(r["overhead_ms_per_hop"] for r in loopback.values()),
         "rows": rows,
     }
     if 1 in loopback and 4 in loopback:
-        result["extra_hop_ms"] = (loopback[4]["ms_per_token"] - loopback[1]["ms_per_token"]) / 3
+        result["extra_hop_ms"] = (loopback[4]["extra_ms"] - loopback[1]["extra_ms"]) / 3
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"end to end decode, {BLOCKS} blocks, hidden {args.hidden}, {args.tokens} tokens/row, "
-          f"time to first token for {args.prompt} tokens")  # fmt: skip
-    print(f"{'mode':>6} {'hops':>5} {'+RTT/hop':>9} {'ms/token':>9} {'x local':>8} "
-          f"{'overhead/hop':>13} {'TTFT ms':>8}")  # fmt: skip
+    print(f"end to end decode, {BLOCKS} blocks, hidden {args.hidden}, {args.tokens} tokens/row "
+          f"(local and swarm steps in turns), time to first token for {args.prompt} tokens")  # fmt: skip
+    print(f"{'hops':>4} {'+RTT/hop':>9} {'local ms':>9} {'swarm ms':>9} {'x local':>8} "
+          f"{'overhead/hop':>13} {'local TTFT':>11} {'TTFT ms':>8}")  # fmt: skip
     for r in rows:
-        print(f"{r['mode']:>6} {r['hops']:>5} {r['delay_ms']:>7.1f}ms {r['ms_per_token']:>9.2f} "
-              f"{r['ratio_to_local']:>8.2f} {r['overhead_ms_per_hop']:>11.2f}ms {r['ttft_ms']:>8.1f}")  # fmt: skip
+        print(f"{r['hops']:>4} {r['delay_ms']:>7.1f}ms {r['local_ms']:>9.2f} {r['swarm_ms']:>9.2f} "
+              f"{r['ratio_to_local']:>8.2f} {r['overhead_ms_per_hop']:>11.2f}ms "
+              f"{r['local_ttft_ms']:>11.1f} {r['ttft_ms']:>8.1f}")  # fmt: skip
     print(f"hop_overhead_ms (median over loopback rows): {result['hop_overhead_ms']:.2f} "
           f"(target <= 1.0)")  # fmt: skip
     if "extra_hop_ms" in result:
