@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,10 +51,29 @@ class Serving:
     throughput: Throughput
     max_length: int
     state: RecordState = RecordState.JOINING
+    # Spans this server held before it moved (server/_rebalance.py).
+    retired: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def blocks(self) -> tuple[int, int]:
         return (self.span.start, self.span.end)
+
+    def sub_span(self, meta: dict[str, Any]) -> tuple[int, int]:
+        """The blocks a request asks for, within our span. Blocks we moved away
+        from are ``DrainingError`` (RPC.md): the client's view is older than the
+        move, and it re-routes instead of taking the request for a bad one."""
+        try:
+            return _validate.sub_span(meta, self.blocks)
+        except InvalidRequestError as exc:
+            start, end = exc.details.get("start"), exc.details.get("end")
+            if start is not None and any(a <= start < end <= b for a, b in self.retired):
+                raise DrainingError(
+                    f"this server moved from blocks {start}:{end} to {self.blocks[0]}:{self.blocks[1]}",
+                    start=start,
+                    end=end,
+                    span=list(self.blocks),
+                ) from None
+            raise
 
     @property
     def dtype_name(self) -> str:
@@ -91,7 +110,7 @@ class RpcHandlers:
     async def forward(self, ctx: CallContext, msg: Message) -> Message:
         s = self.s
         s.admit("forward calls")
-        start, end = _validate.sub_span(msg.meta, s.blocks)
+        start, end = s.sub_span(msg.meta)
         adapter = self._adapter(msg.meta)
         _validate.tensor_count(msg.tensors, (1, 2), "forward")
         hidden = msg.tensors[0]
@@ -105,7 +124,7 @@ class RpcHandlers:
     async def backward(self, ctx: CallContext, msg: Message) -> Message:
         s = self.s
         s.admit("backward calls")
-        start, end = _validate.sub_span(msg.meta, s.blocks)
+        start, end = s.sub_span(msg.meta)
         adapter = self._adapter(msg.meta)
         _validate.tensor_count(msg.tensors, (2, 3), "backward")
         hidden, grad = msg.tensors[0], msg.tensors[1]
@@ -129,7 +148,7 @@ class RpcHandlers:
         s = self.s
         meta = stream.opening.meta
         s.admit("sessions")
-        start, end = _validate.sub_span(meta, s.blocks)
+        start, end = s.sub_span(meta)
         batch = _validate.meta_int(meta, "batch", minimum=1)
         max_length = _validate.meta_int(meta, "max_length", minimum=1)
         if max_length > s.max_length:

@@ -15,8 +15,8 @@ Theory of operation. Started without ``--blocks``, a server
 3. once online, runs a ``libpipe.swarm.Rebalancer`` whose move is
    ``SpanMover.move``: load the new blocks beside the old ones, switch the
    server to them and announce at once (new sessions and calls now see
-   the new span; a client that still asks for the old blocks gets an
-   error, bans this hop and re-routes), let sessions opened on the old
+   the new span; a client that still asks for the old blocks gets
+   ``DrainingError``, bans this hop and re-routes), let sessions opened on the old
    blocks finish on them for up to ``drain_grace`` seconds, end the rest
    with ``DrainingError`` (their clients fail over and replay), and drop
    the old blocks with the last reference to them.
@@ -192,6 +192,7 @@ class SpanMover:
         if s.state is not RecordState.ONLINE:
             return False
         on_old = s.sessions.open_entries()
+        s.retired.append(old)
         s.span = span
         self.publisher.publish()
         logger.info(

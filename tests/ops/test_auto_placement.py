@@ -198,10 +198,15 @@ async def test_move_keeps_open_sessions_until_the_grace_ends(model_dir, tmp_path
             assert server.node.local_record.record.span == (4, 8)
             # The session opened on the old blocks goes on ...
             assert (await step(old, 1, hidden))["position"] == 2
-            # ... new ones get the new blocks only.
-            with pytest.raises(InvalidRequestError):
+            # ... new ones get the new blocks only: the old ones are "moved"
+            # (draining: the client re-routes), blocks never held are invalid.
+            with pytest.raises(DrainingError):
                 async with conn.open_stream("inference", opening) as refused:
                     await refused.receive()
+            with pytest.raises(DrainingError):
+                await conn.call("forward", {"start": 1, "end": 3}, (torch.zeros(1, 2, hidden),))
+            with pytest.raises(InvalidRequestError):
+                await conn.call("forward", {"start": 8, "end": 9}, (torch.zeros(1, 2, hidden),))
             async with conn.open_stream("inference", {**opening, "start": 4, "end": 8}) as new:
                 assert (await new.receive()).meta == {"position": 0}
                 assert (await step(new, 0, hidden))["position"] == 1
