@@ -648,28 +648,25 @@ class Connection:
         sid, method, request = job
         try:
             try:
-                reply = await self._answer(sid, method, request)
+                # No check for our GoAway here: the codec drops opens above
+                # its last_stream_id, so a call that got here is one it
+                # promised to finish.
+                handler = self._router.unary_handlers.get(method)
+                if handler is None:
+                    raise InvalidRequestError(f"unknown method {method!r}")
+                result = await handler(self._context(method, sid), request)
+                if not isinstance(result, Message):
+                    raise TypeError(
+                        f"handler for {method!r} returned {type(result).__name__}, not Message"
+                    )
+                reply: Response | ErrorReply = Response(sid, result.meta, result.tensors)
+            except Exception as exc:
+                reply = _error_reply(sid, method, exc)
             finally:
                 del self._handlers[sid]
             await self._send_reply(reply, sid, method)
         finally:
             self._check_quiet()
-
-    async def _answer(self, sid: int, method: str, request: Message) -> Response | ErrorReply:
-        try:
-            # No check for our GoAway here: the codec drops opens above its
-            # last_stream_id, so a call that got here is one it promised to finish.
-            handler = self._router.unary_handlers.get(method)
-            if handler is None:
-                raise InvalidRequestError(f"unknown method {method!r}")
-            result = await handler(self._context(method, sid), request)
-            if not isinstance(result, Message):
-                raise TypeError(
-                    f"handler for {method!r} returned {type(result).__name__}, not Message"
-                )
-            return Response(sid, result.meta, tuple(result.tensors))
-        except Exception as exc:
-            return _error_reply(sid, method, exc)
 
     async def _run_stream(self, scope: trio.CancelScope, stream: Stream) -> None:
         sid, method = stream.stream_id, stream.method
