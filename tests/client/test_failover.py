@@ -10,6 +10,7 @@ the local model's greedy run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
@@ -28,7 +29,7 @@ SLOW = ["--throughput", "50,1000"]
 
 class Swarm:
     """[0:4) on one server; [4:8) on three slow replicas that drain quickly
-    and one fast replica that ends sessions idle for 1 s. All start at once;
+    and one fast replica that ends sessions idle for 2 s. All start at once;
     each test picks replicas still alive (earlier tests kill some)."""
 
     def __init__(self, servers: list[ServerProcess]) -> None:
@@ -48,7 +49,7 @@ class Swarm:
 def swarm(spawn) -> Swarm:
     replica = ((4, 8), ["--drain-grace", "0.5", *SLOW])
     return Swarm(
-        spawn([((0, 4), ()), replica, replica, replica, ((4, 8), [*FAST, "--idle-timeout", "1"])])
+        spawn([((0, 4), ()), replica, replica, replica, ((4, 8), [*FAST, "--idle-timeout", "2"])])
     )
 
 
@@ -58,13 +59,18 @@ def tail_peer(client: libpipe.Client) -> str:
 
 
 async def generate_with_fault(
-    client: libpipe.Client, fault: Callable[[str], object], *, pause: float = 0.0
+    client: libpipe.Client,
+    fault: Callable[[str], object],
+    *,
+    pause: float = 0.0,
+    **sampling: Any,
 ) -> tuple[list[int], str, str]:
     """Generate; after FAIL_AFTER tokens apply ``fault`` to the tail server.
     Returns the tokens and the tail servers before and after."""
     tokens: list[int] = []
     before = ""
-    async for token in client.stream(PROMPT, max_new_tokens=NEW_TOKENS, stop_tokens=()):
+    stream = client.stream(PROMPT, max_new_tokens=NEW_TOKENS, stop_tokens=(), **sampling)
+    async for token in stream:
         tokens.append(token)
         if len(tokens) == FAIL_AFTER:
             before = tail_peer(client)
@@ -99,14 +105,21 @@ async def test_sigterm_mid_generation(model_dir, swarm, local_model):
     assert swarm.by_peer(before).wait(timeout=30) == 0
 
 
-async def test_server_returning_an_error_mid_generation(model_dir, swarm, local_model):
-    """The preferred replica ends sessions idle for 1 s: a pause in the
-    generation makes it answer the next step with SessionError."""
+async def test_server_returning_an_error_mid_generation(model_dir, swarm):
+    """The preferred replica ends sessions idle for 2 s: a pause in the
+    generation makes it answer the next step with SessionError. Sampled,
+    so that the failover must not draw from the generator either."""
     (steady,) = swarm.alive(1)
-    expected = local_model.greedy(PROMPT, NEW_TOKENS)
     peers = [swarm.front.address, swarm.impatient.address, steady.address]
+    sampling = {"temperature": 0.9, "top_p": 0.95, "seed": 17}
     async with libpipe.Client(model_dir, peers, insecure=True) as client:
-        tokens, _, after = await generate_with_fault(client, lambda peer: None, pause=3.0)
+        expected = await client.generate(
+            PROMPT, max_new_tokens=NEW_TOKENS, stop_tokens=(), **sampling
+        )
+        assert client.view.ban_reason(swarm.impatient.peer_id) is None
+        tokens, _, after = await generate_with_fault(
+            client, lambda peer: None, pause=4.0, **sampling
+        )
         assert "idle" in (client.view.ban_reason(swarm.impatient.peer_id) or "")
     assert after == steady.peer_id
     assert swarm.impatient.returncode is None  # it failed our session, not itself
