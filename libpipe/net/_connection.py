@@ -24,6 +24,7 @@ socket except through ``_send``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -237,8 +238,9 @@ class Connection:
     def in_flight(self) -> int:
         return len(self._calls) + len(self._streams) + len(self._handlers)
 
-    @property
+    @functools.cached_property
     def peer_max_streams(self) -> int:
+        """From the peer's hello (checked before every call we open: cached)."""
         assert self.peer_hello is not None
         value = self.peer_hello.info.get("max_open_streams")
         return value if isinstance(value, int) and value > 0 else Limits().max_open_streams
