@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import trio
 
 import libpipe
 from libpipe.cli.main import main as cli_main
@@ -225,3 +226,17 @@ async def test_client_view_knows_every_server(model_dir, chain):
         assert spans == [(0, 3), (3, 5), (5, NUM_BLOCKS)]
         # Every server was pinged: none is left at the pessimistic default.
         assert all(p in c.view.rtt for p in c.view.servers)
+
+
+async def test_concurrent_generations_share_one_client(model_dir, chain, local_model):
+    prompts = [PROMPT, [5, 4, 3], [200, 100, 50, 25]]
+    results: dict[int, list[int]] = {}
+    async with client(model_dir, chain) as c:
+
+        async def one(i: int) -> None:
+            results[i] = await c.generate(prompts[i], max_new_tokens=6, stop_tokens=())
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prompts)):
+                nursery.start_soon(one, i)
+    assert [results[i] for i in range(len(prompts))] == [local_model.greedy(p, 6) for p in prompts]
