@@ -126,16 +126,23 @@ def remote_blocks(
     end: int | None = None,
     adapter: str | None = None,
     max_request_bytes: int | None = None,
+    max_rows: int | None = None,
 ) -> RemoteBlocks:
     """Blocks ``[start, end)`` (default: all) of an open client's swarm as a
     frozen torch module; ``adapter`` names a LoRA adapter the servers must
-    have loaded. From a ``Client``, call this inside its trio loop; from a
+    have loaded; ``max_request_bytes`` and ``max_rows`` bound one request
+    (see ``TrainChain``). From a ``Client``, call this inside its trio loop; from a
     ``SyncClient``, from any thread."""
     if isinstance(client, SyncClient):
-        return client._run(_build, client.client, start, end, adapter, max_request_bytes)
+        return client._run(_build, client.client, start, end, adapter, max_request_bytes, max_rows)
     _, ctx = client._open()
     chain = TrainChain(
-        ctx, start=start, end=end, adapter=adapter, max_request_bytes=max_request_bytes
+        ctx,
+        start=start,
+        end=end,
+        adapter=adapter,
+        max_request_bytes=max_request_bytes,
+        max_rows=max_rows,
     )
     return RemoteBlocks(chain)
 
@@ -146,7 +153,13 @@ async def _build(
     end: int | None,
     adapter: str | None,
     max_request_bytes: int | None,
+    max_rows: int | None,
 ) -> RemoteBlocks:
     return remote_blocks(
-        client, start=start, end=end, adapter=adapter, max_request_bytes=max_request_bytes
+        client,
+        start=start,
+        end=end,
+        adapter=adapter,
+        max_request_bytes=max_request_bytes,
+        max_rows=max_rows,
     )

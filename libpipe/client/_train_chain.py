@@ -70,7 +70,9 @@ class TrainChain:
     """Forward/backward of blocks ``[start, end)`` through the swarm.
 
     ``max_request_bytes`` bounds one request (defaults to the wire's frame
-    limit); ``adapter`` names a LoRA adapter the servers must have."""
+    limit); ``max_rows`` bounds the sequences of one request, to spread even
+    a batch that fits one frame over replicas; ``adapter`` names a LoRA
+    adapter the servers must have."""
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class TrainChain:
         end: int | None = None,
         adapter: str | None = None,
         max_request_bytes: int | None = None,
+        max_rows: int | None = None,
         directory: AdapterDirectory | None = None,
     ) -> None:
         end = ctx.num_blocks if end is None else end
@@ -92,8 +95,13 @@ class TrainChain:
         limit = Limits().max_payload_bytes if max_request_bytes is None else max_request_bytes
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
             raise InvalidRequestError(f"max_request_bytes must be a positive int, got {limit!r}")
+        if max_rows is not None and (
+            isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows <= 0
+        ):
+            raise InvalidRequestError(f"max_rows must be a positive int, got {max_rows!r}")
         self.ctx = ctx
         self.start, self.end = start, end
+        self.max_rows = max_rows
         self.adapter = adapter
         self.max_request_bytes = min(limit, Limits().max_payload_bytes - _FRAME_HEADROOM)
         self.directory = directory or AdapterDirectory()
@@ -149,7 +157,8 @@ class TrainChain:
 
     def micro_batches(self, batch: int, tokens: int, prefix: int) -> list[slice]:
         """Rows per request so that a ``backward`` request (inputs, gradient,
-        prompts of the longest hop) fits ``max_request_bytes``."""
+        prompts of the longest hop) fits ``max_request_bytes``, and at most
+        ``max_rows`` rows."""
         size = torch.empty((), dtype=self.ctx.wire_dtype).element_size()
         per_row = (2 * tokens + (self.end - self.start) * prefix) * self.ctx.hidden_size * size
         rows = self.max_request_bytes // per_row
@@ -158,6 +167,8 @@ class TrainChain:
                 f"one sequence of {tokens} tokens needs {per_row} bytes per request, over "
                 f"the limit of {self.max_request_bytes}; send shorter sequences"
             )
+        if self.max_rows is not None:
+            rows = min(rows, self.max_rows)
         count = math.ceil(batch / rows)
         # Even pieces: rows of each within one of the others.
         bounds = [round(i * batch / count) for i in range(count + 1)]

@@ -110,6 +110,11 @@ async def test_micro_batches_fit_the_limit_and_spread_over_replicas(checkpoint, 
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
     assert chain.micro_batches(8, 8, 2) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    assert TrainChain(ctx, max_rows=3).micro_batches(8, 8, 2) == [
+        slice(0, 3),
+        slice(3, 5),
+        slice(5, 8),
+    ]
     assert len(sizes) == 8  # four pieces, one forward and one backward each
     assert max(size for _, size in sizes) <= 2 * per_row
     assert {peer for peer, _ in sizes} == {s.peer_id for s in servers}
@@ -134,6 +139,12 @@ async def test_bad_use_is_a_typed_error(checkpoint, make_config):
             await trio.to_thread.run_sync(blocks, x, torch.zeros(4, 1, 5, 64))
         with pytest.raises(InvalidRequestError, match="over the limit"):
             await trio.to_thread.run_sync(RemoteBlocks(TrainChain(ctx, max_request_bytes=1000)), x)
-        for kw in [{"start": 3, "end": 3}, {"end": 9}, {"adapter": ""}, {"max_request_bytes": 0}]:
+        for kw in [
+            {"start": 3, "end": 3},
+            {"end": 9},
+            {"adapter": ""},
+            {"max_request_bytes": 0},
+            {"max_rows": 0},
+        ]:
             with pytest.raises(InvalidRequestError):
                 TrainChain(ctx, **kw)
