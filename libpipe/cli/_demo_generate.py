@@ -47,18 +47,25 @@ def route_key(hops: Sequence[PlannedHop]) -> list[tuple[str, int, int]]:
 def pick_victim(
     route: Sequence[tuple[str, int, int]], spans: dict[str, tuple[int, int]]
 ) -> tuple[str, int, int] | None:
-    """The last hop of ``route`` whose blocks the other servers (``spans``,
-    by peer id) still cover between them, so that killing it leaves a way
-    through; None if there is no such hop."""
+    """The hop of ``route``, last first, whose server can die: the other
+    servers (``spans``, by peer id) still cover between them every hop that
+    server computes (one server may compute two hops while it moves), so a
+    way through is left. None if there is no such hop."""
     for peer, start, end in reversed(route):
         others = sorted(span for p, span in spans.items() if p != peer)
-        reach = start
-        for lo, hi in others:
-            if lo <= reach < hi:
-                reach = hi
-        if reach >= end:
+        hops = [(lo, hi) for p, lo, hi in route if p == peer]
+        if all(_covered(lo, hi, others) for lo, hi in hops):
             return peer, start, end
     return None
+
+
+def _covered(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    """Whether ``spans`` (sorted) cover blocks ``[start, end)`` between them."""
+    reach = start
+    for lo, hi in spans:
+        if lo <= reach < hi:
+            reach = hi
+    return reach >= end
 
 
 class LogTap(logging.Handler):
@@ -149,11 +156,20 @@ async def generate(
     libpipe_logger = logging.getLogger("libpipe")
     libpipe_logger.addHandler(tap)
     try:
+        known_spans = {peer: entry.span for peer, entry in client.view.servers.items()}
         last = time.perf_counter()
         async for token in client.stream(prompt, max_new_tokens=max_new_tokens):
             run.latencies.append(time.perf_counter() - last)
             run.tokens.append(token)
             events = [f"  [{message}]" for message in tap.take()]
+            spans = {peer: entry.span for peer, entry in client.view.servers.items()}
+            events += [
+                f"  [server {short_peer_id(peer)} moved to blocks {span[0]}:{span[1]} "
+                "(rebalanced by gossip)]"
+                for peer, span in spans.items()
+                if peer in known_spans and known_spans[peer] != span
+            ]
+            known_spans = spans
             route = route_key(client.last_route)
             if not run.routes or route != run.routes[-1]:
                 label = "new route" if run.routes else "route"
@@ -162,7 +178,6 @@ async def generate(
             transcript.events(events)
             transcript.extend(prompt + client.decode(run.tokens), run)
             if kill_after is not None and len(run.tokens) == kill_after:
-                spans = {peer: entry.span for peer, entry in client.view.servers.items()}
                 victim = pick_victim(route, spans)
                 if victim is None:
                     transcript.events(["  [no server on the route has a replica: none killed]"])

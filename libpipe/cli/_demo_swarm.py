@@ -5,15 +5,16 @@ identity per server and one for the client, and real ``libpipe-server``
 processes speaking mutual TLS, joined into one swarm by gossip through the
 first of them. No server is told its blocks: each is told how many to
 hold and picks the window the swarm needs most from the view it gets on
-joining. So they start in waves: the first alone (the others need its
-address), the second alone (it sees the first and takes the other half),
-then the rest side by side (the model is covered; they add replicas).
+joining. So they start one after the other, each seeing all the ones
+before it: started side by side, they would all see the same swarm and
+pile onto the same window (measured: with two joining at once, both took
+blocks 0:4 beside one 0:4 and one 4:8), leaving the other half without a
+replica until a rebalance moved one.
 """
 
 from __future__ import annotations
 
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -31,13 +32,6 @@ STOP_TIMEOUT = 30.0
 class Stopped:
     peer_id: str
     returncode: int | None  # None: still running after STOP_TIMEOUT, then killed
-
-
-def waves(servers: int) -> list[range]:
-    """Which servers start together (indices), in order."""
-    if servers < 2:
-        raise ConfigError(f"the demo needs at least 2 servers, not {servers}")
-    return [wave for wave in (range(0, 1), range(1, 2), range(2, servers)) if wave]
 
 
 class LocalSwarm:
@@ -64,29 +58,12 @@ class LocalSwarm:
         try:
             for i in range(servers):
                 ca.issue(f"demo server {i}").save(root / f"server{i}")
-            for wave in waves(servers):
                 seed = swarm.servers[0].address if swarm.servers else ""
-                swarm._start_wave(model_dir, wave, num_blocks, gossip, seed)
+                swarm.servers.append(swarm._launch(model_dir, i, num_blocks, gossip, seed))
         except BaseException:
             swarm.close()
             raise
         return swarm
-
-    def _start_wave(
-        self, model_dir: Path, wave: range, num_blocks: int, gossip: str, seed: str
-    ) -> None:
-        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
-            futures = [
-                pool.submit(self._launch, model_dir, i, num_blocks, gossip, seed) for i in wave
-            ]
-            errors = []
-            for future in futures:
-                try:
-                    self.servers.append(future.result())
-                except Exception as exc:  # every launch is waited for, then cleaned up
-                    errors.append(exc)
-        if errors:
-            raise errors[0]
 
     def _launch(
         self, model_dir: Path, index: int, num_blocks: int, gossip: str, peers: str

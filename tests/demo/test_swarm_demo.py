@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 
 from libpipe.cli._demo_generate import pick_victim
-from libpipe.cli._demo_swarm import waves
 from libpipe.cli.main import main
-from libpipe.errors import ConfigError
 from libpipe.model import write_random_checkpoint
 
 # Server start-up imports torch in each process: slow on a loaded machine.
@@ -39,13 +37,6 @@ def test_demo_runs_a_swarm_survives_a_kill_and_shuts_down(tmp_path: Path) -> Non
     assert "failover lost nothing" in out
     # the two survivors drained and exited cleanly
     assert out.count(": exited 0") == 2
-
-
-def test_servers_start_in_waves_so_each_sees_the_ones_before() -> None:
-    assert waves(2) == [range(0, 1), range(1, 2)]
-    assert waves(4) == [range(0, 1), range(1, 2), range(2, 4)]
-    with pytest.raises(ConfigError, match="at least 2 servers"):
-        waves(1)
 
 
 def test_a_model_without_tokenizer_is_refused_before_any_server_starts(
@@ -88,3 +79,7 @@ def test_the_victim_is_a_hop_whose_blocks_stay_covered() -> None:
         4,
     )
     assert pick_victim(route, {"a": (0, 4), "b": (4, 8), "c": (5, 8)}) is None
+    # a, moving, computes both hops; its old blocks have no other server
+    moving = [("a", 0, 4), ("a", 4, 8)]
+    assert pick_victim(moving, {"a": (4, 8), "b": (4, 8)}) is None
+    assert pick_victim(moving, {"a": (4, 8), "b": (4, 8), "c": (0, 4)}) == ("a", 4, 8)
