@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from libpipe.client import SyncClient
-from libpipe.client._prompt_tuning import IGNORE_INDEX, PromptTuning
+from libpipe.client._prompt_tuning import PromptTuning
 from libpipe.client._remote_blocks import remote_blocks
 from libpipe.model import load_client_head, write_random_checkpoint
 from libpipe.server import ServerProcess
@@ -40,7 +40,7 @@ def toy_batch(gen: torch.Generator, batch: int, letters: int) -> tuple[torch.Ten
     answer = torch.tensor(list(ANSWER)).expand(batch, -1)
     ids = torch.cat([text, answer], dim=1)
     labels = ids.clone()
-    labels[:, :letters] = IGNORE_INDEX
+    labels[:, :letters] = PromptTuning.IGNORE_INDEX
     return ids, labels
 
 

@@ -25,8 +25,6 @@ from torch import Tensor, nn
 from ..errors import InvalidRequestError
 from ..model import ClientHead
 
-IGNORE_INDEX = -100
-
 
 class PromptedBlocks(Protocol):
     """Blocks that take deep prompts: ``RemoteBlocks`` or a ``BlockSpan``."""
@@ -40,6 +38,9 @@ class PromptedBlocks(Protocol):
 class PromptTuning(nn.Module):
     """Trainable ``prompt: [prefix, H]`` (and ``deep_prompts: [L, prefix, H]``)
     around frozen ``blocks`` covering the whole model and a frozen ``head``."""
+
+    # Label of a position that is not to be learned (PyTorch's and HF's value).
+    IGNORE_INDEX = -100
 
     def __init__(
         self,
@@ -100,5 +101,5 @@ class PromptTuning(nn.Module):
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             labels[:, 1:].reshape(-1).to(logits.device),
-            ignore_index=IGNORE_INDEX,
+            ignore_index=self.IGNORE_INDEX,
         )
