@@ -6,7 +6,9 @@ deep prompts) go through every block, the loss comes back, and
 ``backward`` RPC. Baseline (same run, same process): the same step with
 the blocks as a local ``BlockSpan``, plain autograd. Contender: two real
 ``libpipe-server`` processes holding [0, L/2) and [L/2, L) on 127.0.0.1,
-with fp32 and with fp16 on the wire. Prints steps/s, ms/step, tensor bytes
+with fp32 and with fp16 on the wire; and two replicas of the whole model
+with the batch split in two halves that run at once (``max_rows``, fp32).
+Prints steps/s, ms/step, tensor bytes
 sent and received per step and the ratio to local; ``--json`` prints one
 JSON object instead. Rounds alternate the modes so that load from other
 processes hits all alike; figures are medians.
@@ -84,13 +86,15 @@ def main() -> int:
         ids = torch.randint(0, head.config.vocab_size, (args.batch, args.tokens))
         servers = []
         try:
-            for blocks in [(0, half), (half, args.blocks)]:
+            # A chain of two, then two replicas of the whole model.
+            for blocks in [(0, half), (half, args.blocks), (0, args.blocks), (0, args.blocks)]:
                 servers.append(
                     ServerProcess.start(
                         model_dir, blocks=blocks, extra_args=["--throughput", "100,1000"], env=env
                     )
                 )
-            peers = [s.address for s in servers]
+            chain = [s.address for s in servers[:2]]
+            replicas = [s.address for s in servers[2:]]
             local = PromptTuning(
                 load_span(model_dir, 0, args.blocks, progress=False),
                 head,
@@ -99,15 +103,15 @@ def main() -> int:
             )
             modes: dict[str, tuple[PromptTuning, RemoteBlocks | None]] = {"local": (local, None)}
             clients = {
-                "remote fp32": SyncClient(
-                    model_dir, peers, insecure=True, wire_dtype=torch.float32
-                ),
-                "remote fp16": SyncClient(
-                    model_dir, peers, insecure=True, wire_dtype=torch.float16
-                ),
+                "remote fp32": (chain, torch.float32, None),
+                "remote fp16": (chain, torch.float16, None),
+                "2 replicas": (replicas, torch.float32, max(1, args.batch // 2)),
             }
-            for name, client in clients.items():
-                blocks = remote_blocks(client)
+            opened = []
+            for name, (peers, wire, rows) in clients.items():
+                client = SyncClient(model_dir, peers, insecure=True, wire_dtype=wire)
+                opened.append(client)
+                blocks = remote_blocks(client, max_rows=rows)
                 modes[name] = (PromptTuning(blocks, head, prefix=args.prefix, deep=True), blocks)
             optimizers = {
                 name: torch.optim.Adam([tuner.prompt, tuner.deep_prompts], lr=1e-3)
@@ -120,7 +124,7 @@ def main() -> int:
             for _ in range(args.steps):
                 for name, (tuner, _) in modes.items():
                     times[name].append(_step(tuner, optimizers[name], ids))
-            for client in clients.values():
+            for client in opened:
                 client.close()
         finally:
             for server in servers:
@@ -151,13 +155,15 @@ def main() -> int:
         "remote_fp32_ratio": rows[1]["ratio"],
         "remote_fp16_ratio": rows[2]["ratio"],
         "bytes_sent_per_step_fp16": rows[2]["bytes_sent"],
+        "replicas_steps_s": rows[3]["steps_s"],
+        "replicas_ratio": rows[3]["ratio"],
     }
     if args.json:
         print(json.dumps(result))
         return 0
     print(
         f"model: {args.blocks} blocks, hidden {args.hidden}; step: batch {args.batch} x "
-        f"{args.tokens} tokens + {args.prefix} prompt positions, deep prompts; 2 servers; "
+        f"{args.tokens} tokens + {args.prefix} prompt positions, deep prompts; "
         f"{args.threads} torch thread(s) per process"
     )
     print(
