@@ -8,6 +8,14 @@ In a test or an embedding program::
     await server.drain()
 
 As a real process (tests, benchmarks, the demo): ``ServerProcess.start``.
+
+Modules: ``_config`` (ServerConfig, from flags), ``_handlers`` (the RPCs:
+validation and translation), ``_executor`` (the device's priority queue and
+continuous batching), ``_compute`` (bulk forward/backward, host/device
+moves), ``_sessions`` (open sessions, drain), ``_throughput`` (measured,
+cached), ``_gossip`` (the node and the signed record), ``_rebalance``
+(choosing and moving the span), ``_server`` (BlockServer, wiring it all),
+``_process`` (the launcher).
 """
 
 from ._config import ServerConfig as ServerConfig
