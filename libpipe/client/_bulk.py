@@ -76,7 +76,9 @@ async def forward_span(
     ledger = FailureLedger(ctx.policy, f"forward over blocks [{start}, {end})")
     block = start
     while block < end:
-        plan = await ctx.plan(ledger, start=block, end=end, objective="throughput")
+        plan = await ctx.plan(
+            ledger, start=block, end=end, objective="throughput", tokens=x.shape[0] * x.shape[1]
+        )
         for hop in plan:
             try:
                 (x,) = await call_hop(ctx, hop, "forward", (x,), expect=1)

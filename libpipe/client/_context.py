@@ -61,6 +61,7 @@ class SwarmContext:
         objective: str = "latency",
         session_tokens: int = 0,
         batch: int = 1,
+        tokens: int = 1,
     ) -> list[PlannedHop]:
         """A route over ``[start, end)``; when there is none, learn the swarm
         again and retry within the ledger's bound (a banned server may be
@@ -77,6 +78,7 @@ class SwarmContext:
                     batch=batch,
                     load=self.load if objective == "throughput" else None,
                     rng=self.rng if objective == "throughput" else None,
+                    tokens=tokens,
                 )
             except NoRouteError as exc:
                 if not refreshed:

@@ -43,9 +43,13 @@ class PlannedHop:
 
 
 def server_views(
-    entries: list[ServerEntry], view: SwarmView, *, start: int, end: int
+    entries: list[ServerEntry], view: SwarmView, *, start: int, end: int, tokens: int = 1
 ) -> list[ServerView]:
-    """Routing's picture of ``entries``, spans clipped to ``[start, end)``."""
+    """Routing's picture of ``entries``, spans clipped to ``[start, end)``.
+
+    ``tokens``: how many tokens one bulk request carries; the bulk time per
+    block is for all of them, so that it weighs against the RTT as it will
+    (a 4k-token forward is compute-bound, a 4-token one is not)."""
     out = []
     for e in entries:
         lo, hi = max(e.span[0], start), min(e.span[1], end)
@@ -58,7 +62,7 @@ def server_views(
                 start=lo,
                 end=hi,
                 tau_decode=_per_block(e.throughput_decode, blocks),
-                tau_forward=_per_block(e.throughput_forward, blocks),
+                tau_forward=tokens * _per_block(e.throughput_forward, blocks),
                 rtt=view.rtt_of(e.peer_id),
                 free_cache_bytes=e.free_cache_bytes,
                 cache_bytes_per_token_block=e.cache_bytes_per_token // blocks,
@@ -77,13 +81,15 @@ def plan_route(
     batch: int = 1,
     load: Mapping[str, float] | None = None,
     rng: random.Random | None = None,
+    tokens: int = 1,
 ) -> list[PlannedHop]:
-    """The best chain over blocks ``[start, end)`` among routable servers.
+    """The best chain over blocks ``[start, end)`` among routable servers
+    (``tokens``: per bulk request, for the "throughput" objective).
 
     Raises ``NoRouteError`` naming the uncovered blocks (and, when servers
     are banned or were left out, why)."""
     entries = view.routable(max_length=session_tokens or None)
-    views = server_views(entries, view, start=start, end=end)
+    views = server_views(entries, view, start=start, end=end, tokens=tokens)
     try:
         chosen = route(
             views,

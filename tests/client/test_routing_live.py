@@ -108,3 +108,32 @@ async def test_learns_every_server_from_one_peer_by_gossip(model_dir, tmp_path, 
             assert [(h.start, h.end) for h in client.last_route] == [(0, 5), (5, 8)]
         nursery.cancel_scope.cancel()
     assert tokens == local_model.greedy(PROMPT, 4)
+
+
+async def test_bulk_forward_spreads_over_replicas(model_dir, twins, local_model, monkeypatch):
+    from libpipe.client import _bulk
+
+    used: list[str] = []
+    real_call_hop = _bulk.call_hop
+
+    async def recording_call_hop(ctx, hop, *args, **kwargs):
+        used.append(hop.server.address)
+        return await real_call_hop(ctx, hop, *args, **kwargs)
+
+    monkeypatch.setattr(_bulk, "call_hop", recording_call_hop)
+    a, b, _ = twins
+    hidden = torch.randn(4, 64, 64)  # 256 tokens: compute-bound, RTT noise does not decide
+    async with libpipe.Client(model_dir, [a, b], insecure=True) as client:
+        outs = []
+
+        async def one() -> None:
+            outs.append(await client.forward(hidden))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(one)
+    with torch.no_grad():
+        expected = local_model.blocks(hidden)
+    assert all(torch.allclose(o, expected, atol=1e-4) for o in outs)
+    # Equal replicas: each takes a fair share (16 calls, both used at least 3 times).
+    assert min(used.count(a), used.count(b)) >= 3, used

@@ -215,3 +215,13 @@ def test_unmeasured_servers_cost_the_default_tau():
     assert by_peer["a"].tau_decode == DEFAULT_TAU
     assert by_peer["b"].tau_decode == pytest.approx(1 / 50 / 4)
     assert by_peer["b"].cache_bytes_per_token_block == 512
+
+
+def test_bulk_time_counts_every_token_of_the_request():
+    view = make_view()
+    view.merge_info("h:1", info("a", (0, 4), throughput_forward=1000.0))
+    (one,) = server_views(view.routable(), view, start=0, end=8)
+    (many,) = server_views(view.routable(), view, start=0, end=8, tokens=256)
+    assert one.tau_forward == pytest.approx(1 / 1000 / 4)
+    assert many.tau_forward == pytest.approx(256 * one.tau_forward)
+    assert many.tau_decode == one.tau_decode  # decode steps are one token each
