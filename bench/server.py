@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -84,6 +85,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="measured time per point")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (median)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per session")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads per server (0: torch's default)"
+    )
     ap.add_argument("--quick", action="store_true", help="short run: 2 s per point, one round")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -101,13 +105,16 @@ def main() -> int:
         "vocab_size": 1000,
     }
     rates: dict[str, dict[int, list[float]]] = {"batched": {}, "unbatched": {}}
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     common = ["--throughput", "1,1", "--cache-bytes", "4G", "--log-level", "WARNING"]
     with tempfile.TemporaryDirectory() as tmp:
         model = write_random_checkpoint(tmp, "llama", overrides=overrides)
         with (
-            ServerProcess.start(model, blocks=(0, args.blocks), extra_args=common) as on,
+            ServerProcess.start(model, blocks=(0, args.blocks), extra_args=common, env=env) as on,
             ServerProcess.start(
-                model, blocks=(0, args.blocks), extra_args=[*common, "--no-batching"]
+                model, blocks=(0, args.blocks), extra_args=[*common, "--no-batching"], env=env
             ) as off,
         ):
             for _ in range(args.rounds):
@@ -130,6 +137,7 @@ def main() -> int:
         "blocks": args.blocks,
         "seconds": args.seconds,
         "rounds": args.rounds,
+        "threads": args.threads or torch.get_num_threads(),
         "decode_tok_s": {mode: {str(n): v for n, v in m.items()} for mode, m in median.items()},
     }
     single = median["batched"].get(1)
@@ -142,6 +150,7 @@ def main() -> int:
         return 0
     print(
         f"libpipe-server decode, {args.blocks} blocks, hidden {args.hidden}, "
+        f"{args.threads or torch.get_num_threads()} threads per server, "
         f"{args.seconds:g} s x {args.rounds} round(s) per point"
     )
     print(f"{'sessions':>8} {'batched tok/s':>14} {'one-at-a-time':>14} {'gain':>6} {'vs 1':>6}")
