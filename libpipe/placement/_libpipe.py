@@ -9,14 +9,14 @@ servers by speed alone, although a fast server far from every client costs
 its RTT on each token. We keep its greedy shape and fix both:
 
 1. Candidates. For a grid of per-server design concurrencies r (1, 2, 4...
-   up to the largest that still covers the model, and the open sessions
-   the offered load implies), a greedy pass gives each server m_j = min(floor(M_j / (s_m +
+   up to four times the open sessions the offered load implies, that
+   number, and the largest r that still covers the model), a greedy pass gives each server m_j = min(floor(M_j / (s_m +
    s_c * r)), L, cap) blocks, orders servers by the per-block time they add
    to a client's token (tau_j + hop time / m_j, averaged over clients), and
    puts each on the window with the largest shortfall against the sessions
    the load needs, counting what each server's cache can really hold
    there. CG-BP's and PETALS' own placements are candidates too, so we
-   never start behind either.
+   never start behind either. Identical candidates are scored once.
 2. Scoring. Every candidate is scored by ``predict``: the mean per-token
    time under the offered load, waiting for cache included, with sessions
    routed by the same WS-RR ``route`` the live system runs. This trades
@@ -63,9 +63,12 @@ def place_libpipe(problem: PlacementProblem) -> Placement:
 
     best: Placement | None = None
     best_score = math.inf
+    seen: set[tuple[tuple[str, tuple[int, int]], ...]] = set()
     for candidate in _candidates(problem, sessions):
-        if not _covers(candidate, problem.model.num_blocks):
+        key = tuple(sorted(candidate.items()))
+        if key in seen or not _covers(candidate, problem.model.num_blocks):
             continue
+        seen.add(key)
         score = predict(problem, candidate).token_time
         if score < best_score:
             best, best_score = candidate, score
@@ -113,11 +116,13 @@ def _candidates(problem: PlacementProblem, sessions: int) -> Iterator[Placement]
 
 
 def _design_grid(sessions: int, largest: int) -> list[int]:
-    """1, 2, 4... up to the largest R that still covers the model, and the
-    load's own design concurrency."""
+    """1, 2, 4... up to four times the load's design concurrency (more cache
+    than that only costs blocks), that concurrency itself, and the largest R
+    that still covers the model (the most cache, for overload)."""
+    top = min(largest, 4 * sessions)
     grid = {min(sessions, largest), largest}
     r = 1
-    while r < largest:
+    while r < top:
         grid.add(r)
         r *= 2
     return sorted(grid)
