@@ -8,9 +8,8 @@ the blocks as a local ``BlockSpan``, plain autograd. Contender: two real
 ``libpipe-server`` processes holding [0, L/2) and [L/2, L) on 127.0.0.1,
 with fp32 and with fp16 on the wire; and two replicas of the whole model
 with the batch split in two halves that run at once (``max_rows``, fp32).
-Prints steps/s, ms/step, tensor bytes
-sent and received per step and the ratio to local; ``--json`` prints one
-JSON object instead. Rounds alternate the modes so that load from other
+Prints steps/s, ms/step, tensor bytes sent and received per step and the
+ratio to local; ``--json`` prints one JSON object instead. Rounds alternate the modes so that load from other
 processes hits all alike; figures are medians.
 
     .venv/bin/python bench/train.py [--hidden 256 --batch 8 --tokens 64 --steps 10 --quick --json]
