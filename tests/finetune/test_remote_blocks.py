@@ -148,3 +148,27 @@ async def test_bad_use_is_a_typed_error(checkpoint, make_config):
         ]:
             with pytest.raises(InvalidRequestError):
                 TrainChain(ctx, **kw)
+
+
+async def test_a_sub_span_with_prompts_matches_local_blocks(checkpoint, make_config):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 9, 64, generator=gen)
+    prompts = torch.randn(4, 2, 3, 64, generator=gen)
+    grad_out = torch.randn(2, 9, 64, generator=gen)
+    local = load_span(checkpoint, 2, 6, progress=False)
+    xl, pl = x.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
+    expected = local(xl, prompts=pl)
+    expected.backward(grad_out)
+    async with running_swarm([make_config(checkpoint, b) for b in CHAIN]) as (_, ctx):
+        blocks = RemoteBlocks(TrainChain(ctx, start=2, end=6))
+
+        def step():
+            xr, pr = x.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
+            out = blocks(xr, pr)
+            out.backward(grad_out)
+            return out.detach(), xr.grad, pr.grad
+
+        out, gx, gp = await trio.to_thread.run_sync(step)
+    torch.testing.assert_close(out, expected.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gx, xl.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gp, pl.grad, atol=1e-6, rtol=1e-6)
