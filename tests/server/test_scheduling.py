@@ -286,3 +286,21 @@ async def test_an_8192_token_session_on_a_gqa_model(gqa, make_config):
     # another kernel shape, so fp32 rounding rather than bit equality.
     torch.testing.assert_close(prefill, expected[:, :8190], **FP32)
     torch.testing.assert_close(torch.cat(last, dim=1), expected[:, 8190:], **FP32)
+
+
+async def test_pings_and_info_answer_while_the_worker_computes(gqa, make_config):
+    async with running_servers([make_config(gqa, (2, 6))]) as (servers, pool):
+        conn = await pool.get(servers[0].address)
+        executor = servers[0].serving.executor
+        async with trio.open_nursery() as nursery:
+            gate = await hold_worker(nursery, executor)
+            nursery.start_soon(
+                conn.call, "forward", {"start": 2, "end": 6}, (rand(1, 4, H, seed=1),)
+            )
+            await wait_queued(executor, 1)
+            with trio.fail_after(10):
+                for _ in range(5):
+                    await conn.call("ping")
+                assert (await conn.call("info")).meta["state"] == "online"
+            assert executor.queued == 1  # the forward still waits behind the blocker
+            gate.set()
