@@ -40,10 +40,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import trio
 from torch import Tensor
 
-from ..errors import DrainingError
+from ..errors import BusyError, DrainingError
 from ..model import InferenceSession
 from ._compute import to_span, to_wire
 
@@ -286,6 +287,11 @@ def _run_one(job: _Job) -> None:
             return
         assert job.session is not None and job.hidden is not None
         out = job.session.step(to_span(job.hidden, job.session.span))
+    except torch.OutOfMemoryError as exc:
+        # Activations are not budgeted like caches: a request too big for
+        # the device now is refused as busy (try another server), and the
+        # server lives on.
+        job.error = BusyError(f"out of device memory for this request: {exc}".splitlines()[0])
     except Exception as exc:
         job.error = exc
     else:

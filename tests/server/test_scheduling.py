@@ -10,7 +10,7 @@ import pytest
 import torch
 import trio
 
-from libpipe.errors import InvalidRequestError
+from libpipe.errors import BusyError, InvalidRequestError
 from libpipe.model import KVCachePool, load_span
 from libpipe.net import Stream
 from libpipe.server import Executor, Priority
@@ -193,6 +193,19 @@ async def test_a_bad_member_fails_alone_and_the_rest_of_its_batch_succeeds(span)
     torch.testing.assert_close(outcomes[0], expected, **FP32)
     torch.testing.assert_close(outcomes[2], expected, **FP32)
     assert [s.position for s in sessions] == [1, 0, 1]
+
+
+async def test_device_out_of_memory_is_busy_and_the_queue_goes_on():
+    def too_big() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    executor = Executor()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        with pytest.raises(BusyError, match="out of device memory"):
+            await executor.call(Priority.BULK, too_big)
+        assert await executor.call(Priority.BULK, lambda: 42) == 42
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_job_abandoned_while_queued_never_runs(span):
