@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from libpipe.client import SamplingConfig
+from libpipe.client._sampling import choose_next
 from libpipe.model import load_client_head, load_span, write_random_checkpoint
 from libpipe.server import ServerProcess
 
@@ -94,9 +96,14 @@ class LocalModel:
         return self.head.logits(self.blocks(self.head.embed(torch.tensor([ids]))))[0]
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
+        return self.sample(prompt, n, SamplingConfig())
+
+    def sample(self, prompt: list[int], n: int, sampling: SamplingConfig) -> list[int]:
+        """What the client must generate, chosen by the client's own sampler."""
+        generator = sampling.generator()
         ids = list(prompt)
         for _ in range(n):
-            ids.append(int(self.logits(ids)[-1].argmax()))
+            ids.append(int(choose_next(self.logits(ids)[-1:], sampling, generator)[0]))
         return ids[len(prompt) :]
 
 

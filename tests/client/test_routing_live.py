@@ -122,7 +122,7 @@ async def test_bulk_forward_spreads_over_replicas(model_dir, twins, local_model,
 
     monkeypatch.setattr(_bulk, "call_hop", recording_call_hop)
     a, b, _ = twins
-    hidden = torch.randn(4, 64, 64)  # 256 tokens: compute-bound, RTT noise does not decide
+    hidden = torch.randn(2, 64, 64)  # 128 tokens: compute-bound, RTT noise does not decide
     async with libpipe.Client(model_dir, [a, b], insecure=True) as client:
         outs = []
 
@@ -130,10 +130,10 @@ async def test_bulk_forward_spreads_over_replicas(model_dir, twins, local_model,
             outs.append(await client.forward(hidden))
 
         async with trio.open_nursery() as nursery:
-            for _ in range(16):
+            for _ in range(12):
                 nursery.start_soon(one)
     with torch.no_grad():
         expected = local_model.blocks(hidden)
     assert all(torch.allclose(o, expected, atol=1e-4) for o in outs)
-    # Equal replicas: each takes a fair share (16 calls, both used at least 3 times).
+    # Equal replicas: each takes a fair share (12 calls, both used at least 3 times).
     assert min(used.count(a), used.count(b)) >= 3, used
