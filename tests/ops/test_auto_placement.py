@@ -12,6 +12,7 @@ import trio
 
 from libpipe import Client
 from libpipe.cli.server import main as server_main
+from libpipe.client import RetryPolicy
 from libpipe.errors import ConfigError, DrainingError, InvalidRequestError
 from libpipe.model import ModelConfig, write_random_checkpoint
 from libpipe.net import ConnectionPool, Security
@@ -91,6 +92,14 @@ class Fleet:
                 counts[b] += 1
         return counts
 
+    def describe(self) -> str:
+        """Spans held and each server's view of them, for a failure message."""
+        lines = [f"coverage {self.coverage()}"]
+        for s in self.servers:
+            seen = sorted((r.record.peer_id[:8], r.record.span) for r in s.node.view())
+            lines.append(f"{s.peer_id[:8]} holds {s.serving.blocks}, sees {seen}")
+        return "\n".join(lines)
+
     def views_agree(self) -> bool:
         spans = {s.peer_id: s.serving.blocks for s in self.servers}
         return all(
@@ -98,10 +107,12 @@ class Fleet:
         )
 
 
-async def wait_until(predicate, limit: float) -> None:
-    with trio.fail_after(limit):
+async def wait_until(predicate, limit: float, explain=lambda: "") -> None:
+    with trio.move_on_after(limit):
         while not predicate():
             await trio.sleep(0.1)
+        return
+    pytest.fail(f"not reached within {limit} s\n{explain()}")
 
 
 def test_span_length_comes_from_the_memory_budget(model_dir, tmp_path):
@@ -132,14 +143,26 @@ async def test_six_servers_cover_the_model_and_recover_from_two_deaths(
         for _ in range(5):
             starting.start_soon(fleet.start, auto_config(model_dir, tmp_path, [first.address]))
     assert all(s.serving.blocks[1] - s.serving.blocks[0] == 4 for s in fleet.servers)
-    await wait_until(lambda: min(fleet.coverage()) >= 1 and fleet.views_agree(), limit=40)
+    await wait_until(
+        lambda: min(fleet.coverage()) >= 1 and fleet.views_agree(),
+        limit=40,
+        explain=fleet.describe,
+    )
 
     failures: list[BaseException] = []
     outputs: list[list[int]] = []
     stop = trio.Event()
 
+    # Both holders of a span die at once: the gap lasts until gossip declares
+    # them dead and a server's next rebalance covers it (seconds here, about a
+    # period in a real swarm). The client must wait that long, not the ~3 s
+    # of the default retry policy: patience is the client's to configure.
+    patient = RetryPolicy(max_failures=40, backoff_max=1.0)
+
     async def generate_throughout() -> None:
-        async with Client(model_dir, [first.address], insecure=True, refresh_interval=0.5) as c:
+        async with Client(
+            model_dir, [first.address], insecure=True, refresh_interval=0.5, retry=patient
+        ) as c:
             while not stop.is_set():
                 try:
                     outputs.append(await c.generate([5, 6, 7], max_new_tokens=12))
@@ -149,7 +172,7 @@ async def test_six_servers_cover_the_model_and_recover_from_two_deaths(
 
     async with trio.open_nursery() as clients:
         clients.start_soon(generate_throughout)
-        await wait_until(lambda: len(outputs) >= 1, limit=30)
+        await wait_until(lambda: failures or len(outputs) >= 1, limit=30)
         # Kill both holders of one span (not the first server, the client's peer).
         by_span: dict[tuple[int, int], list[BlockServer]] = {}
         for s in fleet.servers:
@@ -161,8 +184,12 @@ async def test_six_servers_cover_the_model_and_recover_from_two_deaths(
         for victim in victims:
             fleet.kill(victim)
         served_at_kill = len(outputs)
-        await wait_until(lambda: min(fleet.coverage()) >= 1 and fleet.views_agree(), limit=40)
-        await wait_until(lambda: len(outputs) >= served_at_kill + 2, limit=30)
+        await wait_until(
+            lambda: min(fleet.coverage()) >= 1 and fleet.views_agree(),
+            limit=40,
+            explain=fleet.describe,
+        )
+        await wait_until(lambda: failures or len(outputs) >= served_at_kill + 2, limit=30)
         stop.set()
     assert failures == []
     # Failover replays exactly: every generation gave the same tokens.
