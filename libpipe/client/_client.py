@@ -81,6 +81,12 @@ class Client:
             raise ConfigError(
                 f"server_dtypes must be among {', '.join(KNOWN_DTYPES)}, got {sorted(server_dtypes)}"
             )
+        if wire_dtype is not None and wire_dtype not in (
+            torch.float16,
+            torch.bfloat16,
+            torch.float32,
+        ):
+            raise ConfigError(f"wire_dtype must be float16, bfloat16 or float32, got {wire_dtype}")
         self.model_dir = Path(model)
         self.config = ModelConfig.from_file(self.model_dir)
         self._security = security or Security.from_options(

@@ -38,6 +38,7 @@ def bare_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (NOWHERE, {"insecure": True, "refresh_interval": 0}),
         (NOWHERE, {"insecure": True, "server_dtypes": ("int8",)}),
         (NOWHERE, {"insecure": True, "server_dtypes": ()}),
+        (NOWHERE, {"insecure": True, "wire_dtype": torch.int8}),
     ],
 )
 def test_client_arguments(model_dir, peers, options):
