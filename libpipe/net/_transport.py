@@ -157,6 +157,9 @@ class SocketStream(trio.abc.HalfCloseableStream):
             try:
                 sent = self._sock.send(view)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                # WantRead (OpenSSL must first read a record) is left to the
+                # reader task, which always waits on this socket: the retry
+                # after the next writable wake finds the record read.
                 return views
             except (OSError, ssl.SSLError) as exc:
                 raise self._broken(exc) from exc
