@@ -166,6 +166,9 @@ class _Link:
         while True:
             chunk = await direction.pop()
             if not chunk.data:
+                if self.proxy.blackhole:
+                    # The FIN is lost too: the link hangs until killed.
+                    await trio.sleep_forever()
                 await sink.send_eof()
                 return
             if self.proxy.blackhole:

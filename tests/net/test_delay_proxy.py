@@ -344,3 +344,30 @@ async def test_keepalive_finds_a_link_that_went_silent() -> None:
                 await conn.wait_closed()
             assert isinstance(conn.error, ConnectionBrokenError)
             assert "silent" in str(conn.error)
+
+
+async def test_a_black_hole_swallows_the_close_until_killed() -> None:
+    ended = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            await stream.receive_some(10)
+        except trio.BrokenResourceError:
+            pass
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        )
+        async with DelayProxy(listeners[0].socket.getsockname()[:2]) as proxy:
+            stream = await dial(proxy)
+            proxy.blackhole = True
+            await stream.aclose()
+            with trio.move_on_after(0.1):
+                await ended.wait()
+            assert not ended.is_set()
+            proxy.kill()
+            with trio.fail_after(5):
+                await ended.wait()
+        nursery.cancel_scope.cancel()
