@@ -7,7 +7,7 @@ be downloaded where libpipe is built, so the project trains its own: a
 byte-level BPE tokenizer (the ``tokenizers`` package) and an 8-block Llama
 on the Book of Genesis (King James Version, public domain; see
 examples/corpus/NOTICE). It is small enough to train in minutes on one CPU
-core (8 on a busy one) and to commit (about 4 MB in fp16); it mostly
+core (10 on a busy one) and to commit (about 4 MB in fp16); it mostly
 recites its text, which is what a demo wants: readable sentences, so a
 wrong activation anywhere in the swarm shows at once as garbage.
 
@@ -211,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--text", default=str(HERE / "corpus" / "genesis-kjv.txt"))
     parser.add_argument("--out", default=str(HERE / "demo_model"))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128, help="tokens per training window")
     parser.add_argument("--lr", type=float, default=3e-3)
