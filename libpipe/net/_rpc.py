@@ -101,6 +101,10 @@ class Stream:
     async def send(
         self, meta: dict[str, Any] | None = None, tensors: tuple[torch.Tensor, ...] = ()
     ) -> None:
+        if self._failure is not None:
+            # The peer ended the stream (its error, or its Cancel) or the
+            # connection ended: say that, not that the frame is out of turn.
+            raise self._failure
         if self.send_closed:
             raise ConnectionClosedError(f"stream {self.stream_id} is closed for sending")
         await self._connection.send_stream_data(self.stream_id, meta or {}, tensors)

@@ -484,3 +484,21 @@ async def test_tls_client_to_plaintext_server_is_refused_on_both_sides(
                 async with connect(host, port, security=client_security):
                     pass
             await wait_until(lambda: "speaks TLS and we are --insecure" in caplog.text)
+
+
+async def test_sending_on_a_stream_the_peer_ended_raises_its_error() -> None:
+    router = echo_router()
+
+    async def refuse(ctx: CallContext, stream: Stream) -> None:
+        await stream.receive()
+        raise CacheFullError("no room", requested=1, free=0)
+
+    router.stream("refuse", refuse)
+    async with memory_pair(router) as (client, _):
+        async with client.open_stream("refuse") as stream:
+            await stream.send({"n": 1})
+            with pytest.raises(CacheFullError):
+                await stream.receive()
+            with pytest.raises(CacheFullError):
+                await stream.send({"n": 2})
+        assert (await client.call("echo", {"after": 1})).meta["after"] == 1
