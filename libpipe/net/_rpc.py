@@ -111,6 +111,8 @@ class Stream:
 
     async def close_send(self, meta: dict[str, Any] | None = None) -> None:
         """Half-close: this side sends nothing more (the peer sees end of stream)."""
+        if self._failure is not None and not self.send_closed:
+            raise self._failure
         if not self.send_closed:
             self.send_closed = True
             await self._connection.send_stream_close(self.stream_id, meta or {})

@@ -501,4 +501,6 @@ async def test_sending_on_a_stream_the_peer_ended_raises_its_error() -> None:
                 await stream.receive()
             with pytest.raises(CacheFullError):
                 await stream.send({"n": 2})
+            with pytest.raises(CacheFullError):
+                await stream.close_send()
         assert (await client.call("echo", {"after": 1})).meta["after"] == 1
