@@ -10,7 +10,9 @@ the swarm counts). It evaluates on a randomised period (uniform over
 ``period * (1 +- jitter)``, the first at a random phase) so that servers
 which learn of the same death at the same moment do not all rush to the
 same gap: the first mover announces its new span, and the others see the
-gap covered when their turn comes.
+gap covered when their turn comes. Servers on the very same span would see
+the gap identically, so the one with the lowest peer id moves first and its
+twins hold back for a while (``_defer``).
 
 Moving is the embedding server's job, through the ``move(start, end)``
 callback: load the new blocks, announce them (``update_local_record``),
@@ -49,6 +51,9 @@ logger = logging.getLogger("libpipe.swarm")
 MoveCallback = Callable[[int, int], Awaitable[bool]]
 
 COUNTED_STATES = (RecordState.ONLINE, RecordState.JOINING)
+# How long a server lets a twin on the same span move first (see _defer):
+# waits are at most 1.5 periods, so the twin has evaluated by then.
+DEFER_PERIODS = 2
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,7 @@ class Rebalancer:
         self.config = config if config is not None else RebalanceConfig()
         self.moves = 0
         self._rng = rng if rng is not None else random.Random()
+        self._deferring_since: float | None = None
 
     @property
     def span(self) -> tuple[int, int]:
@@ -219,6 +225,9 @@ class Rebalancer:
         """One evaluation, and the move when it says so; True when we moved."""
         target = self.evaluate()
         if target is None:
+            self._deferring_since = None
+            return False
+        if self._defer():
             return False
         logger.info(
             "rebalance peer=%s from=%s to=%s",
@@ -226,10 +235,33 @@ class Rebalancer:
             list(self.span),
             list(target),
         )
+        self._deferring_since = None
         if not await self.move(*target):
             return False
         self.moves += 1
         return True
+
+    def _defer(self) -> bool:
+        """Whether to let a twin move first.
+
+        Servers holding the very same span see the same gap the same way, and
+        if two of them move at once (within the seconds a move takes to be
+        announced) they uncover the span they shared. The twin with the
+        lowest peer id goes first; the others hold back for up to
+        ``DEFER_PERIODS`` periods, by which time its move is announced and
+        their next evaluation sees it (or it could not move, and they go)."""
+        span = self.span
+        first = min(
+            (v.peer_id for v in self.others() if (v.start, v.end) == span),
+            default=self.node.peer_id,
+        )
+        if first >= self.node.peer_id:
+            self._deferring_since = None
+            return False
+        now = trio.current_time()
+        if self._deferring_since is None:
+            self._deferring_since = now
+        return now - self._deferring_since < DEFER_PERIODS * self.config.period
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Evaluate on a randomised period until cancelled."""

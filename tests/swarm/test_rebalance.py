@@ -192,25 +192,57 @@ def test_bad_local_server_is_refused(kwargs):
         LocalServer(**(values | kwargs))
 
 
-async def test_a_refused_move_is_not_counted_and_is_tried_again(autojump_clock, swarm):
-    node = swarm.make(span=(0, BLOCKS), state=RecordState.ONLINE)
-    node.update_local_record(throughput_decode=25.0, throughput_forward=250.0)
-    other = swarm.make(span=(0, BLOCKS), state=RecordState.ONLINE)
-    other.update_local_record(throughput_decode=25.0, throughput_forward=250.0)
-    await swarm.start(other)
-    await swarm.start(node, [other.address])
+async def twins(swarm) -> tuple:
+    """Two servers on blocks [0, 4) of twelve, the first with the lower peer id."""
+    pair = [swarm.make(span=(0, BLOCKS), state=RecordState.ONLINE) for _ in range(2)]
+    for node in pair:
+        node.update_local_record(
+            throughput_decode=25.0, throughput_forward=250.0, free_cache_bytes=CACHE_BYTES
+        )
+    low, high = sorted(pair, key=lambda n: n.peer_id)
+    await swarm.start(low)
+    await swarm.start(high, [low.address])
     await swarm.settle()
+    return low, high
+
+
+def local_server() -> LocalServer:
+    return LocalServer("test/model", MODEL, BLOCKS, CACHE_BYTES, TAU, TAU / 10)
+
+
+async def test_a_refused_move_is_not_counted_and_is_tried_again(autojump_clock, swarm):
+    low, _ = await twins(swarm)
     asked = []
 
     async def refuse(start: int, end: int) -> bool:
         asked.append((start, end))
         return False
 
-    me = LocalServer("test/model", MODEL, BLOCKS, CACHE_BYTES, TAU, TAU / 10)
-    rebalancer = Rebalancer(node, me, move=refuse)
+    rebalancer = Rebalancer(low, local_server(), move=refuse)
     assert not await rebalancer.step()
     assert not await rebalancer.step()
     assert rebalancer.moves == 0 and len(asked) == 2 and asked[0][0] >= BLOCKS
+
+
+async def test_twins_on_one_span_move_one_at_a_time(autojump_clock, swarm):
+    low, high = await twins(swarm)
+    moved = []
+
+    async def record(start: int, end: int) -> bool:
+        moved.append((start, end))
+        return True
+
+    config = RebalanceConfig(period=PERIOD)
+    first = Rebalancer(low, local_server(), move=record, config=config)
+    second = Rebalancer(high, local_server(), move=record, config=config)
+    # Both see the gap; the higher id holds back while the lower one moves.
+    assert second.evaluate() is not None
+    assert not await second.step()
+    assert await first.step()
+    # Had the first not moved, the second goes once it has waited long enough.
+    await trio.sleep(2 * PERIOD)
+    assert await second.step()
+    assert len(moved) == 2
 
 
 def test_waits_are_jittered_around_the_period():
