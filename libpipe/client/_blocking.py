@@ -23,6 +23,7 @@ from torch import Tensor
 from ..errors import ConnectionClosedError
 from ._client import Client, Prompt
 from ._generate import InferenceSession
+from ._routing import PlannedHop
 
 T = TypeVar("T")
 
@@ -140,6 +141,14 @@ class SyncInferenceSession:
     @property
     def position(self) -> int:
         return self._session.position
+
+    @property
+    def route(self) -> list[PlannedHop]:
+        return self._session.route
+
+    @property
+    def failovers(self) -> int:
+        return self._session.failovers
 
     def step(self, token_ids: Sequence[int] | Tensor) -> Tensor:
         return self._owner._run(self._session.step, token_ids)

@@ -104,6 +104,8 @@ class SwarmView:
         self.servers: dict[str, ServerEntry] = {}
         self.rtt: dict[str, float] = {}
         self._bans: dict[str, _Ban] = {}
+        # When each server was last described to us (info or a record).
+        self._seen: dict[str, float] = {}
         # Why servers were left out at the last refresh (shown by NoRouteError).
         self.skipped: Counter[str] = Counter()
 
@@ -196,7 +198,18 @@ class SwarmView:
             self.skipped["dtype"] += 1
             return None
         self.servers[entry.peer_id] = entry
+        self._seen[entry.peer_id] = self._clock()
         return entry
+
+    def forget_stale(self) -> list[str]:
+        """Drop servers nobody has described for a record's lifetime (they
+        left the swarm or their peers forgot them); returns their ids."""
+        horizon = self._clock() - self._record_ttl
+        stale = [p for p, seen in self._seen.items() if seen < horizon]
+        for peer_id in stale:
+            for table in (self.servers, self.rtt, self._bans, self._seen):
+                table.pop(peer_id, None)
+        return stale
 
     def observe_rtt(self, peer_id: str, seconds: float) -> None:
         old = self.rtt.get(peer_id)
@@ -256,6 +269,7 @@ class SwarmView:
         async with trio.open_nursery() as nursery:
             for address in peers:
                 nursery.start_soon(self._ask_peer, pool, address, timeout)
+        self.forget_stale()
         await self.probe_all(pool, timeout)
 
     async def _ask_peer(self, pool: ConnectionPool, address: str, timeout: float) -> None:

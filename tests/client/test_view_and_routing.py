@@ -72,7 +72,11 @@ def test_only_compatible_servers_are_learned():
 
 def test_a_client_may_refuse_dtypes():
     view = SwarmView(
-        model_id=MODEL, num_blocks=8, kv_values_per_token_block=128, dtypes=("float32",)
+        model_id=MODEL,
+        num_blocks=8,
+        kv_values_per_token_block=128,
+        dtypes=("float32",),
+        clock=Clock(),
     )
     assert view.merge_info("h:1", info("a", (0, 8), dtype="float16")) is None
     assert view.merge_info("h:2", info("b", (0, 8))) is not None
@@ -225,3 +229,21 @@ def test_bulk_time_counts_every_token_of_the_request():
     assert one.tau_forward == pytest.approx(1 / 1000 / 4)
     assert many.tau_forward == pytest.approx(256 * one.tau_forward)
     assert many.tau_decode == one.tau_decode  # decode steps are one token each
+
+
+def test_servers_nobody_describes_any_more_are_forgotten():
+    clock = Clock()
+    view = SwarmView(
+        model_id=MODEL, num_blocks=8, kv_values_per_token_block=128, record_ttl=60, clock=clock
+    )
+    view.merge_info("h:1", info("a", (0, 8)))
+    view.merge_info("h:2", info("b", (0, 8)))
+    view.observe_rtt("b", 0.01)
+    view.ban("b", "down")
+    clock.now += 50
+    view.merge_info("h:1", info("a", (0, 8)))  # a is described again, b is not
+    assert view.forget_stale() == []
+    clock.now += 20
+    assert view.forget_stale() == ["b"]
+    assert set(view.servers) == {"a"} and "b" not in view.rtt
+    assert view.ban_reason("b") is None
