@@ -8,15 +8,35 @@ from typing import Any as _Any
 
 from .errors import (
     AuthenticationError as AuthenticationError,
+)
+from .errors import (
     BusyError as BusyError,
+)
+from .errors import (
     CacheFullError as CacheFullError,
+)
+from .errors import (
     ConfigError as ConfigError,
+)
+from .errors import (
     ConnectionBrokenError as ConnectionBrokenError,
+)
+from .errors import (
     ConnectionClosedError as ConnectionClosedError,
+)
+from .errors import (
     DeadlineExceededError as DeadlineExceededError,
+)
+from .errors import (
     LibpipeError as LibpipeError,
+)
+from .errors import (
     NoRouteError as NoRouteError,
+)
+from .errors import (
     ProtocolError as ProtocolError,
+)
+from .errors import (
     RemoteError as RemoteError,
 )
 
