@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -105,16 +104,15 @@ def main() -> int:
         "vocab_size": 1000,
     }
     rates: dict[str, dict[int, list[float]]] = {"batched": {}, "unbatched": {}}
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     common = ["--throughput", "1,1", "--cache-bytes", "4G", "--log-level", "WARNING"]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
     with tempfile.TemporaryDirectory() as tmp:
         model = write_random_checkpoint(tmp, "llama", overrides=overrides)
         with (
-            ServerProcess.start(model, blocks=(0, args.blocks), extra_args=common, env=env) as on,
+            ServerProcess.start(model, blocks=(0, args.blocks), extra_args=common) as on,
             ServerProcess.start(
-                model, blocks=(0, args.blocks), extra_args=[*common, "--no-batching"], env=env
+                model, blocks=(0, args.blocks), extra_args=[*common, "--no-batching"]
             ) as off,
         ):
             for _ in range(args.rounds):

@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--insecure", action="store_true", help="plaintext, no authentication (development)")
     add("--allow-public-insecure", action="store_true", help="plaintext beyond loopback too")
     add("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    add(
+        "--threads",
+        type=int,
+        help="torch compute threads (default: torch's, one per core); on a CPU shared with "
+        "other work, fewer threads avoid OpenMP spinning against it",
+    )
     add("--dtype", help="compute dtype: fp32, bf16, fp16 (default: the device's)")
     add("--cache-bytes", default="1G", help="KV cache budget, e.g. 512M, 4G (default 1G)")
     add("--max-length", type=int, help="longest session in tokens (default 8192)")
@@ -105,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     config = build_config(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.monitor is not None and not 0 <= args.monitor < 65536:
         raise ConfigError(f"--monitor must be a port in [0, 65535], got {args.monitor}")
     security = Security.from_options(

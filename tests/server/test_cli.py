@@ -67,6 +67,7 @@ def test_byte_sizes(text, value):
         (["--blocks", "0:2", "--host", "0.0.0.0"], "give --announce-address"),
         (["--blocks", "0:2", "--insecure", "--identity", "x"], "cannot be combined"),
         (["--blocks", "0:2"], "give --identity DIR"),
+        (["--blocks", "0:2", "--insecure", "--threads", "0"], "--threads must be at least 1"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(tmp_path, capsys, argv, message):
