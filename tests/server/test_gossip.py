@@ -113,3 +113,11 @@ async def test_a_server_whose_peers_do_not_answer_does_not_start(gqa, make_confi
     async with trio.open_nursery() as nursery:
         with pytest.raises(ConnectionBrokenError, match="no bootstrap peer"):
             await nursery.start(server.run)
+
+
+async def test_the_announced_address_is_the_one_gossiped(gqa, make_config):
+    config = make_config(gqa, (0, 4), announce_address="203.0.113.7:31337")
+    async with running_servers([config]) as (servers, _):
+        server = servers[0]
+        assert server.address == "203.0.113.7:31337"
+        assert records(server)[server.peer_id].addresses == ("203.0.113.7:31337",)
