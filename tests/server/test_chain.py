@@ -86,3 +86,28 @@ async def test_chain_decode_session_equals_local_model(checkpoints, make_config,
     assert remote.shape == expected.shape == (1, 5 + 32, head.config.hidden_size)
     torch.testing.assert_close(remote, expected, **FP32)
     torch.testing.assert_close(head.logits(remote), head.logits(expected), **FP32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_a_cuda_server_in_fp16_matches_the_local_fp32_model(checkpoints, make_config):
+    model_dir = checkpoints["llama-gqa"]
+    head = load_client_head(model_dir, progress=False)
+    whole = load_span(model_dir, 0, 8, progress=False)
+    hidden = head.embed(torch.tensor([[5, 17, 99, 3, 250, 7]]))
+    config = make_config(model_dir, (0, 8), device="cuda", dtype="fp16")
+    async with running_servers([config]) as (servers, pool):
+        conn = await pool.get(servers[0].address)
+        out = (await conn.call("forward", {"start": 0, "end": 8}, (hidden.half(),))).tensors[0]
+        meta = {"start": 0, "end": 8, "batch": 1, "max_length": 16}
+        async with conn.open_stream("inference", meta) as stream:
+            await stream.receive()
+            await stream.send({"position": 0}, (hidden[:, :5].half(),))
+            await stream.receive()
+            await stream.send({"position": 5}, (hidden[:, 5:].half(),))
+            last = (await stream.receive()).tensors[0]
+            await stream.close_send()
+    with torch.no_grad():
+        expected = whole(hidden)
+    assert out.dtype == torch.float16 and out.device.type == "cpu"
+    torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(last.float(), expected[:, 5:], rtol=5e-2, atol=5e-2)
