@@ -79,6 +79,7 @@ async def test_decode_before_prefill_before_bulk_fifo_within_each():
                 await trio.sleep(0.005)
         nursery.cancel_scope.cancel()
     assert order == ["decode1", "decode2", "prefill1", "bulk1", "bulk2"]
+    assert (executor.stats.jobs, executor.stats.batches) == (6, 0)  # with the blocker
 
 
 async def test_a_job_waiting_past_max_wait_goes_first():
