@@ -3,46 +3,43 @@
 This module only re-exports; implementations live in the subpackages.
 """
 
-from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
+from typing import TYPE_CHECKING as _TYPE_CHECKING, Any as _Any
 
 from .errors import (
     AuthenticationError as AuthenticationError,
-)
-from .errors import (
+    BadMagicError as BadMagicError,
     BusyError as BusyError,
-)
-from .errors import (
     CacheFullError as CacheFullError,
-)
-from .errors import (
+    CheckpointError as CheckpointError,
     ConfigError as ConfigError,
-)
-from .errors import (
     ConnectionBrokenError as ConnectionBrokenError,
-)
-from .errors import (
     ConnectionClosedError as ConnectionClosedError,
-)
-from .errors import (
     DeadlineExceededError as DeadlineExceededError,
-)
-from .errors import (
+    DecompressionError as DecompressionError,
+    DrainingError as DrainingError,
+    IncompatiblePeerError as IncompatiblePeerError,
+    InvalidMessageError as InvalidMessageError,
+    InvalidRequestError as InvalidRequestError,
     LibpipeError as LibpipeError,
-)
-from .errors import (
+    LimitExceededError as LimitExceededError,
+    MalformedMetadataError as MalformedMetadataError,
     NoRouteError as NoRouteError,
-)
-from .errors import (
+    PayloadMismatchError as PayloadMismatchError,
     ProtocolError as ProtocolError,
-)
-from .errors import (
+    RecordError as RecordError,
     RemoteError as RemoteError,
+    RetriesExhaustedError as RetriesExhaustedError,
+    SessionError as SessionError,
+    StreamStateError as StreamStateError,
+    TensorOverflowError as TensorOverflowError,
+    TruncatedFrameError as TruncatedFrameError,
+    UnknownFrameKindError as UnknownFrameKindError,
+    UnsupportedModelError as UnsupportedModelError,
+    UnsupportedVersionError as UnsupportedVersionError,
 )
 
 if _TYPE_CHECKING:
-    from .client import Client as Client
-    from .client import SyncClient as SyncClient
+    from .client import Client as Client, SyncClient as SyncClient
 
 __version__ = "0.1.0"
 

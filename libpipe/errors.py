@@ -45,7 +45,9 @@ class LibpipeError(Exception):
         return (_rebuild, (type(self), self.message, self.details, self.remote))
 
 
-def _rebuild(cls: type[LibpipeError], message: str, details: dict[str, Any], remote: bool) -> LibpipeError:
+def _rebuild(
+    cls: type[LibpipeError], message: str, details: dict[str, Any], remote: bool
+) -> LibpipeError:
     err = cls(message, **details)
     err.remote = remote
     return err
@@ -235,7 +237,9 @@ class RecordError(LibpipeError):
     kind = "record"
 
 
-def error_from_remote(kind: str, message: str, details: dict[str, Any] | None = None) -> LibpipeError:
+def error_from_remote(
+    kind: str, message: str, details: dict[str, Any] | None = None
+) -> LibpipeError:
     """Rebuild the error a peer reported, as the same class when we know it."""
     cls = _BY_KIND.get(kind)
     if cls is None:

@@ -3,19 +3,18 @@
 Torch only; nothing here knows about networking (see DESIGN.md, 'Layers').
 """
 
-from ._checkpoint import load_client_head as load_client_head
-from ._checkpoint import load_span as load_span
-from ._config import ModelConfig as ModelConfig
-from ._config import RopeScaling as RopeScaling
-from ._device import resolve_device as resolve_device
-from ._device import resolve_dtype as resolve_dtype
-from ._kv_cache import KVCache as KVCache
-from ._kv_cache import KVCachePool as KVCachePool
+from ._checkpoint import load_client_head as load_client_head, load_span as load_span
+from ._config import ModelConfig as ModelConfig, RopeScaling as RopeScaling
+from ._device import resolve_device as resolve_device, resolve_dtype as resolve_dtype
+from ._kv_cache import KVCache as KVCache, KVCachePool as KVCachePool
 from ._llama import ClientHead as ClientHead
-from ._lora import LoraAdapter as LoraAdapter
-from ._lora import load_lora_adapter as load_lora_adapter
-from ._lora import write_random_lora_adapter as write_random_lora_adapter
-from ._random_checkpoint import PRESETS as PRESETS
-from ._random_checkpoint import write_random_checkpoint as write_random_checkpoint
-from ._span import BlockSpan as BlockSpan
-from ._span import InferenceSession as InferenceSession
+from ._lora import (
+    LoraAdapter as LoraAdapter,
+    load_lora_adapter as load_lora_adapter,
+    write_random_lora_adapter as write_random_lora_adapter,
+)
+from ._random_checkpoint import (
+    PRESETS as PRESETS,
+    write_random_checkpoint as write_random_checkpoint,
+)
+from ._span import BlockSpan as BlockSpan, InferenceSession as InferenceSession

@@ -6,8 +6,6 @@ a page that redraws from ``/api/swarm``. Layer: above swarm and net, below
 cli; nothing imports it but the command line.
 """
 
-from ._events import SwarmEvent as SwarmEvent
-from ._events import diff as diff
-from ._http import bound_address as bound_address
-from ._http import open_http_listeners as open_http_listeners
+from ._events import SwarmEvent as SwarmEvent, diff as diff
+from ._http import bound_address as bound_address, open_http_listeners as open_http_listeners
 from ._monitor import Monitor as Monitor

@@ -18,12 +18,12 @@ cached), ``_gossip`` (the node and the signed record), ``_rebalance``
 ``_process`` (the launcher).
 """
 
-from ._config import ServerConfig as ServerConfig
-from ._config import parse_blocks as parse_blocks
-from ._executor import Executor as Executor
-from ._executor import Priority as Priority
+from ._config import ServerConfig as ServerConfig, parse_blocks as parse_blocks
+from ._executor import Executor as Executor, Priority as Priority
 from ._process import ServerProcess as ServerProcess
 from ._server import BlockServer as BlockServer
-from ._throughput import Throughput as Throughput
-from ._throughput import load_or_measure as load_or_measure
-from ._throughput import measure as measure
+from ._throughput import (
+    Throughput as Throughput,
+    load_or_measure as load_or_measure,
+    measure as measure,
+)

@@ -14,22 +14,24 @@ It drives the same placement and routing code the live system runs
   ``generate_sessions``, ``summarize``.
 """
 
-from ._metrics import Summary as Summary
-from ._metrics import summarize as summarize
-from ._report import comparison_json as comparison_json
-from ._report import comparison_table as comparison_table
-from ._report import plot_comparison as plot_comparison
-from ._run import AlgorithmResult as AlgorithmResult
-from ._run import Comparison as Comparison
-from ._run import compare as compare
-from ._run import router_for as router_for
-from ._scenario import Scenario as Scenario
-from ._scenario import SessionCosts as SessionCosts
-from ._scenario import builtin_scenarios as builtin_scenarios
-from ._scenario import load_scenario as load_scenario
-from ._scenario import scenario_from_dict as scenario_from_dict
-from ._simulator import Router as Router
-from ._simulator import SessionOutcome as SessionOutcome
-from ._simulator import Simulation as Simulation
-from ._workload import SessionRequest as SessionRequest
-from ._workload import generate_sessions as generate_sessions
+from ._metrics import Summary as Summary, summarize as summarize
+from ._report import (
+    comparison_json as comparison_json,
+    comparison_table as comparison_table,
+    plot_comparison as plot_comparison,
+)
+from ._run import (
+    AlgorithmResult as AlgorithmResult,
+    Comparison as Comparison,
+    compare as compare,
+    router_for as router_for,
+)
+from ._scenario import (
+    Scenario as Scenario,
+    SessionCosts as SessionCosts,
+    builtin_scenarios as builtin_scenarios,
+    load_scenario as load_scenario,
+    scenario_from_dict as scenario_from_dict,
+)
+from ._simulator import Router as Router, SessionOutcome as SessionOutcome, Simulation as Simulation
+from ._workload import SessionRequest as SessionRequest, generate_sessions as generate_sessions

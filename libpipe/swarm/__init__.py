@@ -18,38 +18,37 @@ time. ``_node.py`` holds the theory of operation.
 from ._broadcast import BroadcastQueue as BroadcastQueue
 from ._config import GossipConfig as GossipConfig
 from ._gossip import gossip_round as gossip_round
-from ._memory import MemoryNetwork as MemoryNetwork
-from ._memory import MemoryTransport as MemoryTransport
-from ._node import GossipNode as GossipNode
-from ._node import GossipStats as GossipStats
-from ._probe import ProbeOrder as ProbeOrder
-from ._probe import ProbeResult as ProbeResult
-from ._probe import probe_round as probe_round
+from ._memory import MemoryNetwork as MemoryNetwork, MemoryTransport as MemoryTransport
+from ._node import GossipNode as GossipNode, GossipStats as GossipStats
+from ._probe import ProbeOrder as ProbeOrder, ProbeResult as ProbeResult, probe_round as probe_round
 from ._pushpull import push_pull_round as push_pull_round
-from ._rebalance import LocalServer as LocalServer
-from ._rebalance import MoveCallback as MoveCallback
-from ._rebalance import RebalanceConfig as RebalanceConfig
-from ._rebalance import Rebalancer as Rebalancer
-from ._rebalance import initial_span as initial_span
-from ._rebalance import server_views as server_views
-from ._record import RecordState as RecordState
-from ._record import ServerRecord as ServerRecord
-from ._record import SignedRecord as SignedRecord
-from ._record import Signer as Signer
-from ._record import decode_signed as decode_signed
-from ._record import sign_record as sign_record
-from ._record import verified_records as verified_records
-from ._record import verify_signed as verify_signed
+from ._rebalance import (
+    LocalServer as LocalServer,
+    MoveCallback as MoveCallback,
+    RebalanceConfig as RebalanceConfig,
+    Rebalancer as Rebalancer,
+    initial_span as initial_span,
+    server_views as server_views,
+)
+from ._record import (
+    RecordState as RecordState,
+    ServerRecord as ServerRecord,
+    SignedRecord as SignedRecord,
+    Signer as Signer,
+    decode_signed as decode_signed,
+    sign_record as sign_record,
+    verified_records as verified_records,
+    verify_signed as verify_signed,
+)
 from ._rpc_transport import RpcTransport as RpcTransport
-from ._state import Member as Member
-from ._state import MemberState as MemberState
-from ._state import supersedes as supersedes
-from ._survey import ModelCoverage as ModelCoverage
-from ._survey import ServerStatus as ServerStatus
-from ._survey import SwarmSnapshot as SwarmSnapshot
-from ._survey import coverage as coverage
-from ._survey import fetch_view as fetch_view
-from ._survey import survey as survey
+from ._state import Member as Member, MemberState as MemberState, supersedes as supersedes
+from ._survey import (
+    ModelCoverage as ModelCoverage,
+    ServerStatus as ServerStatus,
+    SwarmSnapshot as SwarmSnapshot,
+    coverage as coverage,
+    fetch_view as fetch_view,
+    survey as survey,
+)
 from ._suspicion import Suspicion as Suspicion
-from ._transport import Handler as Handler
-from ._transport import Transport as Transport
+from ._transport import Handler as Handler, Transport as Transport

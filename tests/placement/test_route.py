@@ -7,8 +7,7 @@ import random
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from libpipe.errors import ConfigError, NoRouteError
 from libpipe.placement import UNSCHEDULED_WAIT_S, Hop, ServerView, route

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from libpipe.cli import server as cli
-from libpipe.cli.main import build_parser
-from libpipe.cli.main import main as libpipe_main
+from libpipe.cli.main import build_parser, main as libpipe_main
 from libpipe.errors import ConfigError
 from libpipe.server import ServerConfig, parse_blocks
 

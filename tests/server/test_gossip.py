@@ -9,8 +9,7 @@ import trio
 
 from libpipe.errors import ConnectionBrokenError
 from libpipe.net import Security
-from libpipe.server import BlockServer
-from libpipe.server import _gossip as server_gossip
+from libpipe.server import BlockServer, _gossip as server_gossip
 from libpipe.swarm import RecordState, verified_records
 
 from .conftest import running_servers

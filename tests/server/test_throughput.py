@@ -8,8 +8,7 @@ import json
 import pytest
 
 from libpipe.model import load_span
-from libpipe.server import Throughput, load_or_measure
-from libpipe.server import _throughput as throughput_module
+from libpipe.server import Throughput, _throughput as throughput_module, load_or_measure
 
 from .conftest import running_servers
 

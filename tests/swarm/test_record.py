@@ -6,8 +6,7 @@ import dataclasses
 
 import msgpack
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from libpipe.errors import RecordError
 from libpipe.net import Identity
