@@ -65,7 +65,7 @@ class SwarmContext:
     ) -> list[PlannedHop]:
         """A route over ``[start, end)``; when there is none, learn the swarm
         again and retry within the ledger's bound (a banned server may be
-        back, a new one may have joined)."""
+        back, a new one may have joined, a gap may be covered by a move)."""
         refreshed = False
         while True:
             try:
@@ -83,12 +83,8 @@ class SwarmContext:
             except NoRouteError as exc:
                 if not refreshed:
                     refreshed = True
-                elif not ledger.failures:
-                    # Nothing failed in this operation: the swarm simply
-                    # lacks these blocks, and the error says which.
-                    raise
                 else:
-                    await ledger.record("routing", exc)
+                    await ledger.wait_for_route(exc)
                 await self.refresh()
 
 

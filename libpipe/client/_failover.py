@@ -7,6 +7,12 @@ operation that met it (one session step, one bulk call); the operation
 waits ``backoff(n)`` and routes again. After ``max_failures`` failures it
 gives up with an error naming every failure, so the user sees which
 servers failed and how, not only the last of them.
+
+An operation that finds no route before anything failed (a new generation
+while two servers that shared a span are dead and not yet replaced) waits
+too: the gap usually closes within a rebalance period, so it refreshes and
+routes again on the same backoff, up to ``max_failures`` times, and only
+then gives up with the ``NoRouteError`` naming the missing blocks.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..errors import ConfigError, LibpipeError, RetriesExhaustedError
+from ..errors import ConfigError, LibpipeError, NoRouteError, RetriesExhaustedError
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,9 @@ class FailureLedger:
     policy: RetryPolicy
     what: str
     failures: list[str] = field(default_factory=list)
+    # Routes missed while nothing had failed, and since when (trio clock).
+    route_waits: int = 0
+    _waiting_since: float | None = None
 
     async def record(self, where: str, error: LibpipeError) -> None:
         """Count a failure; raise ``RetriesExhaustedError`` past the bound,
@@ -75,3 +84,25 @@ class FailureLedger:
                 failures=list(self.failures),
             ) from error
         await trio.sleep(self.policy.backoff(len(self.failures)))
+
+    async def wait_for_route(self, error: NoRouteError) -> None:
+        """No route now: sleep the backoff before the caller refreshes and
+        routes again. After hop failures this counts as one more failure;
+        with none, past ``max_failures`` waits, ``error`` is raised (saying
+        how long the blocks stayed missing)."""
+        if self.failures:
+            await self.record("routing", error)
+            return
+        now = trio.current_time()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if self.route_waits >= self.policy.max_failures:
+            if not self.route_waits:
+                raise error
+            waited = now - self._waiting_since
+            raise NoRouteError(
+                f"{error.message} (still after {self.route_waits} retries over {waited:.1f} s)",
+                **error.details,
+            ) from None
+        self.route_waits += 1
+        await trio.sleep(self.policy.backoff(self.route_waits))

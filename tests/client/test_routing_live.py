@@ -3,11 +3,14 @@ cache, blocks nobody serves."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 import trio
 
 import libpipe
+from libpipe.client import RetryPolicy
 from libpipe.errors import NoRouteError
 from libpipe.net import DelayProxy, Security
 from libpipe.server import BlockServer, ServerConfig
@@ -59,14 +62,60 @@ async def test_avoids_a_server_whose_cache_is_full(model_dir, twins):
 
 
 async def test_no_route_names_the_blocks_nobody_serves(model_dir, chain):
-    async with libpipe.Client(model_dir, chain[:2], insecure=True) as client:
+    # Two retries (a few ms of backoff) before giving up: the gap stays.
+    policy = RetryPolicy(max_failures=2, backoff_base=0.01)
+    async with libpipe.Client(model_dir, chain[:2], insecure=True, retry=policy) as client:
         with pytest.raises(NoRouteError) as caught:
             await client.generate(PROMPT, max_new_tokens=2)
         assert "[5, 8)" in str(caught.value)
+        assert "still after 2 retries" in str(caught.value)
+        assert caught.value.details["missing_blocks"] == [[5, 8]]
         with pytest.raises(NoRouteError):
             await client.forward(torch.zeros(1, 2, 64))
         # Blocks that are served still work.
         assert (await client.forward(torch.zeros(1, 2, 64), start=0, end=5)).shape == (1, 2, 64)
+    # A policy without retries gives up at the first look.
+    policy = RetryPolicy(max_failures=0)
+    async with libpipe.Client(model_dir, chain[:2], insecure=True, retry=policy) as client:
+        with pytest.raises(NoRouteError) as caught:
+            await client.generate(PROMPT, max_new_tokens=2)
+        assert "retries" not in str(caught.value)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_a_new_generation_waits_for_a_gap_to_close(model_dir, chain, tmp_path, local_model):
+    """Blocks [5, 8) are served by nobody when the generation starts; a
+    server for them comes up a second later, and the generation, which has
+    met no failure, waits for it within its retry policy instead of failing."""
+    port = free_port()
+    config = ServerConfig(
+        model_dir, (5, 8), port=port, throughput=(200.0, 4000.0), cache_dir=tmp_path,
+        progress=False,
+    )  # fmt: skip
+    late = BlockServer(config, Security.insecure())
+    policy = RetryPolicy(max_failures=30, backoff_max=0.5)
+    peers = [*chain[:2], f"127.0.0.1:{port}"]
+    async with (
+        libpipe.Client(model_dir, peers, insecure=True, retry=policy) as client,
+        trio.open_nursery() as nursery,
+    ):
+        began = trio.current_time()
+
+        async def start_late() -> None:
+            await trio.sleep(1.0)
+            await nursery.start(late.run)
+
+        nursery.start_soon(start_late)
+        tokens = await client.generate(PROMPT, max_new_tokens=4, stop_tokens=())
+        assert trio.current_time() - began >= 1.0
+        assert [h.server.address for h in client.last_route][-1] == late.address
+        nursery.cancel_scope.cancel()
+    assert tokens == local_model.greedy(PROMPT, 4)
 
 
 async def test_no_reachable_peer_is_no_route(model_dir):
