@@ -11,6 +11,7 @@ admission) of everything else the server does.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,8 @@ from ._transport import Handler, Transport
 
 REQUEST_METHODS = ("swarm.ping", "swarm.ping_req", "swarm.push_pull", "swarm.view")
 NOTIFY_METHODS = ("swarm.gossip",)
+
+logger = logging.getLogger("libpipe.swarm")
 
 
 class RpcTransport(Transport):
@@ -79,6 +82,13 @@ class RpcTransport(Transport):
 
     def _notified(self, method: str) -> Callable[[CallContext, dict[str, Any]], Awaitable[None]]:
         async def handle(context: CallContext, meta: dict[str, Any]) -> None:
-            await self._current()(method, meta)
+            handler = self._handler
+            if handler is None:
+                # News for a node that stopped (or not yet started): peers
+                # keep gossiping until they learn it left. Nobody waits for
+                # an answer, so there is no one to tell, and nothing wrong.
+                logger.debug("dropped %s: gossip is not running on this node", method)
+                return
+            await handler(method, meta)
 
         return handle

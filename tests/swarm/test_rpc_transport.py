@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import logging
 import random
 
 import pytest
 import trio
 
-from libpipe.errors import ConfigError
+from libpipe.errors import ConfigError, ConnectionClosedError
 from libpipe.net import ConnectionPool, Identity, Router, Security, serve
 from libpipe.swarm import GossipConfig, GossipNode, MemberState, RecordState, RpcTransport
 
@@ -92,4 +93,28 @@ async def test_one_transport_serves_one_node(nursery):
         await nursery.start(transport.serve, handler)
         with pytest.raises(ConfigError):
             await transport.serve(handler)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stopped_node_drops_news_quietly_and_refuses_requests(nursery, caplog):
+    """Peers gossip to a node until they learn it stopped: its router (which
+    outlives it while the server drains) drops that news with a debug line,
+    not an error with a traceback; a request still gets a typed error."""
+    router = Router()
+    security = Security.insecure()
+    caplog.set_level(logging.DEBUG)
+    async with (
+        ConnectionPool(security, router=router) as server_pool,
+        ConnectionPool(Security.insecure()) as client_pool,
+    ):
+        host, port = await nursery.start(
+            functools.partial(serve, router, host="127.0.0.1", port=0, security=security)
+        )
+        RpcTransport(router, server_pool, f"{host}:{port}")
+        connection = await client_pool.get(f"{host}:{port}")
+        await connection.notify("swarm.gossip", {"news": []})
+        with pytest.raises(ConnectionClosedError, match="gossip is not running"):
+            await connection.call("swarm.ping", {})
+        await wait_until(lambda: "dropped swarm.gossip" in caplog.text, limit=5)
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
         nursery.cancel_scope.cancel()
