@@ -296,10 +296,12 @@ class SwarmView:
             logger.warning("peer %s sent an unusable swarm.view: %s", address, exc)
 
     async def probe_all(self, pool: ConnectionPool, timeout: float) -> None:
-        """Ping every known server whose ban (if any) is over."""
+        """Ping every known online server whose ban (if any) is over. A
+        joining server (gossiped while it loads its blocks) serves no RPC
+        yet: pinging it would only ban it; it is pinged once online."""
         async with trio.open_nursery() as nursery:
             for entry in list(self.servers.values()):
-                if not self.is_banned(entry.peer_id):
+                if entry.state == RecordState.ONLINE.value and not self.is_banned(entry.peer_id):
                     nursery.start_soon(self.probe, pool, entry, timeout)
 
     async def probe(self, pool: ConnectionPool, entry: ServerEntry, timeout: float) -> bool:

@@ -11,7 +11,9 @@ Theory of operation. Started without ``--blocks``, a server
    ``placement.choose_span`` picks (through ``libpipe.swarm.initial_span``).
    Its own speed is not measured yet (that needs the blocks): it uses
    ``--throughput`` if given, else assumes the swarm's median server, which
-   only breaks ties between windows of equal coverage;
+   only breaks ties between windows of equal coverage. The server then
+   announces that span (state ``joining``, with the assumed throughput)
+   before loading, so a server choosing next counts it;
 3. once online, runs a ``libpipe.swarm.Rebalancer`` whose move is
    ``SpanMover.move``: load the new blocks beside the old ones, switch the
    server to them and announce at once (new sessions and calls now see
@@ -54,6 +56,7 @@ from ..swarm import (
 from ._config import ServerConfig
 from ._gossip import RecordPublisher
 from ._handlers import Serving
+from ._throughput import Throughput
 
 logger = logging.getLogger("libpipe.server")
 
@@ -134,28 +137,45 @@ def assumed_taus(
     )
 
 
+def assumed_throughput(
+    config: ServerConfig, blocks: int, others: list[ServerView] | None = None
+) -> Throughput:
+    """The throughput a joining server announces until it has measured its
+    own: other servers' placement counts only records with one."""
+    tau_decode, tau_forward = assumed_taus(config, blocks, others or [])
+    return Throughput(1.0 / (tau_decode * blocks), 1.0 / (tau_forward * blocks))
+
+
 async def choose_blocks(
     config: ServerConfig, security: Security, model: ModelConfig
-) -> tuple[int, int]:
+) -> tuple[tuple[int, int], Throughput]:
     """The span to load, from the swarm as any of ``config.peers`` sees it
-    (the first server of a swarm starts at block 0)."""
+    (the first server of a swarm starts at block 0), and the throughput
+    assumed in choosing it (``assumed_throughput``)."""
     blocks = span_length(config, model)
     if not config.peers:
-        return 0, blocks
+        return (0, blocks), assumed_throughput(config, blocks)
     async with ConnectionPool(security) as pool:
         source, records = await fetch_view(
             pool, config.peers, timeout=config.gossip.request_timeout
         )
     spec = model_spec(model, element_size(config))
     others = server_views(records, model.model_id, spec, exclude=security.peer_id)
-    tau_decode, tau_forward = assumed_taus(config, blocks, others)
-    me = LocalServer(model.model_id, spec, blocks, config.cache_bytes, tau_decode, tau_forward)
+    assumed = assumed_throughput(config, blocks, others)
+    me = LocalServer(
+        model.model_id,
+        spec,
+        blocks,
+        config.cache_bytes,
+        1.0 / (assumed.decode * blocks),
+        1.0 / (assumed.forward * blocks),
+    )
     span = initial_span(records, me, peer_id=security.peer_id)
     logger.info(
         "chose blocks %d:%d of %d from the view of %s (%d server(s))",
         *span, model.num_hidden_layers, source, len(others),
     )  # fmt: skip
-    return span
+    return span, assumed
 
 
 class SpanMover:

@@ -1,10 +1,12 @@
 """BlockServer: one span of blocks served over the RPC layer, and gossiped.
 
-Start-up order: load the span (worker thread, progress bar), learn its
-throughput (disk cache or a measurement), then open the compute queue, the
-listener and the gossip node on one router and connection pool. Only then
-does ``nursery.start(server.run)`` return the address, so a caller never
-sees a server that cannot yet compute.
+Start-up order: choose the span (or take ``--blocks``), open the listener
+and join gossip as ``joining`` with that span (so servers choosing next
+count it; clients route to online servers only), then load the span
+(worker thread, progress bar), learn its throughput (disk cache or a
+measurement), register the block RPCs, open the compute queue and announce
+``online``. Only then does ``nursery.start(server.run)`` return the
+address, so a caller never sees a server that cannot yet compute.
 
 Shutdown is ``drain()``: the state becomes ``draining`` (announced at once),
 new sessions and calls get ``DrainingError``, open sessions go on for up to
@@ -21,7 +23,7 @@ import trio
 
 from .. import __version__
 from ..errors import ConfigError, LibpipeError
-from ..model import KVCachePool, ModelConfig, load_span
+from ..model import KVCachePool, ModelConfig, load_span, resolve_device, resolve_dtype
 from ..net import ConnectionPool, HelloInfo, Router, Security, serve, short_peer_id
 from ..swarm import GossipNode, Rebalancer, RecordState, RpcTransport
 from ._config import ServerConfig
@@ -29,7 +31,7 @@ from ._executor import Executor
 from ._gossip import RecordPublisher, supervise_gossip
 from ._groups import sole_error
 from ._handlers import RpcHandlers, Serving
-from ._rebalance import choose_blocks, rebalance
+from ._rebalance import assumed_throughput, choose_blocks, rebalance
 from ._sessions import SessionTable
 from ._throughput import Throughput, load_or_measure
 
@@ -75,13 +77,79 @@ class BlockServer:
         cfg = self.config
         me = short_peer_id(self.peer_id)
         model = ModelConfig.from_file(cfg.model_dir)
-        blocks = cfg.blocks or await choose_blocks(cfg, self.security, model)
+        if cfg.blocks is not None:
+            blocks = cfg.blocks
+            assumed = assumed_throughput(cfg, blocks[1] - blocks[0])
+        else:
+            blocks, assumed = await choose_blocks(cfg, self.security, model)
         if blocks[1] > model.num_hidden_layers:
             raise ConfigError(
                 f"blocks {blocks[0]}:{blocks[1]} are not within the model's "
                 f"{model.num_hidden_layers} blocks",
                 num_blocks=model.num_hidden_layers,
             )
+        device = resolve_device(cfg.device)
+        router = Router()
+        hello = HelloInfo(model_id=model.model_id)
+        with (
+            KVCachePool(cfg.cache_bytes, device) as pool,
+            trio.CancelScope() as self._scope,
+        ):
+            async with (
+                ConnectionPool(self.security, router=router, hello=hello) as connections,
+                trio.open_nursery() as nursery,
+            ):
+                host, port = await nursery.start(
+                    functools.partial(
+                        serve,
+                        router,
+                        host=cfg.host,
+                        port=cfg.port,
+                        security=self.security,
+                        hello=hello,
+                    )
+                )
+                self.address = cfg.announce_address or _host_port(host, port)
+                # Joined before loading: servers choosing their spans while
+                # this one loads count it where it will be (and not all pile
+                # onto the same blocks). Clients route to online servers only.
+                self.node = GossipNode(
+                    self.security.identity,
+                    RpcTransport(router, connections, self.address),
+                    model_id=model.model_id,
+                    span=blocks,
+                    dtype=str(resolve_dtype(device, cfg.dtype)).removeprefix("torch."),
+                    version=__version__,
+                    state=RecordState.JOINING,
+                    config=cfg.gossip,
+                )
+                self.node.update_local_record(
+                    throughput_decode=assumed.decode, throughput_forward=assumed.forward
+                )
+                await nursery.start(supervise_gossip, self.node, cfg.peers)
+                serving = await self._load(blocks, pool)
+                RpcHandlers(serving).register(router)
+                await nursery.start(serving.executor.run)
+                serving.state = RecordState.ONLINE
+                self._publisher = RecordPublisher(self.node, serving, cfg.record_interval)
+                self._publisher.publish()
+                nursery.start_soon(self._publisher.run)
+                if cfg.blocks is None:
+                    self.rebalancer = await nursery.start(
+                        rebalance, cfg, serving, self.node, self._publisher
+                    )
+                logger.info(
+                    "server %s online at %s: blocks %d:%d of %s, %s on %s",
+                    me, self.address, *blocks, model.model_id,
+                    serving.dtype_name, serving.span.device,
+                )  # fmt: skip
+                task_status.started(self.address)
+        logger.info("server %s stopped", me)
+
+    async def _load(self, blocks: tuple[int, int], pool: KVCachePool) -> Serving:
+        """Load ``blocks`` (worker thread, progress bar) and learn their
+        throughput (disk cache or a measurement): what the handlers serve."""
+        cfg = self.config
         span = await trio.to_thread.run_sync(
             functools.partial(
                 load_span,
@@ -106,65 +174,17 @@ class BlockServer:
                     progress=cfg.progress,
                 )
             )
-        max_length = min(cfg.max_length, span.config.max_position_embeddings)
-        with KVCachePool(cfg.cache_bytes, span.device) as pool:
-            serving = Serving(
-                config=cfg,
-                span=span,
-                pool=pool,
-                executor=Executor(batching=cfg.batching, max_batch=cfg.max_batch),
-                sessions=SessionTable(),
-                peer_id=self.peer_id,
-                throughput=throughput,
-                max_length=max_length,
-            )
-            self.serving = serving
-            router = Router()
-            RpcHandlers(serving).register(router)
-            hello = HelloInfo(model_id=span.config.model_id, info={"span": list(blocks)})
-            with trio.CancelScope() as self._scope:
-                async with (
-                    ConnectionPool(self.security, router=router, hello=hello) as connections,
-                    trio.open_nursery() as nursery,
-                ):
-                    await nursery.start(serving.executor.run)
-                    host, port = await nursery.start(
-                        functools.partial(
-                            serve,
-                            router,
-                            host=cfg.host,
-                            port=cfg.port,
-                            security=self.security,
-                            hello=hello,
-                        )
-                    )
-                    self.address = cfg.announce_address or _host_port(host, port)
-                    self.node = GossipNode(
-                        self.security.identity,
-                        RpcTransport(router, connections, self.address),
-                        model_id=span.config.model_id,
-                        span=blocks,
-                        dtype=serving.dtype_name,
-                        version=__version__,
-                        state=RecordState.JOINING,
-                        config=cfg.gossip,
-                    )
-                    await nursery.start(supervise_gossip, self.node, cfg.peers)
-                    serving.state = RecordState.ONLINE
-                    self._publisher = RecordPublisher(self.node, serving, cfg.record_interval)
-                    self._publisher.publish()
-                    nursery.start_soon(self._publisher.run)
-                    if cfg.blocks is None:
-                        self.rebalancer = await nursery.start(
-                            rebalance, cfg, serving, self.node, self._publisher
-                        )
-                    logger.info(
-                        "server %s online at %s: blocks %d:%d of %s, %s on %s",
-                        me, self.address, *blocks, span.config.model_id,
-                        serving.dtype_name, span.device,
-                    )  # fmt: skip
-                    task_status.started(self.address)
-        logger.info("server %s stopped", me)
+        self.serving = Serving(
+            config=cfg,
+            span=span,
+            pool=pool,
+            executor=Executor(batching=cfg.batching, max_batch=cfg.max_batch),
+            sessions=SessionTable(),
+            peer_id=self.peer_id,
+            throughput=throughput,
+            max_length=min(cfg.max_length, span.config.max_position_embeddings),
+        )
+        return self.serving
 
     async def drain(self) -> None:
         """Finish open work (bounded by ``drain_grace``), leave the swarm, stop ``run``."""

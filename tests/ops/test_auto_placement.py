@@ -4,6 +4,7 @@ breaking the sessions they hold; a client generating throughout never fails."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,9 @@ from libpipe.client import RetryPolicy
 from libpipe.errors import ConfigError, DrainingError, InvalidRequestError
 from libpipe.model import ModelConfig, write_random_checkpoint
 from libpipe.net import ConnectionPool, Security
-from libpipe.server import BlockServer, ServerConfig
+from libpipe.server import BlockServer, ServerConfig, _server
 from libpipe.server._rebalance import block_weight_bytes, span_length
+from libpipe.swarm import RecordState
 
 from .conftest import FAST
 
@@ -194,6 +196,51 @@ async def test_six_servers_cover_the_model_and_recover_from_two_deaths(
     assert failures == []
     # Failover replays exactly: every generation gave the same tokens.
     assert all(o == outputs[0] for o in outputs)
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_a_server_announces_its_span_before_loading_it(
+    model_dir, tmp_path, nursery, monkeypatch
+):
+    """While one server loads its blocks, the next to start sees where it
+    will be (a joining record) and takes other blocks, instead of piling
+    onto the same ones."""
+    fleet = Fleet(nursery)
+    first = await fleet.start(auto_config(model_dir, tmp_path, []))
+    assert first.serving.blocks == (0, 4)
+    loading = threading.Event()
+    release = threading.Event()
+    real_load_span = _server.load_span
+
+    def slow_load_span(*args, **kwargs):
+        loading.set()
+        release.wait(60)
+        return real_load_span(*args, **kwargs)
+
+    monkeypatch.setattr(_server, "load_span", slow_load_span)
+    second = BlockServer(auto_config(model_dir, tmp_path, [first.address]), Security.insecure())
+    nursery.start_soon(second.run)
+    try:
+        await wait_until(loading.is_set, limit=30)
+        monkeypatch.undo()  # the third server loads at once
+
+        def joining_at(span: tuple[int, int]) -> bool:
+            return any(
+                r.record.peer_id == second.peer_id
+                and r.record.state is RecordState.JOINING
+                and r.record.span == span
+                for r in first.node.view()
+            )
+
+        await wait_until(lambda: joining_at((4, 8)), limit=30, explain=fleet.describe)
+        assert second.serving is None  # still loading
+        third = await fleet.start(auto_config(model_dir, tmp_path, [first.address]))
+        assert third.serving.blocks == (8, 12)
+    finally:
+        release.set()
+    await wait_until(lambda: second.serving is not None, limit=30)
+    assert second.serving.blocks == (4, 8)
     nursery.cancel_scope.cancel()
 
 
