@@ -2,9 +2,11 @@
 
 Theory of operation: every piece of model work a request needs becomes a
 job in one priority queue, and a single dispatcher task runs the jobs one
-batch at a time on a worker thread (``trio.to_thread.run_sync`` with a
-limiter of one), so the event loop keeps answering pings and moving bytes
-while a long prefill computes. Priorities: interactive decode steps first,
+batch at a time on the device's compute thread (``_worker.ComputeThread``),
+so the event loop keeps answering pings and moving bytes while a long
+prefill computes. When a batch is done the loop wakes its callers directly,
+not through the dispatcher, so a decode step's reply goes out as soon as
+possible. Priorities: interactive decode steps first,
 then prefill chunks of sessions, then bulk forward/backward; FIFO within a
 priority.
 
@@ -22,7 +24,8 @@ step to come back runs alone, the rest queue behind it. So when fewer
 steps are queued for a sub-span than its last batch held, the dispatcher
 waits a little for the others: at most ``gather_window`` seconds and
 ``gather_fraction`` of the last pass, a small price in latency for a
-whole pass saved. If a batched pass fails, its members run again one by
+whole pass saved. Only sessions of that batch still open count: a session
+left alone on its sub-span never waits (``gather_target``). If a batched pass fails, its members run again one by
 one, so a bad step fails only its own session.
 
 A job that its caller abandons (cancellation) before it starts is dropped;
@@ -33,6 +36,7 @@ session's cache after its handler has let go of it.
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import itertools
 import logging
@@ -47,6 +51,7 @@ from torch import Tensor
 from ..errors import BusyError, DrainingError
 from ..model import InferenceSession
 from ._compute import to_span, to_wire
+from ._worker import ComputeThread
 
 logger = logging.getLogger("libpipe.server")
 
@@ -118,14 +123,13 @@ class Executor:
         self.max_wait = max_wait
         self.gather_window = gather_window
         self.gather_fraction = gather_fraction
-        # Per sub-span: size of its last decode batch and how long it took.
-        self._last_batch: dict[tuple[int, int, int], tuple[int, float]] = {}
+        # Per sub-span: the sessions of its last decode batch and how long it took.
+        self._last_batch: dict[tuple[int, int, int], tuple[list[InferenceSession], float]] = {}
         self.stats = ExecutorStats()
         self._heap: list[_Job] = []
         self._seq = itertools.count()
         self._wakeup = trio.Event()
         self._running = False
-        self._limiter = trio.CapacityLimiter(1)
 
     @property
     def queued(self) -> int:
@@ -133,6 +137,8 @@ class Executor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Dispatch jobs until cancelled; jobs still queued then fail with DrainingError."""
+        thread = ComputeThread()
+        thread.start()
         self._running = True
         task_status.started()
         batch: list[_Job] = []
@@ -144,17 +150,10 @@ class Executor:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                     continue
-                for job in batch:
-                    job.started = True
-                began = trio.current_time()
-                await trio.to_thread.run_sync(self._execute, batch, limiter=self._limiter)
-                key = batch[0].batch_key
-                if key is not None:
-                    self._last_batch[key] = (len(batch), trio.current_time() - began)
-                for job in batch:
-                    job.done.set()
+                await self._compute(thread, batch)
                 batch = []
         finally:
+            thread.stop()
             self._running = False
             stopping = DrainingError("the server is stopping")
             for job in batch + self._heap:
@@ -162,6 +161,30 @@ class Executor:
                     job.error = job.error or stopping
                     job.done.set()
             self._heap.clear()
+
+    async def _compute(self, thread: ComputeThread, batch: list[_Job]) -> None:
+        """Run ``batch`` on the compute thread; its callers wake as it ends."""
+        for job in batch:
+            job.started = True
+        finished = trio.Event()
+        began = trio.current_time()
+
+        def on_done(error: BaseException | None) -> None:  # on the event loop
+            key = batch[0].batch_key
+            if key is not None:
+                sessions = [j.session for j in batch if j.session is not None]
+                self._last_batch[key] = (sessions, trio.current_time() - began)
+            for job in batch:
+                if error is not None and job.error is None and job.result is None:
+                    job.error = error
+                job.done.set()
+            finished.set()
+
+        thread.submit(functools.partial(self._execute, batch), on_done)
+        # Even when cancelled, wait for the batch: it may be using sessions
+        # whose handlers wait for it (shielded) before they free the cache.
+        with trio.CancelScope(shield=True):
+            await finished.wait()
 
     async def call(self, priority: Priority, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` on the worker thread at ``priority``; its result or error."""
@@ -197,20 +220,30 @@ class Executor:
 
     # --- dispatcher side (event loop) ---------------------------------------------
 
+    def gather_target(self, session: InferenceSession) -> int:
+        """How many decode steps of ``session``'s sub-span the dispatcher waits
+        to have queued before it runs them: those of its last batch's sessions
+        that are still open (at most ``max_batch``). 1 means no wait."""
+        last = self._last_batch.get((id(session.span), session.start, session.end))
+        if not self.batching or last is None:
+            return 1
+        return max(1, min(self.max_batch, sum(not s.closed for s in last[0])))
+
     async def _gather(self) -> None:
-        """If the next job is a decode step whose sub-span's last batch was
-        bigger than what is queued now, wait briefly for the rest."""
+        """If the next job is a decode step whose sub-span's last batch had
+        more open sessions than steps queued now, wait briefly for the rest."""
         live = [j for j in self._heap if not j.abandoned]
         if not self.batching or not live:
             return
-        key = min(live).batch_key
-        if key is None or key not in self._last_batch:
+        first = min(live)
+        key = first.batch_key
+        if key is None or first.session is None:
             return
-        expected, last_pass = self._last_batch[key]
-        expected = min(expected, self.max_batch)
-        window = min(self.gather_window, self.gather_fraction * last_pass)
-        deadline = trio.current_time() + window
-        with trio.move_on_at(deadline):
+        expected = self.gather_target(first.session)
+        if expected <= 1:
+            return
+        window = min(self.gather_window, self.gather_fraction * self._last_batch[key][1])
+        with trio.move_on_at(trio.current_time() + window):
             while sum(j.batch_key == key and not j.abandoned for j in self._heap) < expected:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()

@@ -14,6 +14,7 @@ from libpipe.errors import BusyError, InvalidRequestError
 from libpipe.model import KVCachePool, load_span
 from libpipe.net import Stream
 from libpipe.server import Executor, Priority
+from libpipe.server._worker import ComputeThread
 
 from .conftest import running_servers
 
@@ -318,3 +319,53 @@ async def test_pings_and_info_answer_while_the_worker_computes(gqa, make_config)
                 assert (await conn.call("info")).meta["state"] == "online"
             assert executor.queued == 1  # the forward still waits behind the blocker
             gate.set()
+
+
+async def test_a_session_left_alone_on_its_sub_span_does_not_wait_for_a_batch(span):
+    pool = KVCachePool(1 << 24)
+    sessions = [span.open_session(pool, batch=1, max_length=8) for _ in range(3)]
+    # A window far longer than the test's deadline: any wait would fail it.
+    executor = Executor(gather_window=60.0, gather_fraction=1e9)
+    one = rand(1, 1, H, seed=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        assert executor.gather_target(sessions[0]) == 1  # no batch seen yet
+        async with trio.open_nursery() as work:
+            gate = await hold_worker(work, executor)
+            for s in sessions:
+                work.start_soon(executor.decode, s, one)
+            await wait_queued(executor, 3)
+            gate.set()
+        assert executor.gather_target(sessions[0]) == 3
+        sessions[1].close()
+        assert executor.gather_target(sessions[0]) == 2
+        sessions[2].close()
+        assert executor.gather_target(sessions[0]) == 1
+        with trio.fail_after(30):
+            await executor.decode(sessions[0], one)
+        nursery.cancel_scope.cancel()
+    assert sessions[0].position == 2
+
+
+async def test_a_job_that_raises_in_the_compute_thread_fails_its_caller():
+    thread = ComputeThread()
+    thread.start()
+    outcome: list[BaseException | None] = []
+    done = trio.Event()
+
+    def report(error: BaseException | None) -> None:
+        outcome.append(error)
+        done.set()
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    thread.submit(broken, report)
+    with trio.fail_after(30):
+        await done.wait()
+    done = trio.Event()
+    thread.submit(lambda: None, report)  # the thread lives on
+    with trio.fail_after(30):
+        await done.wait()
+    thread.stop()
+    assert isinstance(outcome[0], RuntimeError) and outcome[1] is None
