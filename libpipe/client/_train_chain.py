@@ -37,9 +37,9 @@ import torch
 import trio
 from torch import Tensor
 
-from ..errors import InvalidRequestError, LibpipeError, RemoteError, TensorOverflowError
+from ..errors import InvalidRequestError, LibpipeError, RemoteError
 from ..wire import Limits, cast_for_wire
-from ._context import SwarmContext, hop_error
+from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
 from ._routing import PlannedHop
 from ._train_routing import AdapterDirectory, plan_training_route
@@ -183,7 +183,7 @@ class TrainChain:
         segments: list[Segment] = []
         block = self.start
         while block < self.end:
-            plan = await self._plan(ledger, block, self.end)
+            plan = await self._plan(ledger, block, self.end, x)
             for hop in plan:
                 try:
                     (y,) = await self._call(hop, "forward", x, None, prompts)
@@ -213,7 +213,7 @@ class TrainChain:
         self, ledger: FailureLedger, segment: Segment, grad: Tensor, prompts: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         while True:
-            plan = await self._plan(ledger, segment.start, segment.end)
+            plan = await self._plan(ledger, segment.start, segment.end, segment.inputs)
             hop = plan[0]
             try:
                 inputs = [segment.inputs]
@@ -231,9 +231,17 @@ class TrainChain:
 
     # --- plumbing ----------------------------------------------------------------------
 
-    async def _plan(self, ledger: FailureLedger, start: int, end: int) -> list[PlannedHop]:
+    async def _plan(
+        self, ledger: FailureLedger, start: int, end: int, x: Tensor
+    ) -> list[PlannedHop]:
         return await plan_training_route(
-            self.ctx, ledger, self.directory, start=start, end=end, adapter=self.adapter
+            self.ctx,
+            ledger,
+            self.directory,
+            start=start,
+            end=end,
+            adapter=self.adapter,
+            tokens=x.shape[0] * x.shape[1],
         )
 
     async def _failed(self, ledger: FailureLedger, hop: PlannedHop, exc: Exception) -> None:
@@ -243,7 +251,7 @@ class TrainChain:
         error = hop_error(exc)
         if error is None:
             raise exc
-        if isinstance(error, (InvalidRequestError, TensorOverflowError)):
+        if same_on_every_server(error):
             raise error
         self.ctx.view.ban(hop.peer_id, str(error))
         self.directory.forget(hop.peer_id)

@@ -89,12 +89,14 @@ async def plan_training_route(
     start: int,
     end: int,
     adapter: str | None,
+    tokens: int,
 ) -> list[PlannedHop]:
-    """A throughput-spread route over ``[start, end)`` through servers that
-    have ``adapter`` (any server when None). Without a route, learns the
-    swarm again and retries within the ledger's bound, like ``ctx.plan``."""
+    """A throughput-spread route over ``[start, end)`` for requests of
+    ``tokens`` tokens, through servers that have ``adapter`` (any server when
+    None). Without a route, learns the swarm again and waits within the
+    ledger's bound, like ``ctx.plan``."""
     if adapter is None:
-        return await ctx.plan(ledger, start=start, end=end, objective="throughput")
+        return await ctx.plan(ledger, start=start, end=end, objective="throughput", tokens=tokens)
     refreshed = False
     while True:
         await directory.learn(ctx)
@@ -106,6 +108,7 @@ async def plan_training_route(
                 objective="throughput",
                 load=ctx.load,
                 rng=ctx.rng,
+                tokens=tokens,
             )
         except NoRouteError as exc:
             error = NoRouteError(
@@ -113,8 +116,6 @@ async def plan_training_route(
             )
             if not refreshed:
                 refreshed = True
-            elif not ledger.failures:
-                raise error from None
             else:
-                await ledger.record("routing", error)
+                await ledger.wait_for_route(error)
             await ctx.refresh()
