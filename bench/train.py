@@ -33,9 +33,7 @@ from pathlib import Path
 
 import torch
 
-from libpipe.client import SyncClient
-from libpipe.client._prompt_tuning import PromptTuning
-from libpipe.client._remote_blocks import RemoteBlocks, remote_blocks
+from libpipe.client import PromptTuning, RemoteBlocks, SyncClient
 from libpipe.model import load_client_head, load_span, write_random_checkpoint
 from libpipe.server import ServerProcess
 
@@ -110,7 +108,7 @@ def main() -> int:
             for name, (peers, wire, rows) in clients.items():
                 client = SyncClient(model_dir, peers, insecure=True, wire_dtype=wire)
                 opened.append(client)
-                blocks = remote_blocks(client, max_rows=rows)
+                blocks = client.remote_blocks(max_rows=rows)
                 modes[name] = (PromptTuning(blocks, head, prefix=args.prefix, deep=True), blocks)
             optimizers = {
                 name: torch.optim.Adam([tuner.prompt, tuner.deep_prompts], lr=1e-3)

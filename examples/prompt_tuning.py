@@ -23,9 +23,7 @@ from pathlib import Path
 
 import torch
 
-from libpipe.client import SyncClient
-from libpipe.client._prompt_tuning import PromptTuning
-from libpipe.client._remote_blocks import remote_blocks
+from libpipe.client import PromptTuning, SyncClient
 from libpipe.model import load_client_head, write_random_checkpoint
 from libpipe.server import ServerProcess
 
@@ -61,7 +59,7 @@ def train(
     head = load_client_head(model_dir, progress=False)
     losses = []
     with SyncClient(model_dir, peers, insecure=True) as client:
-        tuner = PromptTuning(remote_blocks(client), head, prefix=prefix, deep=deep, generator=gen)
+        tuner = PromptTuning(client.remote_blocks(), head, prefix=prefix, deep=deep, generator=gen)
         optimizer = torch.optim.Adam([p for p in tuner.parameters() if p.requires_grad], lr=lr)
         for step in range(steps):
             began = time.perf_counter()

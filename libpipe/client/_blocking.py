@@ -23,6 +23,7 @@ from torch import Tensor
 from ..errors import ConnectionClosedError
 from ._client import Client, Prompt
 from ._generate import InferenceSession
+from ._remote_blocks import RemoteBlocks
 from ._routing import PlannedHop
 
 T = TypeVar("T")
@@ -115,6 +116,10 @@ class SyncClient:
         session = self._run(_make_session, self._client, max_length, batch)
         return SyncInferenceSession(self, session)
 
+    def remote_blocks(self, **options: Any) -> RemoteBlocks:
+        """``Client.remote_blocks``; the module works from any thread."""
+        return self._run(_remote_blocks, self._client, **options)
+
     def encode(self, text: str) -> list[int]:
         return self._client.encode(text)
 
@@ -124,6 +129,10 @@ class SyncClient:
     @property
     def stop_tokens(self) -> Collection[int]:
         return self._client.stop_tokens
+
+
+async def _remote_blocks(client: Client, **options: Any) -> RemoteBlocks:
+    return client.remote_blocks(**options)
 
 
 async def _make_session(client: Client, max_length: int, batch: int) -> InferenceSession:

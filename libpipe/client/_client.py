@@ -29,10 +29,12 @@ from ._bulk import forward_span
 from ._context import SwarmContext
 from ._failover import RetryPolicy
 from ._generate import InferenceSession, as_token_ids, check_max_new_tokens, generate_tokens
+from ._remote_blocks import RemoteBlocks
 from ._routing import PlannedHop
 from ._sampling import SamplingConfig
 from ._session import RemoteSession
 from ._tokenizer import TextCodec, require_codec
+from ._train_chain import TrainChain
 from ._view import KNOWN_DTYPES, SwarmView
 
 # How often an open client learns the swarm again (new servers, new spans,
@@ -246,6 +248,31 @@ class Client:
         all), bulk mode: no cache, spread over replicas, retried on failure."""
         _, ctx = self._open()
         return await forward_span(ctx, hidden, start=start, end=end)
+
+    def remote_blocks(
+        self,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        adapter: str | None = None,
+        max_request_bytes: int | None = None,
+        max_rows: int | None = None,
+    ) -> RemoteBlocks:
+        """Blocks ``[start, end)`` (default: all) as a frozen torch module for
+        training: ``loss.backward()`` calls the servers' ``backward``. Use it
+        from another thread than this client's (``trio.to_thread``).
+        ``adapter``: a LoRA adapter the servers must have; ``max_request_bytes``
+        and ``max_rows`` bound one request (``TrainChain``)."""
+        _, ctx = self._open()
+        chain = TrainChain(
+            ctx,
+            start=start,
+            end=end,
+            adapter=adapter,
+            max_request_bytes=max_request_bytes,
+            max_rows=max_rows,
+        )
+        return RemoteBlocks(chain)
 
     # --- text ----------------------------------------------------------------------------
 

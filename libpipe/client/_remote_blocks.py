@@ -25,8 +25,6 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..errors import ConnectionClosedError, InvalidRequestError
-from ._blocking import SyncClient
-from ._client import Client
 from ._train_chain import Piece, TrainChain
 
 T = TypeVar("T")
@@ -117,49 +115,3 @@ class RemoteSpanFunction(torch.autograd.Function):
             ctx.prompts,  # type: ignore[attr-defined]
         )
         return None, grad_in, grad_prompts
-
-
-def remote_blocks(
-    client: Client | SyncClient,
-    *,
-    start: int = 0,
-    end: int | None = None,
-    adapter: str | None = None,
-    max_request_bytes: int | None = None,
-    max_rows: int | None = None,
-) -> RemoteBlocks:
-    """Blocks ``[start, end)`` (default: all) of an open client's swarm as a
-    frozen torch module; ``adapter`` names a LoRA adapter the servers must
-    have loaded; ``max_request_bytes`` and ``max_rows`` bound one request
-    (see ``TrainChain``). From a ``Client``, call this inside its trio loop; from a
-    ``SyncClient``, from any thread."""
-    if isinstance(client, SyncClient):
-        return client._run(_build, client.client, start, end, adapter, max_request_bytes, max_rows)
-    _, ctx = client._open()
-    chain = TrainChain(
-        ctx,
-        start=start,
-        end=end,
-        adapter=adapter,
-        max_request_bytes=max_request_bytes,
-        max_rows=max_rows,
-    )
-    return RemoteBlocks(chain)
-
-
-async def _build(
-    client: Client,
-    start: int,
-    end: int | None,
-    adapter: str | None,
-    max_request_bytes: int | None,
-    max_rows: int | None,
-) -> RemoteBlocks:
-    return remote_blocks(
-        client,
-        start=start,
-        end=end,
-        adapter=adapter,
-        max_request_bytes=max_request_bytes,
-        max_rows=max_rows,
-    )

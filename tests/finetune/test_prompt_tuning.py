@@ -10,9 +10,7 @@ import pytest
 import torch
 import trio
 
-from libpipe.client import SyncClient
-from libpipe.client._prompt_tuning import PromptTuning
-from libpipe.client._remote_blocks import remote_blocks
+from libpipe.client import PromptTuning, SyncClient
 from libpipe.errors import ConnectionClosedError, InvalidRequestError
 from libpipe.model import load_client_head, load_span
 
@@ -78,7 +76,7 @@ async def test_remote_blocks_of_a_closed_client(checkpoint, make_config):
 
         def use_after_close() -> None:
             with SyncClient(checkpoint, [servers[0].address], insecure=True) as client:
-                blocks = remote_blocks(client, start=1, end=3)
+                blocks = client.remote_blocks(start=1, end=3)
                 assert (blocks.start, blocks.end) == (1, 3)
             with pytest.raises(ConnectionClosedError, match="closed"):
                 blocks(torch.zeros(1, 2, 64))

@@ -1,5 +1,5 @@
 """The user's path end to end: real ``libpipe-server`` processes with
-``--adapters``, ``libpipe.Client``, ``remote_blocks``; one server SIGKILLed
+``--adapters``, ``libpipe.Client.remote_blocks``; one server SIGKILLed
 just as its backward is due."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import pytest
 import trio
 
 from libpipe import Client
-from libpipe.client._remote_blocks import remote_blocks
 from libpipe.model import load_client_head, load_span
 from libpipe.server import ServerProcess
 
@@ -31,7 +30,7 @@ async def test_sigkill_mid_backward_with_an_adapter(checkpoint, adapters):
     fast, slow = await trio.to_thread.run_sync(lambda: (start("1000,1000000"), start("100,1000")))
     try:
         async with Client(checkpoint, [fast.address, slow.address], insecure=True) as client:
-            blocks = remote_blocks(client, adapter="all")
+            blocks = client.remote_blocks(adapter="all")
             by_id = {s.peer_id: s for s in (fast, slow)}
             # The server the backward goes to is SIGKILLed as it is sent.
             calls = recording(

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 import trio
 
-from libpipe.client._remote_blocks import RemoteBlocks
-from libpipe.client._train_chain import TrainChain
+from libpipe.client import RemoteBlocks, TrainChain
 from libpipe.errors import InvalidRequestError
 from libpipe.model import load_client_head, load_span
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 import trio
 
-from libpipe.client._remote_blocks import RemoteBlocks
-from libpipe.client._train_chain import TrainChain
+from libpipe.client import RemoteBlocks, TrainChain
 from libpipe.errors import InvalidRequestError, NoRouteError, TensorOverflowError
 from libpipe.model import load_client_head, load_span
 
