@@ -15,6 +15,7 @@ learns to steer a model that has never seen the task.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -50,7 +51,7 @@ def train(
     deep: bool = False,
     prefix: int = 4,
     batch: int = 8,
-    lr: float = 0.05,
+    lr: float = 0.1,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[float]:
@@ -82,11 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or write_random_checkpoint(Path(tmp) / "model", "llama", seed=0)
         servers = []
+        # One compute thread per server: two servers and this client share
+        # the machine, and oversubscribed OpenMP threads spin-wait for each other.
+        env = dict(os.environ, OMP_NUM_THREADS="1")
         try:
             for blocks in SPANS:
                 servers.append(
                     ServerProcess.start(
-                        model_dir, blocks=blocks, extra_args=["--throughput", "100,1000"]
+                        model_dir, blocks=blocks, extra_args=["--throughput", "100,1000"], env=env
                     )
                 )
             print(f"servers: {', '.join(f'{s.address} {s.span}' for s in servers)}")
