@@ -5,8 +5,10 @@ job in one priority queue, and a single dispatcher task runs the jobs one
 batch at a time on the device's compute thread (``_worker.ComputeThread``),
 so the event loop keeps answering pings and moving bytes while a long
 prefill computes. When a batch is done the loop wakes its callers directly,
-not through the dispatcher, so a decode step's reply goes out as soon as
-possible. Priorities: interactive decode steps first,
+not through the dispatcher; and a job that finds the thread idle, nothing
+queued and no batch to wait for is started by its caller: the dispatcher
+would decide the same one task switch later. A lone session's decode step
+thus costs two thread wake-ups and no scheduling round of its own. Priorities: interactive decode steps first,
 then prefill chunks of sessions, then bulk forward/backward; FIFO within a
 priority.
 
@@ -104,6 +106,7 @@ class ExecutorStats:
     batches: int = 0  # decode passes
     batched_steps: int = 0  # decode steps run inside those passes
     largest_batch: int = 0
+    direct: int = 0  # jobs that found the thread idle and nothing queued: no dispatcher trip
 
 
 class Executor:
@@ -130,6 +133,9 @@ class Executor:
         self._seq = itertools.count()
         self._wakeup = trio.Event()
         self._running = False
+        self._thread: ComputeThread | None = None
+        self._busy = False  # a batch is on the compute thread
+        self._batch_done = trio.Event()
 
     @property
     def queued(self) -> int:
@@ -137,36 +143,43 @@ class Executor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Dispatch jobs until cancelled; jobs still queued then fail with DrainingError."""
-        thread = ComputeThread()
-        thread.start()
+        self._thread = ComputeThread()
+        self._thread.start()
         self._running = True
         task_status.started()
-        batch: list[_Job] = []
         try:
             while True:
-                await self._gather()
-                batch = self._take_batch()
-                if not batch:
-                    self._wakeup = trio.Event()
-                    await self._wakeup.wait()
+                if not self._busy and self._heap:
+                    await self._gather()
+                    batch = self._take_batch()
+                    if batch:
+                        self._start(batch)
                     continue
-                await self._compute(thread, batch)
-                batch = []
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
         finally:
-            thread.stop()
             self._running = False
+            # The batch on the thread may be using sessions whose handlers
+            # wait for it (shielded) before they free the cache: let it end.
+            with trio.CancelScope(shield=True):
+                while self._busy:
+                    await self._batch_done.wait()
+            self._thread.stop()
             stopping = DrainingError("the server is stopping")
-            for job in batch + self._heap:
+            for job in self._heap:
                 if not job.done.is_set():
                     job.error = job.error or stopping
                     job.done.set()
             self._heap.clear()
 
-    async def _compute(self, thread: ComputeThread, batch: list[_Job]) -> None:
-        """Run ``batch`` on the compute thread; its callers wake as it ends."""
+    def _start(self, batch: list[_Job]) -> None:
+        """Hand ``batch`` to the compute thread; as it ends, the loop wakes its
+        callers and the dispatcher."""
+        assert self._thread is not None and not self._busy
+        self._busy = True
+        self._batch_done = trio.Event()
         for job in batch:
             job.started = True
-        finished = trio.Event()
         began = trio.current_time()
 
         def on_done(error: BaseException | None) -> None:  # on the event loop
@@ -178,13 +191,11 @@ class Executor:
                 if error is not None and job.error is None and job.result is None:
                     job.error = error
                 job.done.set()
-            finished.set()
+            self._busy = False
+            self._batch_done.set()
+            self._wakeup.set()
 
-        thread.submit(functools.partial(self._execute, batch), on_done)
-        # Even when cancelled, wait for the batch: it may be using sessions
-        # whose handlers wait for it (shielded) before they free the cache.
-        with trio.CancelScope(shield=True):
-            await finished.wait()
+        self._thread.submit(functools.partial(self._execute, batch), on_done)
 
     async def call(self, priority: Priority, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` on the worker thread at ``priority``; its result or error."""
@@ -203,8 +214,13 @@ class Executor:
     async def _submit(self, job: _Job) -> Any:
         if not self._running:
             raise DrainingError("the server is not running its compute queue")
-        heapq.heappush(self._heap, job)
-        self._wakeup.set()
+        if self._starts_now(job):
+            # What the dispatcher would decide, minus a trip through its task.
+            self.stats.direct += 1
+            self._start([job])
+        else:
+            heapq.heappush(self._heap, job)
+            self._wakeup.set()
         try:
             await job.done.wait()
         except trio.Cancelled:
@@ -228,6 +244,13 @@ class Executor:
         if not self.batching or last is None:
             return 1
         return max(1, min(self.max_batch, sum(not s.closed for s in last[0])))
+
+    def _starts_now(self, job: _Job) -> bool:
+        """A job goes straight to an idle thread when nothing is queued and it
+        would not wait for a batch: the dispatcher would run it alone at once."""
+        if self._busy or self._heap:
+            return False
+        return job.session is None or self.gather_target(job.session) <= 1
 
     async def _gather(self) -> None:
         """If the next job is a decode step whose sub-span's last batch had

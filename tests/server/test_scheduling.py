@@ -369,3 +369,27 @@ async def test_a_job_that_raises_in_the_compute_thread_fails_its_caller():
         await done.wait()
     thread.stop()
     assert isinstance(outcome[0], RuntimeError) and outcome[1] is None
+
+
+async def test_a_job_finding_the_thread_idle_and_no_queue_skips_the_dispatcher(span):
+    pool = KVCachePool(1 << 24)
+    sessions = [span.open_session(pool, batch=1, max_length=8) for _ in range(2)]
+    executor = Executor(gather_window=0.05, gather_fraction=1e9)
+    one = rand(1, 1, H, seed=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        await executor.decode(sessions[0], one)
+        assert executor.stats.direct == 1
+        async with trio.open_nursery() as work:
+            gate = await hold_worker(work, executor)  # idle thread: direct too
+            assert executor.stats.direct == 2
+            for s in sessions:  # the thread is busy: both queue, then batch
+                work.start_soon(executor.decode, s, one)
+            await wait_queued(executor, 2)
+            gate.set()
+        assert executor.stats.direct == 2 and executor.stats.largest_batch == 2
+        # Its partner is open, so this step goes through the dispatcher to wait for it.
+        await executor.decode(sessions[0], one)
+        assert executor.stats.direct == 2
+        nursery.cancel_scope.cancel()
+    assert [s.position for s in sessions] == [3, 1]
