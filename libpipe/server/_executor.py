@@ -8,9 +8,9 @@ prefill computes. When a batch is done the loop wakes its callers directly,
 not through the dispatcher; and a job that finds the thread idle, nothing
 queued and no batch to wait for is started by its caller: the dispatcher
 would decide the same one task switch later. A lone session's decode step
-thus costs two thread wake-ups and no scheduling round of its own. Priorities: interactive decode steps first,
-then prefill chunks of sessions, then bulk forward/backward; FIFO within a
-priority.
+thus costs two thread wake-ups and no scheduling round of its own.
+Priorities: interactive decode steps first, then prefill chunks of
+sessions, then bulk forward/backward; FIFO within a priority.
 
 Priorities alone would starve bulk work under a steady stream of decode
 steps, so a job that has waited longer than ``max_wait`` seconds goes
@@ -27,8 +27,9 @@ steps are queued for a sub-span than its last batch held, the dispatcher
 waits a little for the others: at most ``gather_window`` seconds and
 ``gather_fraction`` of the last pass, a small price in latency for a
 whole pass saved. Only sessions of that batch still open count: a session
-left alone on its sub-span never waits (``gather_target``). If a batched pass fails, its members run again one by
-one, so a bad step fails only its own session.
+left alone on its sub-span never waits (``gather_target``). If a batched
+pass fails, its members run again one by one, so a bad step fails only its
+own session.
 
 A job that its caller abandons (cancellation) before it starts is dropped;
 one that already runs is waited for, shielded, so no job ever touches a
