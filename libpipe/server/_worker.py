@@ -26,6 +26,8 @@ import trio
 logger = logging.getLogger("libpipe.server")
 
 _STOP = None
+# Seconds ``stop`` waits for the thread to exit.
+STOP_WAIT = 5.0
 
 
 class ComputeThread:
@@ -51,11 +53,18 @@ class ComputeThread:
     def submit(
         self, fn: Callable[[], None], on_done: Callable[[BaseException | None], None]
     ) -> None:
-        """Queue ``fn``; then ``on_done(error)`` runs on the event loop (``None`` if it returned)."""
+        """Queue ``fn``; then ``on_done(error)`` runs on the event loop
+        (``error`` is ``None`` if ``fn`` returned)."""
         self._inbox.put((fn, on_done))
 
     def stop(self) -> None:
+        """Ask the thread to exit and wait for it (briefly: callers stop it
+        idle). A daemon thread still alive when the interpreter finalizes
+        can abort the process ("terminate called without an active
+        exception", exit status -6) instead of a clean exit."""
         self._inbox.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_WAIT)
 
     def _loop(self, token: trio.lowlevel.TrioToken) -> None:
         while (item := self._inbox.get()) is not _STOP:
