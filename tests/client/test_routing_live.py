@@ -119,7 +119,8 @@ async def test_a_new_generation_waits_for_a_gap_to_close(model_dir, chain, tmp_p
 
 
 async def test_no_reachable_peer_is_no_route(model_dir):
-    async with libpipe.Client(model_dir, ["127.0.0.1:9"], insecure=True) as client:
+    policy = RetryPolicy(max_failures=1, backoff_base=0.01)
+    async with libpipe.Client(model_dir, ["127.0.0.1:9"], insecure=True, retry=policy) as client:
         with pytest.raises(NoRouteError) as caught:
             await client.generate(PROMPT, max_new_tokens=2)
         assert "[0, 8)" in str(caught.value)
