@@ -32,8 +32,6 @@ COALESCE_BYTES = 64 * 1024
 # The kernel accepts at most IOV_MAX buffers per sendmsg (1024 on Linux).
 MAX_IOV = 1024
 DEFAULT_RECEIVE_SIZE = 256 * 1024
-# The most plaintext one TLS record carries (RFC 8446, 5.1).
-TLS_RECORD_BYTES = 16 * 1024
 
 _BUFFER = bytes | bytearray | memoryview
 
@@ -226,23 +224,43 @@ class SocketStream(trio.abc.HalfCloseableStream):
                     raise self._broken(exc) from exc
                 else:
                     break
+            if self._tls and 0 < n < len(buffer):
+                n, self._drained = self._read_more_records(buffer, n)
+            else:
+                self._drained = not self._tls and 0 < n < len(buffer)
         except trio.ClosedResourceError as exc:
             raise ConnectionClosedError("stream closed") from exc
         finally:
             self._receiving = False
-        # A short read emptied the kernel's buffer. Under TLS one read returns
-        # at most one record, so only a read shorter than a full record says
-        # so, and only if OpenSSL holds no decrypted bytes (epoll cannot see
-        # those).
-        if self._tls:
-            self._drained = 0 < n < TLS_RECORD_BYTES and not self._sock.pending()
-        else:
-            self._drained = 0 < n < len(buffer)
         if not waited:
             # Data was there at once: still let other tasks run (a schedule
             # point), as a wait would have. After a wait that was one already.
             await trio.lowlevel.cancel_shielded_checkpoint()
         return n
+
+    def _read_more_records(self, buffer: bytearray | memoryview, n: int) -> tuple[int, bool]:
+        """Go on reading the records that have already arrived.
+
+        One SSL read returns at most one 16 KiB record; without this a large
+        frame cost one call and one schedule point per record, which capped
+        TLS throughput at about half of blocking TLS. Returns the bytes now
+        in ``buffer`` and whether the socket is drained (the next read would
+        block)."""
+        with memoryview(buffer) as raw, raw.cast("B") as view:
+            while n < view.nbytes:
+                try:
+                    got = self._sock.recv_into(view[n:])
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    return n, not self._sock.pending()
+                except (ssl.SSLWantWriteError, ssl.SSLZeroReturnError):
+                    # Left to the next call, which waits or reports the close.
+                    return n, False
+                except (OSError, ssl.SSLError) as exc:
+                    raise self._broken(exc) from exc
+                if got == 0:
+                    return n, False
+                n += got
+        return n, False
 
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint()
