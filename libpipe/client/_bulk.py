@@ -14,11 +14,13 @@ recomputed from its input, within the ``FailureLedger``'s bound.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 from torch import Tensor
 
 from ..errors import InvalidRequestError, RemoteError
+from ..net import Message
 from ..wire import cast_for_wire
 from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
@@ -29,36 +31,41 @@ async def call_hop(
     ctx: SwarmContext,
     hop: PlannedHop,
     method: str,
+    meta: dict[str, Any],
     tensors: Sequence[Tensor],
     *,
-    expect: int,
-) -> tuple[Tensor, ...]:
-    """One unary ``method`` (``forward``/``backward``) on one hop, counted in
-    the load map while in flight. Raises the hop's failure as a
-    ``LibpipeError``; ``expect`` is how many tensors the reply must hold."""
-    ctx.load[hop.peer_id] += 1
+    weight: float = 1.0,
+) -> Message:
+    """One unary ``method`` on one hop, counted in the load map (by
+    ``weight``) while in flight, within the policy's step timeout. Raises the
+    hop's failure as a ``LibpipeError``; the caller checks the reply."""
+    ctx.load[hop.peer_id] += weight
     try:
         with trio.fail_after(ctx.policy.step_timeout):
             connection = await ctx.connect(hop.server)
-            reply = await connection.call(
-                method, {"start": hop.start, "end": hop.end}, tuple(tensors)
-            )
+            reply = await connection.call(method, meta, tuple(tensors))
     except BaseException as exc:
         error = hop_error(exc)
         if error is None:
             raise
         raise error from None
     finally:
-        ctx.load[hop.peer_id] -= 1
+        ctx.load[hop.peer_id] -= weight
         if ctx.load[hop.peer_id] <= 0:
             del ctx.load[hop.peer_id]
-    if len(reply.tensors) < expect or reply.tensors[0].shape != tensors[0].shape:
+    return reply
+
+
+async def forward_hop(ctx: SwarmContext, hop: PlannedHop, x: Tensor) -> Tensor:
+    """``x`` through one hop's blocks, the reply's shape checked."""
+    reply = await call_hop(ctx, hop, "forward", {"start": hop.start, "end": hop.end}, (x,))
+    if not reply.tensors or reply.tensors[0].shape != x.shape:
         raise RemoteError(
-            f"{method} on {hop.describe()} answered {[list(t.shape) for t in reply.tensors]}, "
-            f"expected {expect} tensor(s) shaped {list(tensors[0].shape)}"
+            f"forward on {hop.describe()} answered {[list(t.shape) for t in reply.tensors]}, "
+            f"expected one tensor shaped {list(x.shape)}"
         )
     ctx.view.answered(hop.peer_id)
-    return tuple(t.to(tensors[0].dtype) for t in reply.tensors)
+    return reply.tensors[0].to(x.dtype)
 
 
 async def forward_span(
@@ -81,7 +88,7 @@ async def forward_span(
         )
         for hop in plan:
             try:
-                (x,) = await call_hop(ctx, hop, "forward", (x,), expect=1)
+                x = await forward_hop(ctx, hop, x)
             except Exception as exc:
                 error = hop_error(exc)
                 if error is None:

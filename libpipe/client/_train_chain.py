@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..errors import InvalidRequestError, LibpipeError, RemoteError
 from ..wire import Limits, cast_for_wire
+from ._bulk import call_hop
 from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
 from ._routing import PlannedHop
@@ -277,22 +278,10 @@ class TrainChain:
         meta: dict[str, object] = {"start": hop.start, "end": hop.end}
         if self.adapter is not None:
             meta["adapter"] = self.adapter
-        tokens = float(x.shape[0] * x.shape[1])
-        self.ctx.load[hop.peer_id] += tokens
         self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-        try:
-            with trio.fail_after(self.ctx.policy.step_timeout):
-                connection = await self.ctx.connect(hop.server)
-                reply = await connection.call(method, meta, tuple(tensors))
-        except BaseException as exc:
-            error = hop_error(exc)
-            if error is None:
-                raise
-            raise error from None
-        finally:
-            self.ctx.load[hop.peer_id] -= tokens
-            if self.ctx.load[hop.peer_id] <= 0:
-                del self.ctx.load[hop.peer_id]
+        reply = await call_hop(
+            self.ctx, hop, method, meta, tensors, weight=float(x.shape[0] * x.shape[1])
+        )
         self.bytes_received += sum(t.numel() * t.element_size() for t in reply.tensors)
         got = [t.shape for t in reply.tensors]
         if got != expect:
