@@ -82,6 +82,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _generate(client: Any, prompt: str | list[int], args: argparse.Namespace) -> dict:
+    from ..client import TextStream
+
+    text = TextStream(client.decode)
     text_out = client.has_tokenizer and not args.json
     started = time.perf_counter()
     first_token_s: float | None = None
@@ -101,7 +104,7 @@ async def _generate(client: Any, prompt: str | list[int], args: argparse.Namespa
                 first_token_s = time.perf_counter() - connected
             tokens.append(token)
             if not args.json:
-                sys.stdout.write(client.decode([token]) if text_out else f"{token} ")
+                sys.stdout.write(text.push(token) if text_out else f"{token} ")
                 sys.stdout.flush()
         done = time.perf_counter()
         route = [
@@ -109,7 +112,7 @@ async def _generate(client: Any, prompt: str | list[int], args: argparse.Namespa
             for h in client.last_route
         ]
     if not args.json:
-        sys.stdout.write("\n")
+        sys.stdout.write((text.flush() if text_out else "") + "\n")
     decode_s = done - connected - (first_token_s or 0.0)
     return {
         "token_ids": tokens,

@@ -14,5 +14,6 @@ from ._prompt_tuning import PromptTuning as PromptTuning
 from ._remote_blocks import RemoteBlocks as RemoteBlocks
 from ._routing import PlannedHop as PlannedHop
 from ._sampling import SamplingConfig as SamplingConfig
+from ._tokenizer import TextStream as TextStream
 from ._train_chain import TrainChain as TrainChain
 from ._view import ServerEntry as ServerEntry, SwarmView as SwarmView

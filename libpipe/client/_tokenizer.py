@@ -7,6 +7,7 @@ that says so, rather than a guess at some default vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -47,6 +48,40 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class TextStream:
+    """Generated ids to text, piece by piece, for printing as tokens come.
+
+    Decoding one token at a time is wrong twice: a character split over
+    several byte tokens decodes to U+FFFD per token, and decoders that strip
+    a leading space (SentencePiece) lose the spaces between pieces. So each
+    ``push`` decodes a short window of recent ids and emits only what was
+    added past the text already emitted, holding back a tail that still ends
+    in an incomplete character."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: context for the decoder, never re-emitted
+        self._read = 0  # ids[_prefix:_read] decode to text already emitted
+
+    def push(self, token: int) -> str:
+        """The new text that ``token`` completes ("" while it is partial)."""
+        self._ids.append(token)
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if text.endswith("\ufffd") or len(text) <= len(emitted):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (generation ended mid-character)."""
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(emitted) :]
 
 
 def require_codec(codec: TextCodec | None, model_dir: Path) -> TextCodec:
