@@ -49,6 +49,14 @@ def diff(old: SwarmSnapshot | None, new: SwarmSnapshot) -> list[SwarmEvent]:
     old_models = {m.model_id: m for m in old.models} if old is not None else {}
     for model in new.models:
         events += _coverage_changes(at, old_models.get(model.model_id), model)
+    # A model whose last server went is gone from the view: all its blocks lost cover.
+    gone = old_models.keys() - {m.model_id for m in new.models}
+    for model_id in sorted(gone):
+        was = old_models[model_id]
+        nothing = ModelCoverage(
+            model_id, was.num_blocks, (0,) * was.num_blocks, (0.0,) * was.num_blocks
+        )
+        events += _coverage_changes(at, was, nothing)
     return events
 
 

@@ -81,6 +81,13 @@ def test_moves_deaths_departures_and_coverage_are_reported():
     assert kinds(diff(healed, healed)) == []
 
 
+def test_last_server_of_a_model_dying_uncovers_all_its_blocks():
+    a = Identity.generate()
+    events = diff(snapshot(status(a, (0, 8))), snapshot(at=101.0))
+    assert kinds(events) == ["dead", "uncovered"]
+    assert any("blocks 0-7 have no server" in e.message for e in events)
+
+
 def test_request_lines_are_parsed_strictly():
     assert parse_request_line(b"GET /api/swarm?x=1 HTTP/1.1\r\nHost: a\r\n\r\n") == (
         "GET",
