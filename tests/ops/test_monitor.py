@@ -13,7 +13,7 @@ import trio
 from libpipe.cli.main import main
 from libpipe.errors import ConfigError
 from libpipe.monitor import Monitor, diff
-from libpipe.monitor._http import MAX_HEAD_BYTES, parse_request_line
+from libpipe.monitor._http import MAX_HEAD_BYTES, BadRequest, parse_request_line
 from libpipe.net import ConnectionPool, Identity, Security
 from libpipe.swarm import RecordState, ServerRecord, ServerStatus, SwarmSnapshot, coverage
 
@@ -94,7 +94,7 @@ def test_request_lines_are_parsed_strictly():
         "/api/swarm",
     )
     for bad in (b"GET /\r\n\r\n", b"GET http://x/ HTTP/1.1\r\n\r\n", b"\xff / HTTP/1.1\r\n\r\n"):
-        with pytest.raises(Exception) as caught:
+        with pytest.raises(BadRequest) as caught:
             parse_request_line(bad)
         assert caught.value.status == 400
 
