@@ -148,7 +148,9 @@ class Simulation:
         self._hop_cost: dict[tuple[str, str], float] = {}
 
     def run(self, sessions: Sequence[SessionRequest]) -> list[SessionOutcome]:
-        self._sessions = sessions
+        self._sessions = {request.index: request for request in sessions}
+        if len(self._sessions) != len(sessions):
+            raise ConfigError("two sessions share an index")
         self._routes: dict[int, tuple[_Hop, ...]] = {}
         self._retries = 0
         self._outcomes: dict[int, SessionOutcome] = {}
@@ -159,7 +161,7 @@ class Simulation:
         while self._events:
             now, kind, _, index = heapq.heappop(self._events)
             if kind == _ARRIVE:
-                self._arrive(now, sessions[index])
+                self._arrive(now, self._sessions[index])
             else:
                 self._finish(now, index)
         return [self._outcomes[request.index] for request in sessions]
@@ -293,6 +295,12 @@ class Simulation:
                 )
             if hop.start != at:
                 raise ConfigError(f"route is not a chain over blocks: {route.hops}")
+            if any(h.server is server for h in hops):
+                # One session per server: two hops there would share one
+                # cache ledger entry and be admitted hop by hop.
+                raise ConfigError(
+                    f"route visits {hop.peer_id} twice: {route.hops}", peer_id=hop.peer_id
+                )
             at = hop.end
             blocks = hop.end - hop.start
             need = blocks * per_block

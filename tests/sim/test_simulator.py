@@ -131,6 +131,7 @@ def test_no_sessions_is_a_clear_error():
         ((Hop("nobody", 0, 4),), "does not hold them"),
         ((Hop("fast", 0, 2),), "does not cover"),
         ((Hop("fast", 0, 2), Hop("fast", 3, 4)), "not a chain"),
+        ((Hop("fast", 0, 1), Hop("slow-0", 1, 2), Hop("fast", 2, 4)), "visits fast twice"),
     ],
 )
 def test_a_bad_route_is_refused(tiny, hops, match):
@@ -139,6 +140,14 @@ def test_a_bad_route_is_refused(tiny, hops, match):
     sim = Simulation(scenario, placement, lambda views, r: Route(hops, 0.0))
     with pytest.raises(ConfigError, match=match):
         sim.run([session(0, 0.0)])
+
+
+def test_sessions_are_known_by_their_index_not_their_position(tiny):
+    sim = Simulation(scenario_from_dict(tiny), ALL_FAST, ws_rr)
+    [out] = sim.run([session(7, 1.0)])
+    assert out.arrival == 1.0 and out.admitted == 1.0
+    with pytest.raises(ConfigError, match="share an index"):
+        sim.run([session(3, 0.0), session(3, 1.0)])
 
 
 def test_a_session_no_server_could_ever_hold_is_refused(tiny):
