@@ -176,3 +176,34 @@ def test_coverage_uses_the_known_model_size():
     assert model.ranges(lambda n: n == 0) == [(0, 2), (5, 8)]
     (guessed,) = coverage([record])
     assert guessed.num_blocks == 5
+
+
+async def test_peers_with_a_malformed_or_no_view_are_skipped(nursery, live_swarm):
+    honest = await live_swarm.add((0, 12))
+
+    async def malformed(context, message):
+        return Message({"records": "not a list"})
+
+    async def silent(context, message):
+        await trio.sleep_forever()
+
+    addresses = []
+    for handler in (malformed, silent):
+        router = Router()
+        router.unary("swarm.view", handler)
+        host, port = await nursery.start(
+            lambda task_status, router=router: serve(
+                router, host="127.0.0.1", port=0, security=Security.insecure(),
+                task_status=task_status,
+            )
+        )  # fmt: skip
+        addresses.append(f"{host}:{port}")
+    async with ConnectionPool(Security.insecure()) as pool:
+        with trio.fail_after(30):
+            snapshot = await survey(pool, [*addresses, honest.address], timeout=1.0)
+        assert snapshot.source == honest.address
+        with pytest.raises(ConnectionBrokenError) as caught:
+            await survey(pool, addresses, timeout=1.0)
+    failures = caught.value.details["failures"]
+    assert "list of signed records" in failures[addresses[0]]
+    assert set(failures) == set(addresses)
