@@ -15,7 +15,7 @@ from libpipe.errors import (
     SessionError,
     TensorOverflowError,
 )
-from libpipe.net import Connection
+from libpipe.net import Connection, ConnectionPool, Security
 
 from .conftest import running_servers
 
@@ -212,3 +212,61 @@ async def test_drain_grace_ends_open_sessions_with_draining_error(gqa, make_conf
             nursery.start_soon(servers[0].drain)
             with trio.fail_after(15), pytest.raises(DrainingError, match="shut down before"):
                 await stream.receive()
+
+
+async def test_a_client_that_vanishes_mid_session_frees_its_cache(gqa, make_config):
+    async with running_servers([make_config(gqa, (2, 6))]) as (servers, pool):
+        conn = await pool.get(servers[0].address)
+        async with ConnectionPool(Security.insecure()) as other:
+            doomed = await other.get(servers[0].address)
+            async with doomed.open_stream("inference", GOOD) as stream:
+                await stream.receive()
+                await stream.send({"position": 0}, (x(2, 3, H),))
+                assert (await stream.receive()).meta == {"position": 3}
+                assert (await conn.call("info")).meta["active_sessions"] == 1
+                doomed.abort()  # the socket closes with no goodbye, as a crashed client's does
+                # The server hears of it from the socket alone, not from this stream closing.
+                with trio.fail_after(15):
+                    while (await conn.call("info")).meta["active_sessions"]:
+                        await trio.sleep(0.05)
+        await assert_healthy(conn)
+
+
+async def test_a_chunked_forward_that_finds_the_cache_full_is_cache_full(gqa, make_config):
+    # 20 tokens > prefill_chunk 8: the forward takes a one-block cache of
+    # 2*2*16*20*4 = 5120 bytes; the open session leaves 20_000 - 16384.
+    config = make_config(gqa, (2, 6), cache_bytes=20_000, prefill_chunk=8)
+    async with running_servers([config]) as (servers, pool):
+        conn = await pool.get(servers[0].address)
+        long = x(1, 20, H)
+        async with conn.open_stream("inference", GOOD) as session:
+            await session.receive()
+            with pytest.raises(CacheFullError):
+                await conn.call("forward", {"start": 2, "end": 6}, (long,))
+            await session.close_send()
+        reply = await conn.call("forward", {"start": 2, "end": 6}, (long,))
+        assert reply.tensors[0].shape == (1, 20, H)
+        await assert_healthy(conn)
+
+
+async def test_a_step_back_to_an_earlier_position_recomputes_from_there(gqa, make_config):
+    prompt, first, second = x(2, 3, H), x(2, 1, H), x(2, 1, H)
+    async with running_servers([make_config(gqa, (2, 6))]) as (servers, pool):
+        conn = await pool.get(servers[0].address)
+
+        async def run(steps: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+            async with conn.open_stream("inference", GOOD) as stream:
+                await stream.receive()
+                for position, hidden in steps:
+                    await stream.send({"position": position}, (hidden,))
+                    reply = await stream.receive()
+                    assert reply.meta == {"position": position + hidden.shape[1]}
+                await stream.close_send()
+            return reply.tensors[0]
+
+        rolled_back = await run([(0, prompt), (3, first), (3, second)])
+        straight = await run([(0, prompt), (3, second)])
+        differs = await run([(0, prompt), (3, first), (4, second)])
+        torch.testing.assert_close(rolled_back, straight)
+        assert not torch.allclose(differs, straight)  # position 3 matters: the check can fail
+        await assert_healthy(conn)
