@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -180,7 +181,9 @@ def parse_bytes(text: str, flag: str) -> int:
     try:
         value = float(number) * scale
     except ValueError:
-        raise ConfigError(f"{flag} must be a size like 512M or 4G, got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):  # "inf", "nan", "1e400" parse as floats but are no size
+        raise ConfigError(f"{flag} must be a size like 512M or 4G, got {text!r}")
     if value < 0:
         raise ConfigError(f"{flag} must not be negative, got {text!r}")
     return int(value)
