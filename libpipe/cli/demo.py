@@ -64,6 +64,9 @@ def _run(args: argparse.Namespace) -> int:
         return run()
     if args.tokens < 1:
         raise ConfigError(f"--tokens must be at least 1, got {args.tokens}")
+    if not args.prompt:
+        # Checked before a minute of swarm start-up: an empty prompt has no token to prefill.
+        raise ConfigError("--prompt must not be empty")
     kill_after = args.tokens // 3 if args.kill_after is None else args.kill_after
     if not 0 <= kill_after < args.tokens:
         raise ConfigError(f"--kill-after must be in [0, {args.tokens}), got {kill_after}")

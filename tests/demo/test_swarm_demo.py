@@ -51,6 +51,7 @@ def test_a_model_without_tokenizer_is_refused_before_any_server_starts(
     ("argv", "message"),
     [
         (["--tokens", "0"], "--tokens must be at least 1"),
+        (["--prompt", ""], "--prompt must not be empty"),
         (["--tokens", "10", "--kill-after", "10"], "--kill-after must be in [0, 10)"),
         (["--model", "/nonexistent/model"], "no demo model at /nonexistent/model"),
     ],
