@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError, NoRouteError
 from ._model import ModelSpec
 from ._route import route, uncovered_ranges
-from ._view import ServerView
+from ._view import ServerView, _is_int
 
 # Hysteresis of should_move: measured speeds drift by a few percent between
 # gossip rounds; 10% of the swarm's total cache pressure is well clear of
@@ -56,8 +56,11 @@ def span_blocks(
     """Blocks a server holds: min(floor(M / (s_m + kv * cache_tokens)), L, cap).
 
     Raises ``ConfigError`` when not even one block fits with its cache."""
-    if not (isinstance(cache_tokens, int) and cache_tokens >= 0):
-        raise ConfigError(f"cache_tokens must be an int >= 0, got {cache_tokens!r}")
+    _check_cache_tokens(cache_tokens)
+    if not _is_int(memory_bytes):
+        raise ConfigError(f"memory_bytes must be an int, got {memory_bytes!r}")
+    if max_blocks is not None and not (_is_int(max_blocks) and max_blocks >= 1):
+        raise ConfigError(f"max_blocks must be an int >= 1, got {max_blocks!r}")
     per_block = model.block_bytes + model.kv_bytes_per_token_block * cache_tokens
     count = min(memory_bytes // per_block, model.num_blocks)
     if max_blocks is not None:
@@ -122,6 +125,7 @@ def choose_span(
     per-hop cost a client is expected to pay; the default is fine when
     unknown). ``blocks`` usually comes from ``span_blocks``; the server's
     own cache is ``cache_tokens`` tokens per block."""
+    _check_cache_tokens(cache_tokens)
     best, _ = _best_span(
         others,
         model,
@@ -194,6 +198,11 @@ def _best_span(
     ]
     *_, start, score = min(near)
     return (start, start + blocks), score
+
+
+def _check_cache_tokens(cache_tokens: object) -> None:
+    if not (_is_int(cache_tokens) and cache_tokens >= 0):
+        raise ConfigError(f"cache_tokens must be an int >= 0, got {cache_tokens!r}")
 
 
 def _rounded(x: float) -> float:

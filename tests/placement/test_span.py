@@ -41,8 +41,12 @@ def test_span_blocks_formula():
     assert span_blocks(10**12, MODEL, 0, max_blocks=3) == 3
     with pytest.raises(ConfigError, match="cannot hold one block"):
         span_blocks(10**9, MODEL, 1000)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="cache_tokens"):
         span_blocks(10**10, MODEL, -1)
+    with pytest.raises(ConfigError, match="memory_bytes must be an int"):
+        span_blocks(5e9, MODEL, 0)
+    with pytest.raises(ConfigError, match="max_blocks must be an int >= 1"):
+        span_blocks(10**12, MODEL, 0, max_blocks=0)
 
 
 def test_joining_servers_tile_the_model_then_replicate_it():
@@ -133,6 +137,8 @@ def test_bad_arguments():
         choose_span(views, MODEL, blocks=0, cache_tokens=1, tau_decode=0.01)
     with pytest.raises(ConfigError):
         choose_span(views, MODEL, blocks=13, cache_tokens=1, tau_decode=0.01)
+    with pytest.raises(ConfigError, match="cache_tokens must be an int >= 0"):
+        choose_span(views, MODEL, blocks=2, cache_tokens=-1, tau_decode=0.01)
     with pytest.raises(ConfigError):
         should_move(views[0], views, MODEL, margin=1.5)
     with pytest.raises(ConfigError, match="holds no blocks"):
