@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from ..errors import ConfigError, NoRouteError
-from ._view import Hop, Route, ServerView
+from ._view import Hop, Route, ServerView, _is_int, _is_number
 
 Objective = Literal["latency", "throughput"]
 CachePenalty = Literal["wait", "petals"]
@@ -304,18 +304,18 @@ def _check_arguments(
     objective: str,
     load: Mapping[str, float] | None,
 ) -> None:
-    if not (isinstance(num_blocks, int) and num_blocks >= 1):
+    if not (_is_int(num_blocks) and num_blocks >= 1):
         raise ConfigError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= num_blocks):
+    if not (_is_int(start) and _is_int(end) and 0 <= start <= end <= num_blocks):
         raise ConfigError(f"blocks [{start}, {end}) are not a range of the model's {num_blocks}")
-    if not (isinstance(session_tokens, int) and session_tokens >= 0):
+    if not (_is_int(session_tokens) and session_tokens >= 0):
         raise ConfigError(f"session_tokens must be an int >= 0, got {session_tokens!r}")
-    if not (isinstance(batch, int) and batch >= 1):
+    if not (_is_int(batch) and batch >= 1):
         raise ConfigError(f"batch must be an int >= 1, got {batch!r}")
     if objective not in ("latency", "throughput"):
         raise ConfigError(f"objective must be 'latency' or 'throughput', got {objective!r}")
     for peer, value in (load or {}).items():
-        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        if not (_is_number(value) and math.isfinite(value) and value >= 0):
             raise ConfigError(f"load of {peer} must be a finite number >= 0, got {value!r}")
 
 

@@ -295,6 +295,8 @@ def test_throughput_cost_is_reported_without_the_random_factor():
         {"objective": "fastest"},
         {"load": {"a": -1.0}},
         {"load": {"a": math.nan}},
+        {"load": {"a": True}},
+        {"batch": True},
         {"cache_penalty": "pray"},
     ],
 )
@@ -303,7 +305,7 @@ def test_bad_arguments(kwargs):
         route([view("a", 0, 8)], 8, **kwargs)
 
 
-@pytest.mark.parametrize("num_blocks", [0, -3, 2.5])
+@pytest.mark.parametrize("num_blocks", [0, -3, 2.5, True])
 def test_bad_num_blocks(num_blocks):
     with pytest.raises(ConfigError):
         route([view("a", 0, 2)], num_blocks)
