@@ -80,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deep", action="store_true", help="train deep prompts too")
     parser.add_argument("--model", type=Path, help="checkpoint (default: a random 8-block Llama)")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or write_random_checkpoint(Path(tmp) / "model", "llama", seed=0)
         servers = []
