@@ -370,6 +370,8 @@ class RemoteSession:
                 except LibpipeError as exc:
                     raise await _why_ended(hop.stream, exc) from None
                 reply = await hop.stream.receive()
+                while _is_stale(reply.meta, step):
+                    reply = await hop.stream.receive()
             out = _check_reply(reply.meta, reply.tensors, position + t, step, x)
         except BaseException as exc:
             error = hop_error(exc)
@@ -379,6 +381,13 @@ class RemoteSession:
                 raise error from None
             raise _HopFailed(index, hop.planned, error) from None
         return out
+
+
+def _is_stale(meta: dict[str, Any], step: int) -> bool:
+    """A reply to an earlier step: that step was cancelled by our caller after
+    its send (step ids only grow), so its answer is still in the inbox."""
+    earlier = meta.get("step")
+    return isinstance(earlier, int) and not isinstance(earlier, bool) and earlier < step
 
 
 def _check_reply(
