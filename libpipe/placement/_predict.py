@@ -76,7 +76,11 @@ def predict(problem: PlacementProblem, placement: Mapping[str, tuple[int, int]])
     missing = uncovered_ranges(placement.values(), 0, problem.model.num_blocks)
     if missing:
         text = ", ".join(f"[{a}, {b})" for a, b in missing)
-        raise NoRouteError(f"the placement leaves blocks {text} uncovered", missing=missing)
+        raise NoRouteError(
+            f"the placement leaves blocks {text} uncovered",
+            missing=missing,
+            missing_blocks=missing,
+        )
     slots = _fill_slots(problem, placement, cap=4 * design_sessions(problem) + 16)
     decode = load = mean_all = overload = 0.0
     for client, share in w.client_shares():

@@ -167,8 +167,9 @@ def test_evaluate_splits_sessions_over_client_locations(problem):
 
 
 def test_evaluate_uncovered_placement():
-    with pytest.raises(NoRouteError):
+    with pytest.raises(NoRouteError) as info:
         evaluate(tiny_problem(), {"a": (0, 3)}, sessions=1)
+    assert info.value.details["missing_blocks"] == [[3, 6]]
 
 
 # --- libpipe against the baselines and the optimum ------------------------------------
@@ -303,5 +304,6 @@ def test_predict_ranks_overload_behind_any_stable_placement():
 
 
 def test_predict_uncovered_placement():
-    with pytest.raises(NoRouteError):
+    with pytest.raises(NoRouteError) as info:
         predict(tiny_problem(), {"a": (0, 3)})
+    assert info.value.details["missing_blocks"] == [[3, 6]]
