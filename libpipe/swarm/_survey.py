@@ -35,6 +35,10 @@ RTT_PINGS = 3
 INFO_TRIES = 3
 # Below this many servers a block is "thin": one failure leaves it uncovered.
 THIN_SERVERS = 2
+# Coverage is kept per block, and spans and block counts come from peers: a
+# claimed span end of 10**12 must not become a 10**12-entry list. Real models
+# have a few hundred blocks at most.
+MAX_SURVEY_BLOCKS = 4096
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def coverage(
     result = []
     for model_id in models:
         own = [r for r in records if r.model_id == model_id]
-        n = known.get(model_id, max(r.span[1] for r in own))
+        n = min(known.get(model_id, max(r.span[1] for r in own)), MAX_SURVEY_BLOCKS)
         servers = [0] * n
         throughput = [0.0] * n
         for r in own:
@@ -273,7 +277,11 @@ async def _model_sizes(
             except LibpipeError:
                 continue
             n = reply.meta.get("num_blocks")
-            if isinstance(n, int) and not isinstance(n, bool) and n >= max(record.span):
+            if (
+                isinstance(n, int)
+                and not isinstance(n, bool)
+                and max(record.span) <= n <= MAX_SURVEY_BLOCKS
+            ):
                 sizes[record.model_id] = n
     return sizes
 

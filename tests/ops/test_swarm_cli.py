@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from libpipe.cli.main import main
 from libpipe.errors import ConnectionBrokenError
 from libpipe.net import ConnectionPool, Message, Router, Security, serve
 from libpipe.swarm import RecordState, coverage, survey
+from libpipe.swarm._survey import MAX_SURVEY_BLOCKS
 
 from .conftest import MODEL, LiveSwarm
 
@@ -176,6 +178,10 @@ def test_coverage_uses_the_known_model_size():
     assert model.ranges(lambda n: n == 0) == [(0, 2), (5, 8)]
     (guessed,) = coverage([record])
     assert guessed.num_blocks == 5
+    # A span end no model has (a forged or broken record) costs bounded memory.
+    huge = dataclasses.replace(record, span=(0, 10**12))
+    (capped,) = coverage([huge])
+    assert capped.num_blocks == MAX_SURVEY_BLOCKS and set(capped.servers) == {1}
 
 
 async def test_peers_with_a_malformed_or_no_view_are_skipped(nursery, live_swarm):
