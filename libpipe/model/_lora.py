@@ -203,6 +203,10 @@ def load_lora_adapter(
                 if TARGET_PATHS.get(module) != f"{group}.{module}":
                     problems.append(f"{key} adapts {group}.{module}, not a projection we know")
                     continue
+                if layer >= config.num_hidden_layers:
+                    # Made for a deeper model: its other blocks would be wrong too.
+                    problems.append(f"{key} adapts layer {layer}, past the model's last")
+                    continue
                 if start <= layer < end:
                     found.setdefault((layer, module), {})[which] = f.get_tensor(key)
     except FileNotFoundError:

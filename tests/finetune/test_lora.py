@@ -174,6 +174,11 @@ def test_bad_adapter_files_are_typed(tmp_path, checkpoint, gqa_checkpoint, adapt
     with pytest.raises(CheckpointError, match="do not fit") as info:
         load(foreign)
     assert len(info.value.details["problems"]) == 16
+    # Same widths, more layers: a deeper model's adapter, refused even for
+    # a span its extra layers do not touch.
+    deeper = write_random_lora_adapter(tmp_path / "deeper", config, layers=[0, 8])
+    with pytest.raises(CheckpointError, match="adapts layer 8, past the model's last"):
+        load_lora_adapter(deeper, config, 0, 4, device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(CheckpointError, match=r"has no adapter_config\.json"):
         load(tmp_path)
     half = tmp_path / "half"
