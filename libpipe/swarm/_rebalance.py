@@ -84,12 +84,14 @@ class RebalanceConfig:
 
 def server_view(record: ServerRecord, model: ModelSpec) -> ServerView | None:
     """What placement knows of a server from its record, or None when it
-    counts for nothing (no span, no measured speed, or leaving)."""
+    counts for nothing (no span, no measured speed, or leaving), or cannot be
+    right (a span past the model's last block would hide real gaps)."""
     start, end = record.span
     n = end - start
     if (
         record.state not in COUNTED_STATES
         or n <= 0
+        or end > model.num_blocks
         or record.throughput_decode <= 0
         or record.throughput_forward <= 0
     ):

@@ -148,6 +148,7 @@ def test_records_become_per_block_views_of_counted_servers():
         record((0, 0)),
         record((0, 4), decode=0.0),
         record((0, 4), model_id="other/model"),
+        record((0, MODEL.num_blocks + 1)),
     ]
     views = server_views(records, "test/model", MODEL, exclude=joining.peer_id)
     assert [v.peer_id for v in views] == [good.peer_id]
