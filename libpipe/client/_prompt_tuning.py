@@ -97,6 +97,11 @@ class PromptTuning(nn.Module):
         labels = input_ids if labels is None else labels
         if not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
             raise InvalidRequestError("labels must be a tensor shaped like input_ids")
+        if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+            # One position predicts nothing: the mean over no targets is NaN.
+            raise InvalidRequestError(
+                f"the loss needs input_ids [B, T >= 2], got {list(input_ids.shape)}"
+            )
         logits = self(input_ids)[:, :-1]  # [B, T - 1, V]
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),

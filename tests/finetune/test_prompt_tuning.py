@@ -69,6 +69,8 @@ def test_bad_arguments_are_typed(checkpoint):
         tuner.loss(ids, ids[:, :2])
     with pytest.raises(InvalidRequestError, match="token ids"):
         tuner(ids + 1000)
+    with pytest.raises(InvalidRequestError, match="T >= 2"):
+        tuner.loss(ids[:, :1])
 
 
 async def test_remote_blocks_of_a_closed_client(checkpoint, make_config):
