@@ -58,6 +58,10 @@ _SCATTERED = re.compile(r"^scattered-(\d+)$")
 # (Floyd-Warshall, n^3) stay quick well past the paper's 150.
 MIN_SCATTERED_NODES = 2
 MAX_SCATTERED_NODES = 1000
+# Servers one scenario may list (counts expanded): ten times the largest
+# swarm the placement code is sized for (500), and a bound on the memory a
+# mistyped count can take before anything runs.
+MAX_SERVERS = 5000
 
 
 @dataclass(frozen=True)
@@ -350,11 +354,10 @@ def _explicit_swarm(
                 f" (defined: {', '.join(classes)})"
             )
         base = s.string("id")
-        ids = (
-            [base]
-            if not s.has("count")
-            else [f"{base}-{k}" for k in range(s.integer("count", minimum=1))]
-        )
+        count = s.integer("count", minimum=1, maximum=MAX_SERVERS) if s.has("count") else None
+        if len(servers) + (count or 1) > MAX_SERVERS:
+            raise ConfigError(f"{top.path('servers')}: more than {MAX_SERVERS} servers")
+        ids = [base] if count is None else [f"{base}-{k}" for k in range(count)]
         node = s.string("node")
         servers += [(classes[class_name].server(name, node), class_name) for name in ids]
     seen: set[str] = set()

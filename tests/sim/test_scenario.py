@@ -146,6 +146,8 @@ _DELETE = object()
         ("servers", [], "servers: expected a non-empty list"),
         ("servers.0.class", "gpu", "unknown server class 'gpu'"),
         ("servers.1.count", 0, "count: must be >= 1"),
+        ("servers.1.count", 10**9, "count: must be <= 5000"),
+        ("servers.1.count", 5000, "servers: more than 5000 servers"),
         ("servers.1", {"id": "fast", "class": "slow", "node": "dc"}, "duplicate server id"),
         ("clients.0.weight", 0, "weight: must be > 0"),
         ("topology.kind", "mesh", "expected 'clusters' or 'matrix'"),
