@@ -10,7 +10,7 @@ import pytest
 import torch
 import trio
 
-from libpipe.errors import BusyError, InvalidRequestError
+from libpipe.errors import BusyError, DrainingError, InvalidRequestError
 from libpipe.model import KVCachePool, load_span
 from libpipe.net import Stream
 from libpipe.server import Executor, Priority
@@ -393,3 +393,26 @@ async def test_a_job_finding_the_thread_idle_and_no_queue_skips_the_dispatcher(s
         assert executor.stats.direct == 2
         nursery.cancel_scope.cancel()
     assert [s.position for s in sessions] == [3, 1]
+
+
+async def test_jobs_queued_when_the_executor_stops_fail_with_draining_error():
+    executor = Executor()
+    failures: list[DrainingError] = []
+
+    async def queued() -> None:
+        try:
+            await executor.call(Priority.BULK, lambda: 1)
+        except DrainingError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as callers:
+        async with trio.open_nursery() as runner:
+            await runner.start(executor.run)
+            gate = await hold_worker(callers, executor)
+            callers.start_soon(queued)
+            await wait_queued(executor, 1)
+            runner.cancel_scope.cancel()
+            gate.set()  # the running job ends; the queued one never starts
+    assert [str(e) for e in failures] == ["the server is stopping"]
+    with pytest.raises(DrainingError, match="not running its compute queue"):
+        await executor.call(Priority.BULK, lambda: 1)
