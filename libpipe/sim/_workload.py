@@ -10,7 +10,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from ._scenario import Scenario
+
+# Sessions one run may draw (expected count, rate x duration): each costs a
+# few routes, so a million is already minutes per algorithm; more is a typo
+# in the duration or the rate, refused before memory fills with arrivals.
+MAX_SESSIONS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -26,8 +32,14 @@ def generate_sessions(scenario: Scenario, seed: int) -> tuple[SessionRequest, ..
     """Poisson arrivals over the scenario's duration (exponential gaps of
     mean 1/lambda), each from a client drawn by its share, with output
     length uniform in [min_new_tokens, l_max]."""
-    rng = random.Random(seed)
     workload = scenario.workload
+    expected = workload.arrival_rate * scenario.duration
+    if expected > MAX_SESSIONS:
+        raise ConfigError(
+            f"{workload.arrival_rate:g} sessions/s for {scenario.duration:g} s is"
+            f" {expected:.3g} sessions, more than {MAX_SESSIONS} in one run"
+        )
+    rng = random.Random(seed)
     locations, shares = zip(*workload.client_shares(), strict=True)
     sessions: list[SessionRequest] = []
     now = rng.expovariate(workload.arrival_rate)

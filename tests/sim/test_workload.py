@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
+
+from libpipe.errors import ConfigError
 from libpipe.sim._scenario import scenario_from_dict
 from libpipe.sim._workload import generate_sessions
 
@@ -36,3 +39,9 @@ def test_same_seed_same_sessions_other_seed_other_sessions(tiny):
     scenario = scenario_from_dict(tiny)
     assert generate_sessions(scenario, 7) == generate_sessions(scenario, 7)
     assert generate_sessions(scenario, 7) != generate_sessions(scenario, 8)
+
+
+def test_a_run_of_too_many_sessions_is_refused_before_drawing_them(tiny):
+    tiny["workload"].update(arrival_rate=0.5, duration_s=1e12)
+    with pytest.raises(ConfigError, match="more than 1000000 in one run"):
+        generate_sessions(scenario_from_dict(tiny), seed=0)
