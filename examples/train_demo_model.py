@@ -220,6 +220,10 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--prompt", default="And God said")
     args = parser.parse_args()
+    for name in ("steps", "batch", "length", "threads", "log_every"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be at least 1, got {getattr(args, name)}")
     train(args)
     out = Path(args.out)
     print("\ngreedy:  ", generate(out, args.prompt, 60))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from libpipe.model import load_client_head, load_span
@@ -45,3 +46,15 @@ def test_script_trains_writes_and_reads_back_a_checkpoint(tmp_path: Path) -> Non
     logits = head.logits(span(head.embed(torch.tensor([[1, 2, 3]]))))
     assert logits.shape == (1, 3, head.config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--length", "--threads", "--log-every"])
+def test_counts_below_one_are_usage_errors_before_any_training(flag: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_demo_model.py"), flag, "0"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 2
+    assert f"{flag} must be at least 1, got 0" in done.stderr
