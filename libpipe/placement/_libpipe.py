@@ -10,8 +10,9 @@ its RTT on each token. We keep its greedy shape and fix both:
 
 1. Candidates. For a grid of per-server design concurrencies r (1, 2, 4...
    up to four times the open sessions the offered load implies, that
-   number, and the largest r that still covers the model), a greedy pass gives each server m_j = min(floor(M_j / (s_m +
-   s_c * r)), L, cap) blocks, orders servers by the per-block time they add
+   number, and the largest r that still covers the model), a greedy pass
+   gives each server m_j = min(floor(M_j / (s_m + s_c * r)), L, cap)
+   blocks, orders servers by the per-block time they add
    to a client's token (tau_j + hop time / m_j, averaged over clients), and
    puts each on the window with the largest shortfall against the sessions
    the load needs, counting what each server's cache can really hold
