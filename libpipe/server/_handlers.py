@@ -191,9 +191,7 @@ class RpcHandlers:
     async def _step(self, session: InferenceSession, msg: Message) -> Message:
         s = self.s
         position = _validate.meta_int(msg.meta, "position", minimum=0)
-        step = msg.meta.get("step")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-            raise InvalidRequestError(f"'step' must be an integer, got {type(step).__name__}")
+        step = _validate.optional_int(msg.meta, "step")
         _validate.tensor_count(msg.tensors, (1,), "an inference step")
         hidden = msg.tensors[0]
         _validate.hidden_states(hidden, s.hidden_size, batch=session.cache.batch)

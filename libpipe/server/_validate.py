@@ -29,6 +29,11 @@ def meta_int(meta: dict[str, Any], key: str, *, minimum: int | None = None) -> i
     return value
 
 
+def optional_int(meta: dict[str, Any], key: str) -> int | None:
+    """An integer field a request may leave out (or send as null)."""
+    return None if meta.get(key) is None else meta_int(meta, key)
+
+
 def sub_span(meta: dict[str, Any], served: tuple[int, int]) -> tuple[int, int]:
     """``start``/``end`` of a request, inside the blocks this server holds."""
     start, end = meta_int(meta, "start"), meta_int(meta, "end")

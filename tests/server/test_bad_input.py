@@ -117,6 +117,7 @@ STEP_CASES = [
     ({"position": 3}, (x(2, 1, H), x(2, 1, H)), "takes 1 tensor"),
     ({"position": 3}, (), "takes 1 tensor"),
     ({"position": 3, "step": "one"}, (x(2, 1, H),), "'step' must be an integer"),
+    ({"position": 3, "step": True}, (x(2, 1, H),), "'step' must be an integer"),
 ]
 
 
