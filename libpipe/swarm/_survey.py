@@ -261,29 +261,44 @@ async def _model_sizes(
     pool: ConnectionPool, records: Sequence[ServerRecord], timeout: float
 ) -> dict[str, int]:
     """Blocks per model from one online server's ``info`` (gossip-only nodes
-    have no ``info``: their models are sized from the spans seen)."""
-    sizes: dict[str, int] = {}
-    tries: Counter[str] = Counter()
+    have no ``info``: their models are sized from the spans seen). Models are
+    asked at once: one whose servers do not answer costs its own timeouts,
+    not every other model's."""
+    candidates: dict[str, list[ServerRecord]] = {}
     for record in records:
-        if record.model_id in sizes or record.state is not RecordState.ONLINE:
-            continue
-        if tries[record.model_id] == INFO_TRIES:
-            continue
-        tries[record.model_id] += 1
-        with trio.move_on_after(timeout):
-            try:
-                connection = await pool.get(record.addresses[0], expected_peer_id=record.peer_id)
-                reply = await connection.call("info", {}, timeout=timeout)
-            except LibpipeError:
-                continue
-            n = reply.meta.get("num_blocks")
-            if (
-                isinstance(n, int)
-                and not isinstance(n, bool)
-                and max(record.span) <= n <= MAX_SURVEY_BLOCKS
-            ):
-                sizes[record.model_id] = n
+        if record.state is RecordState.ONLINE:
+            candidates.setdefault(record.model_id, []).append(record)
+    sizes: dict[str, int] = {}
+
+    async def size_of(model_id: str, servers: list[ServerRecord]) -> None:
+        for record in servers[:INFO_TRIES]:
+            n = await _num_blocks(pool, record, timeout)
+            if n is not None:
+                sizes[model_id] = n
+                return
+
+    async with trio.open_nursery() as nursery:
+        for model_id, servers in candidates.items():
+            nursery.start_soon(size_of, model_id, servers)
     return sizes
+
+
+async def _num_blocks(pool: ConnectionPool, record: ServerRecord, timeout: float) -> int | None:
+    """The model size a server's ``info`` reports, if it answers with a plausible one."""
+    with trio.move_on_after(timeout):
+        try:
+            connection = await pool.get(record.addresses[0], expected_peer_id=record.peer_id)
+            reply = await connection.call("info", {}, timeout=timeout)
+        except LibpipeError:
+            return None
+        n = reply.meta.get("num_blocks")
+        if (
+            isinstance(n, int)
+            and not isinstance(n, bool)
+            and max(record.span) <= n <= MAX_SURVEY_BLOCKS
+        ):
+            return n
+    return None
 
 
 def _blocks(r: tuple[int, int]) -> str:
