@@ -85,6 +85,20 @@ def solve_milp(
     demand = _split(n, workload.client_shares())
     servers = problem.servers
     caps = [block_capacity(s, model, 0) for s in servers]
+    # Counted before any is built: a large instance is refused at once, not
+    # after millions of index entries (an x per span, a y and a z per span
+    # and client location).
+    span_count = sum(
+        num_blocks - width + 1 for cap in caps for width in range(1, min(cap, num_blocks) + 1)
+    )
+    size = span_count * (1 + 2 * len(demand))
+    if size > MAX_VARIABLES:
+        raise ConfigError(
+            f"milp: {size} variables for {len(servers)} servers x {num_blocks} blocks x"
+            f" {len(demand)} client locations; the yardstick is for small instances"
+            f" (at most {MAX_VARIABLES})",
+            variables=size,
+        )
     spans = [
         [(a, b) for a in range(num_blocks) for b in range(a + 1, min(num_blocks, a + cap) + 1)]
         for cap in caps
@@ -98,14 +112,6 @@ def solve_milp(
         for i, k in spans[j]:
             index[("y", c, j, i, k)] = len(index)
             index[("z", c, j, i, k)] = len(index)
-    size = len(index)
-    if size > MAX_VARIABLES:
-        raise ConfigError(
-            f"milp: {size} variables for {len(servers)} servers x {num_blocks} blocks x"
-            f" {len(demand)} client locations; the yardstick is for small instances"
-            f" (at most {MAX_VARIABLES})",
-            variables=size,
-        )
 
     cost = np.zeros(size)
     for key, v in index.items():

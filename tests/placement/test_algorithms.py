@@ -233,8 +233,11 @@ def test_milp_matches_evaluate_on_its_own_placement(problem):
 
 def test_milp_refuses_large_instances():
     big = tiny_problem(slow=40, num_blocks=80)
-    with pytest.raises(ConfigError, match="small instances"):
+    with pytest.raises(ConfigError, match="small instances") as info:
         solve_milp(big, 2)
+    # Spans: 2 fast servers x (80 + 79 + ... + 73) + 40 slow x (80 + 79);
+    # an x per span, a y and a z per span for the one client location.
+    assert info.value.details["variables"] == (2 * 612 + 40 * 159) * 3
 
 
 def test_milp_infeasible_instance():
