@@ -65,6 +65,7 @@ logger = logging.getLogger("libpipe.server")
 # page cache and other programs share what is available.
 GPU_MEMORY_SHARE = 0.9
 CPU_MEMORY_SHARE = 0.5
+MEMINFO = "/proc/meminfo"
 
 
 def block_weight_bytes(model: ModelConfig, element_size: int) -> int:
@@ -99,8 +100,21 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * GPU_MEMORY_SHARE)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(available * CPU_MEMORY_SHARE)
+    return int(available_host_memory() * CPU_MEMORY_SHARE)
+
+
+def available_host_memory() -> int:
+    """Linux's MemAvailable (free pages plus the page cache it can drop: a
+    host that has just read a checkpoint has little *free* memory but plenty
+    available); elsewhere the free pages."""
+    try:
+        with open(MEMINFO, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def element_size(config: ServerConfig) -> int:
