@@ -62,6 +62,10 @@ MAX_SCATTERED_NODES = 1000
 # swarm the placement code is sized for (500), and a bound on the memory a
 # mistyped count can take before anything runs.
 MAX_SERVERS = 5000
+# Blocks a scenario's model may have: several times the deepest served
+# models (Llama-3 405B has 126); placement and routing are polynomial in it,
+# and a mistyped count would run for hours.
+MAX_BLOCKS = 1000
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,7 @@ def _model(f: Fields) -> ModelSpec:
     kv_dim = hidden // heads * kv_heads
     return ModelSpec(
         name=f.string("name", default="model"),
-        num_blocks=f.integer("num_blocks", minimum=1),
+        num_blocks=f.integer("num_blocks", minimum=1, maximum=MAX_BLOCKS),
         hidden_size=hidden,
         block_bytes=round(f.number("block_gb", positive=True) * GB),
         # K and V of one token in one block: 2 * d_kv * dtype bytes.

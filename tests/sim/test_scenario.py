@@ -134,6 +134,7 @@ _DELETE = object()
         ("model.num_blocks", _DELETE, r"tiny\.model\.num_blocks: missing"),
         ("model.num_blocks", "70", r"model\.num_blocks: expected an integer"),
         ("model.num_blocks", 0, r"model\.num_blocks: must be >= 1"),
+        ("model.num_blocks", 10**6, r"model\.num_blocks: must be <= 1000"),
         ("model.block_gb", -1, r"model\.block_gb: must be > 0"),
         ("model.num_attention_heads", 3, "must split into 3 heads"),
         ("model.colour", "red", r"tiny\.model: unknown field\(s\) colour"),
