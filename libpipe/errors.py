@@ -256,3 +256,12 @@ def error_from_remote(
 def error_kinds() -> dict[str, type[LibpipeError]]:
     """Every known kind and its class (a copy; for specs and tests)."""
     return dict(_BY_KIND)
+
+
+def sole_error(exc: BaseException) -> BaseException:
+    """The one error inside nested exception groups of one; anything else
+    unchanged. Nurseries wrap what their tasks raise, and callers want to
+    catch ``ConnectionBrokenError`` itself, not a group holding one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

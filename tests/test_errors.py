@@ -37,3 +37,13 @@ def test_input_errors_are_value_errors():
     assert issubclass(errors.ConfigError, ValueError)
     assert issubclass(errors.InvalidRequestError, ValueError)
     assert issubclass(errors.DeadlineExceededError, TimeoutError)
+
+
+def test_sole_error_unwraps_nested_groups_of_one_only():
+    inner = errors.ConnectionBrokenError("gone")
+    nested = BaseExceptionGroup("outer", [ExceptionGroup("inner", [inner])])
+    assert errors.sole_error(nested) is inner
+    two = ExceptionGroup("two", [ValueError("a"), ValueError("b")])
+    assert errors.sole_error(two) is two
+    plain = KeyError("k")
+    assert errors.sole_error(plain) is plain

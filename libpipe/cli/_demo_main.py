@@ -8,7 +8,7 @@ from pathlib import Path
 import trio
 
 from ..client import Client
-from ..errors import DeadlineExceededError
+from ..errors import DeadlineExceededError, sole_error
 from ..model import ModelConfig
 from ..net import short_peer_id
 from ._demo_generate import Run, Screen, generate, local_greedy, summary
@@ -48,7 +48,7 @@ def run_swarm_demo(
         except BaseExceptionGroup as group:
             # A typed error from inside the client's nurseries arrives
             # wrapped; unwrapped, the CLI prints it as the user's answer.
-            raise _sole_error(group) from None
+            raise sole_error(group) from None
         screen.note("\n" + "\n".join(summary(run)) + "\n")
         same = _compare(screen, model_dir, run)
         screen.note("\nshutting the swarm down (SIGTERM: each server drains, then exits)\n")
@@ -57,12 +57,6 @@ def run_swarm_demo(
             screen.note(f"  server {short_peer_id(stopped.peer_id)}: {status}\n")
     screen.note(f"done in {time.perf_counter() - began:.1f} s\n")
     return 0 if same else 1
-
-
-def _sole_error(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
 
 
 async def _client_side(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, LibpipeError
+from ..errors import ConfigError, LibpipeError, sole_error
 
 if TYPE_CHECKING:
     import trio
@@ -130,8 +130,6 @@ def run(args: argparse.Namespace) -> int:
         trio.run(_serve, config, security, args.ready_file, args.monitor)
     except BaseExceptionGroup as group:
         # A start-up error arrives wrapped by the nurseries; show it as itself.
-        from ..server._groups import sole_error
-
         sole = sole_error(group)
         if isinstance(sole, LibpipeError):
             raise sole from None

@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from ..errors import ConfigError, ConnectionClosedError, LibpipeError
+from ..errors import ConfigError, ConnectionClosedError, LibpipeError, sole_error
 from ..wire import Role
 from ._connection import Connection, ConnectionConfig
 from ._rpc import Router
@@ -196,8 +196,9 @@ def single_errors() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+        sole = sole_error(group)
+        if sole is not group:
+            raise sole from None
         raise
 
 

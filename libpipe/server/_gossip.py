@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
+from ..errors import sole_error
 from ..swarm import GossipNode
-from ._groups import sole_error
 from ._handlers import Serving
 
 logger = logging.getLogger("libpipe.server")

@@ -22,14 +22,13 @@ import logging
 import trio
 
 from .. import __version__
-from ..errors import ConfigError, LibpipeError
+from ..errors import ConfigError, LibpipeError, sole_error
 from ..model import KVCachePool, ModelConfig, load_span, resolve_device, resolve_dtype
 from ..net import ConnectionPool, HelloInfo, Router, Security, serve, short_peer_id
 from ..swarm import GossipNode, Rebalancer, RecordState, RpcTransport
 from ._config import ServerConfig
 from ._executor import Executor
 from ._gossip import RecordPublisher, supervise_gossip
-from ._groups import sole_error
 from ._handlers import RpcHandlers, Serving
 from ._rebalance import assumed_throughput, choose_blocks, rebalance
 from ._sessions import SessionTable
