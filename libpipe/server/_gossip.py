@@ -20,7 +20,7 @@ import trio
 
 from ..errors import sole_error
 from ..swarm import GossipNode
-from ._handlers import Serving
+from ._serving import Serving
 
 logger = logging.getLogger("libpipe.server")
 

@@ -55,7 +55,7 @@ from ..swarm import (
 )
 from ._config import ServerConfig
 from ._gossip import RecordPublisher
-from ._handlers import Serving
+from ._serving import Serving
 from ._throughput import Throughput
 
 logger = logging.getLogger("libpipe.server")

@@ -29,8 +29,9 @@ from ..swarm import GossipNode, Rebalancer, RecordState, RpcTransport
 from ._config import ServerConfig
 from ._executor import Executor
 from ._gossip import RecordPublisher, supervise_gossip
-from ._handlers import RpcHandlers, Serving
+from ._handlers import RpcHandlers
 from ._rebalance import assumed_throughput, choose_blocks, rebalance
+from ._serving import Serving
 from ._sessions import SessionTable
 from ._throughput import Throughput, load_or_measure
 
