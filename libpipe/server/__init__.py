@@ -9,8 +9,9 @@ In a test or an embedding program::
 
 As a real process (tests, benchmarks, the demo): ``ServerProcess.start``.
 
-Modules: ``_config`` (ServerConfig, from flags), ``_handlers`` (the RPCs:
-validation and translation), ``_executor`` (the device's priority queue and
+Modules: ``_config`` (ServerConfig, from flags), ``_serving`` (the state all
+handlers share), ``_handlers`` (the unary RPCs: validation and
+translation), ``_inference`` (the inference stream), ``_executor`` (the device's priority queue and
 continuous batching), ``_compute`` (bulk forward/backward, host/device
 moves), ``_sessions`` (open sessions, drain), ``_throughput`` (measured,
 cached), ``_gossip`` (the node and the signed record), ``_rebalance``
