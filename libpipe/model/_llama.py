@@ -246,6 +246,12 @@ def block_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def block_weight_bytes(config: ModelConfig, element_size: int) -> int:
+    """One block's weights in bytes at ``element_size`` bytes per value: what a
+    server sizes its span by (s_m in server/_rebalance.py)."""
+    return element_size * sum(math.prod(shape) for shape in block_tensor_shapes(config).values())
+
+
 def head_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The client's tensors by checkpoint name (no ``lm_head`` when tied)."""
     shapes: dict[str, tuple[int, ...]] = {

@@ -40,7 +40,7 @@ import torch
 import trio
 
 from ..errors import LibpipeError
-from ..model import ModelConfig, load_span, resolve_device, resolve_dtype
+from ..model import ModelConfig, block_weight_bytes, load_span, resolve_device, resolve_dtype
 from ..net import ConnectionPool, Security, short_peer_id
 from ..placement import ModelSpec, ServerView, span_blocks
 from ..swarm import (
@@ -66,22 +66,6 @@ logger = logging.getLogger("libpipe.server")
 GPU_MEMORY_SHARE = 0.9
 CPU_MEMORY_SHARE = 0.5
 MEMINFO = "/proc/meminfo"
-
-
-def block_weight_bytes(model: ModelConfig, element_size: int) -> int:
-    """s_m: one Llama-family block's weights (attention, MLP, two norms)."""
-    d = model.hidden_size
-    q_out = model.num_attention_heads * model.head_dim
-    kv_out = model.num_key_value_heads * model.head_dim
-    attention = d * q_out + 2 * d * kv_out + q_out * d
-    if model.q_bias:
-        attention += q_out + 2 * kv_out
-    if model.attention_bias:
-        attention += d
-    mlp = 3 * d * model.intermediate_size + (
-        2 * model.intermediate_size + d if model.mlp_bias else 0
-    )
-    return (attention + mlp + 2 * d) * element_size
 
 
 def model_spec(model: ModelConfig, element_size: int) -> ModelSpec:

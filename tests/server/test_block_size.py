@@ -1,5 +1,5 @@
-"""What a server sizes its span by: the block size (``block_weight_bytes``, a
-formula over the config) is what a loaded block really holds, for every
+"""What a server sizes its span by: the block size (``block_weight_bytes``, the
+sum over ``block_tensor_shapes``, the shapes the loader checks) is what a loaded block really holds, for every
 preset, biases included (qwen2), GQA or not; and a CPU host's budget is its
 available memory, page cache included."""
 
@@ -10,9 +10,8 @@ import os
 import pytest
 import torch
 
-from libpipe.model import ModelConfig, load_span, write_random_checkpoint
+from libpipe.model import ModelConfig, block_weight_bytes, load_span, write_random_checkpoint
 from libpipe.server import _rebalance as rebalance
-from libpipe.server._rebalance import block_weight_bytes
 
 
 @pytest.mark.parametrize("preset", ["llama", "llama-gqa", "llama3", "qwen2"])
