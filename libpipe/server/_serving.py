@@ -36,14 +36,19 @@ class Serving:
         return (self.span.start, self.span.end)
 
     def sub_span(self, meta: dict[str, Any]) -> tuple[int, int]:
-        """The blocks a request asks for, within our span. Blocks we moved away
-        from are ``DrainingError`` (RPC.md): the client's view is older than the
-        move, and it re-routes instead of taking the request for a bad one."""
+        """The blocks a request asks for, within our span. A request that
+        touches any block we moved away from, wholly or in part, is
+        ``DrainingError`` (RPC.md): the client's view is older than the move,
+        and it re-routes instead of taking the request for a bad one."""
         try:
             return _validate.sub_span(meta, self.blocks)
         except InvalidRequestError as exc:
             start, end = exc.details.get("start"), exc.details.get("end")
-            if start is not None and any(a <= start < end <= b for a, b in self.retired):
+            if (
+                start is not None
+                and start < end
+                and any(start < b and a < end for a, b in self.retired)
+            ):
                 raise DrainingError(
                     f"this server moved from blocks {start}:{end} to {self.blocks[0]}:{self.blocks[1]}",
                     start=start,

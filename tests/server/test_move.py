@@ -1,9 +1,12 @@
-"""A move that cannot happen leaves the server serving where it was."""
+"""Moves: one that cannot happen leaves the server serving where it was; after
+one, requests for the old blocks are draining, not bad."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from libpipe.errors import DrainingError, InvalidRequestError
 from libpipe.server._rebalance import SpanMover
 from libpipe.swarm import RecordState
 
@@ -35,3 +38,24 @@ async def test_a_draining_server_does_not_move(gqa, make_config):
         mover = SpanMover(server.config, server.serving, server._publisher)
         assert not await mover.move(4, 8)
         assert server.serving.blocks == (2, 6) and server.serving.retired == []
+
+
+async def test_requests_touching_blocks_the_server_moved_from_are_draining(gqa, make_config):
+    """A client whose view predates the move re-routes (DrainingError) whether
+    it asks for the old blocks wholly or only in part; blocks this server
+    never held stay a bad request."""
+    async with running_servers([make_config(gqa, (2, 6))]) as (servers, pool):
+        server = servers[0]
+        mover = SpanMover(server.config, server.serving, server._publisher)
+        assert await mover.move(4, 8)
+        assert server.serving.blocks == (4, 8) and server.serving.retired == [(2, 6)]
+        conn = await pool.get(server.address)
+        x = torch.randn(1, 3, H)
+        for start, end in [(2, 6), (2, 4), (3, 5), (1, 3), (3, 8)]:
+            with pytest.raises(DrainingError):
+                await conn.call("forward", {"start": start, "end": end}, (x,))
+        for start, end in [(0, 2), (1, 2), (6, 5)]:
+            with pytest.raises(InvalidRequestError):
+                await conn.call("forward", {"start": start, "end": end}, (x,))
+        reply = await conn.call("forward", {"start": 5, "end": 8}, (x,))
+        assert reply.tensors[0].shape == (1, 3, H)
