@@ -86,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-batching", action="store_true", help="run decode steps one at a time")
     add("--max-batch", type=int, help="sessions per batched decode pass (default 64)")
     add("--prefill-chunk", type=int, help="positions per prefill chunk (default 512)")
+    add(
+        "--backward-chunk",
+        type=int,
+        help="blocks per compute job of a backward call; decode steps run between jobs (default 1)",
+    )
     add("--adapters", nargs="*", default=[], metavar="DIR", help="LoRA adapters (PEFT layout)")
     add("--throughput", metavar="DECODE,FORWARD", help="announce these instead of measuring")
     add(
@@ -147,6 +152,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "drain_grace": args.drain_grace,
         "max_batch": args.max_batch,
         "prefill_chunk": args.prefill_chunk,
+        "backward_chunk": args.backward_chunk,
         "cache_dir": Path(args.cache_dir) if args.cache_dir else None,
         "throughput": parse_throughput(args.throughput) if args.throughput else None,
         "num_blocks": args.num_blocks,

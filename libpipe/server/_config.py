@@ -69,6 +69,11 @@ class ServerConfig:
     max_batch: int = DEFAULT_MAX_BATCH
     # Positions per prefill chunk (attention scratch ~ chunk x context).
     prefill_chunk: int = 512
+    # Blocks per job of a backward call (server/_compute.ChunkedBackward):
+    # one block lets decode steps in between the most often and keeps the
+    # fewest activations; more blocks recompute less (one forward of all
+    # chunks but the last is the price of chunking).
+    backward_chunk: int = 1
     # (decode steps/s, forward tokens/s) to announce instead of measuring.
     throughput: tuple[float, float] | None = None
     # Seconds spent timing each of decode and forward when measuring: a
@@ -104,7 +109,7 @@ class ServerConfig:
         for name in ("cache_bytes",):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
-        for name in ("max_length", "max_batch", "prefill_chunk"):
+        for name in ("max_length", "max_batch", "prefill_chunk", "backward_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("idle_timeout", "drain_grace", "record_interval", "rebalance_period"):

@@ -14,7 +14,8 @@ sessions, then bulk forward/backward; FIFO within a priority.
 
 Priorities alone would starve bulk work under a steady stream of decode
 steps, so a job that has waited longer than ``max_wait`` seconds goes
-first, whatever its priority (oldest first).
+first, whatever its priority (oldest first). The jobs of a request cut into
+several (a chunked backward) age from the request's arrival (``since``).
 
 Continuous batching: when the dispatcher takes a decode step, it also
 takes every other decode step queued at that moment for the same sub-span
@@ -198,9 +199,17 @@ class Executor:
 
         self._thread.submit(functools.partial(self._execute, batch), on_done)
 
-    async def call(self, priority: Priority, fn: Callable[[], Any]) -> Any:
-        """Run ``fn()`` on the worker thread at ``priority``; its result or error."""
-        return await self._submit(_Job(priority, next(self._seq), trio.current_time(), fn=fn))
+    async def call(
+        self, priority: Priority, fn: Callable[[], Any], *, since: float | None = None
+    ) -> Any:
+        """Run ``fn()`` on the worker thread at ``priority``; its result or error.
+
+        ``since`` (``trio.current_time()``, default now): when the job counts
+        as queued for ``max_wait``; the later jobs of one request pass its
+        arrival, so a request cut into many jobs waits ``max_wait`` in all,
+        not per job."""
+        queued_at = trio.current_time() if since is None else since
+        return await self._submit(_Job(priority, next(self._seq), queued_at, fn=fn))
 
     async def decode(self, session: InferenceSession, hidden: Tensor) -> Tensor:
         """One position of ``session``, batched with its peers.
@@ -297,7 +306,7 @@ class Executor:
 
     def _pop_first(self) -> _Job:
         """The most urgent job, unless one has waited past ``max_wait``."""
-        oldest = min(self._heap, key=lambda j: (j.abandoned, j.seq))
+        oldest = min(self._heap, key=lambda j: (j.abandoned, j.queued_at, j.seq))
         if not oldest.abandoned and trio.current_time() - oldest.queued_at > self.max_wait:
             self._heap.remove(oldest)
             heapq.heapify(self._heap)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import trio
 from torch import Tensor
 
 from .. import __version__
@@ -81,10 +82,24 @@ class RpcHandlers:
             tokens=hidden.shape[1],
         )
         prompts = self._prompts(msg.tensors[2:], end - start, hidden)
-        job = functools.partial(_backward_job, s.span, hidden, grad, start, end, prompts, adapter)
+        plan = _compute.ChunkedBackward(
+            s.span,
+            hidden,
+            grad,
+            start,
+            end,
+            chunk=s.config.backward_chunk,
+            prompts=prompts,
+            adapter=adapter,
+        )
         with s.sessions.call():
-            grads = await s.executor.call(Priority.BULK, job)
-        return Message({}, grads)
+            # Every job of the call ages from its arrival: past max_wait each
+            # goes first again, so a chunked backward is not starved by decoding.
+            since = trio.current_time()
+            for job in plan.jobs():
+                await s.executor.call(Priority.BULK, job, since=since)
+        assert plan.result is not None
+        return Message({}, plan.result)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -144,19 +159,3 @@ def _forward_job(
     p = None if prompts is None else _compute.to_span(prompts, span)
     out = _compute.forward(span, pool, x, start, end, prompts=p, adapter=adapter)
     return _compute.to_wire(out, hidden.dtype)
-
-
-def _backward_job(
-    span: BlockSpan,
-    hidden: Tensor,
-    grad: Tensor,
-    start: int,
-    end: int,
-    prompts: Tensor | None,
-    adapter: str | None,
-) -> tuple[Tensor, ...]:
-    x, g = _compute.to_span(hidden, span), _compute.to_span(grad, span)
-    p = None if prompts is None else _compute.to_span(prompts, span)
-    grads = _compute.backward(span, x, g, start, end, prompts=p, adapter=adapter)
-    dtypes = [hidden.dtype] + ([] if prompts is None else [prompts.dtype])
-    return tuple(_compute.to_wire(gr, dt) for gr, dt in zip(grads, dtypes, strict=True))
