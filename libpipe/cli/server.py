@@ -75,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--threads",
         type=int,
-        help="torch compute threads (default: torch's, one per core); on a CPU shared with "
-        "other work, fewer threads avoid OpenMP spinning against it",
+        help="torch threads, intra-op and inter-op (default: torch's intra-op default, one per "
+        "physical core or $OMP_NUM_THREADS: right for a server alone on its host); with "
+        "several servers on one host give each CORES/SERVERS, or they spin against each other",
     )
     add("--dtype", help="compute dtype: fp32, bf16, fp16 (default: the device's)")
     add("--cache-bytes", default="1G", help="KV cache budget, e.g. 512M, 4G (default 1G)")
@@ -117,12 +118,12 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     config = build_config(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    intra, inter = apply_threads(args.threads)
+    logging.getLogger("libpipe.server").info(
+        "torch threads: %d intra-op, %d inter-op (%d CPUs here; several servers on one host "
+        "want --threads CPUS/SERVERS each)",
+        intra, inter, os.cpu_count() or 1,
+    )  # fmt: skip
     if args.monitor is not None and not 0 <= args.monitor < 65536:
         raise ConfigError(f"--monitor must be a port in [0, 65535], got {args.monitor}")
     security = Security.from_options(
@@ -140,6 +141,35 @@ def run(args: argparse.Namespace) -> int:
             raise sole from None
         raise
     return 0
+
+
+def apply_threads(threads: int | None) -> tuple[int, int]:
+    """Give torch ``threads`` intra-op and inter-op threads, before any
+    weights load; ``None``: torch's intra-op default for both. Returns what
+    torch then uses (intra-op, inter-op).
+
+    The default suits a server alone on its host. Every server process
+    starts that many threads, and OpenMP threads busy-wait for work, so k
+    servers on one host at the default run k times as many threads as there
+    are cores and slow each other down; give each ``--threads`` cores / k.
+    Inter-op threads run independent operators side by side (rare in a
+    block's forward, which is a chain); torch can set them only once per
+    process, before any parallel work, so a second call (tests run this
+    in-process) keeps what the first set."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    wanted = torch.get_num_threads() if threads is None else threads
+    torch.set_num_threads(wanted)
+    if torch.get_num_interop_threads() != wanted:
+        try:
+            torch.set_num_interop_threads(wanted)
+        except RuntimeError as exc:  # already set, or parallel work has started
+            logging.getLogger("libpipe.server").warning(
+                "inter-op threads stay at %d: %s", torch.get_num_interop_threads(), exc
+            )
+    return torch.get_num_threads(), torch.get_num_interop_threads()
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:

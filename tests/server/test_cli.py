@@ -4,6 +4,9 @@ ones refused with a typed error and exit status 2, no traceback."""
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,27 @@ def test_parse_blocks():
     assert parse_blocks("0:8") == (0, 8)
     with pytest.raises(ConfigError):
         parse_blocks("-1:3")
+
+
+# Run in a fresh process: torch sets inter-op threads once per process.
+THREADS = """
+import argparse, sys
+from libpipe.cli import server as cli
+parser = argparse.ArgumentParser()
+cli.add_arguments(parser)
+args = parser.parse_args(["model", *sys.argv[1:]])
+print(*cli.apply_threads(args.threads))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "omp", "expected"), [(["--threads", "1"], "2", "1 1"), ([], "1", "1 1")]
+)
+def test_threads_set_intra_op_and_inter_op_and_default_to_torchs(argv, omp, expected):
+    """``--threads`` sets both; without it both take torch's intra-op default
+    (here from $OMP_NUM_THREADS, as torch reads it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": omp}
+    out = subprocess.run(
+        [sys.executable, "-c", THREADS, *argv], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == expected.split()

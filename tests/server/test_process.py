@@ -17,9 +17,12 @@ FAST = ["--throughput", "50,500", "--gossip", "local"]
 
 async def test_launcher_starts_a_server_that_answers_and_drains_on_sigterm(gqa, tmp_path):
     with ServerProcess.start(
-        gqa, blocks=(2, 6), extra_args=[*FAST, "--cache-dir", str(tmp_path), "--drain-grace", "20"]
+        gqa,
+        blocks=(2, 6),
+        extra_args=[*FAST, "--cache-dir", str(tmp_path), "--drain-grace", "20", "--threads", "1"],
     ) as server:
         assert server.span == (2, 6)
+        assert "torch threads: 1 intra-op, 1 inter-op" in server.log_path.read_text()
         async with ConnectionPool(Security.insecure()) as pool:
             conn = await pool.get(server.address)
             info = (await conn.call("info", timeout=30)).meta
