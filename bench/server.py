@@ -1,16 +1,26 @@
-"""Decode throughput of a real `libpipe-server` with 1, 4 and 16 concurrent sessions.
+"""Decode throughput of a real `libpipe-server` with 1, 4 and 16 concurrent sessions,
+and decode latency while a long backward runs.
 
-Two server processes hold the same generated model, one batching decode
-steps of concurrent sessions (continuous batching), one running them one
-at a time as PETALS does (``--no-batching``): the baseline, measured in the
-same run, alternating with the contender so that load from other processes
-hits both alike. Each session opens an inference stream, sends a prompt,
-then decode steps (one token each, fp16 on the wire) as fast as replies
-come. Reported: aggregate decode tokens/s per mode and session count,
-``batched_speedup_N`` (batching on at N sessions vs one session) and
-``batching_gain_N`` (on vs off at N sessions).
+Decode part: two server processes hold the same generated model, one
+batching decode steps of concurrent sessions (continuous batching), one
+running them one at a time as PETALS does (``--no-batching``): the
+baseline, measured in the same run, alternating with the contender so that
+load from other processes hits both alike. Each session opens an inference
+stream, sends a prompt, then decode steps (one token each, fp16 on the
+wire) as fast as replies come. Reported: aggregate decode tokens/s per mode
+and session count, ``batched_speedup_N`` (batching on at N sessions vs one
+session) and ``batching_gain_N`` (on vs off at N sessions).
 
-    .venv/bin/python bench/server.py [--quick] [--json] [--hidden 1024 --blocks 8]
+Backward part: one interactive session decodes while another client sends
+backward calls over the whole span back to back (``--bulk-tokens`` tokens
+each). Two servers, alternating: ``--backward-chunk`` = the whole span (one
+compute job per call, the baseline) and 1 (a job per block, decode steps
+run between them). Reported: the session's decode-step latency (median,
+p90, max) and backward tokens/s per mode, ``decode_p90_gain`` (baseline p90
+/ per-block p90) and ``backward_rate_ratio`` (per block / baseline).
+
+    .venv/bin/python bench/server.py [--quick] [--json] [--part decode|backward|all]
+        [--hidden 1024 --blocks 8]
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -76,6 +87,175 @@ async def decode_rate(
     return sum(counted) / seconds
 
 
+async def decode_under_backward(
+    address: str, blocks: tuple[int, int], seconds: float, hidden: int, prompt: int, tokens: int
+) -> tuple[list[float], float]:
+    """One session's decode-step latencies (s) while backward calls of
+    ``tokens`` tokens over ``blocks`` run back to back, over ``seconds``
+    (after a short warm-up), and the backward tokens/s meanwhile."""
+    latencies: list[float] = []
+    done: list[float] = []  # when backward calls ended, from the window's start
+    meta = {"start": blocks[0], "end": blocks[1], "batch": 1, "max_length": 8192}
+    bulk = {"start": blocks[0], "end": blocks[1]}
+    warmup = min(1.0, seconds / 4)
+    begin = time.perf_counter() + warmup
+    stop = begin + seconds
+
+    async def session(conn) -> None:
+        async with conn.open_stream("inference", meta) as stream:
+            await stream.receive()
+            await stream.send({"position": 0}, (torch.randn(1, prompt, hidden).half(),))
+            await stream.receive()
+            one = torch.randn(1, 1, hidden).half()
+            position = prompt
+            while time.perf_counter() < stop:
+                sent = time.perf_counter()
+                await stream.send({"position": position}, (one,))
+                await stream.receive()
+                position += 1
+                if sent >= begin:
+                    latencies.append(time.perf_counter() - sent)
+            await stream.close_send()
+
+    async def backward(conn) -> None:
+        x = torch.randn(1, tokens, hidden).half()
+        g = (torch.randn(1, tokens, hidden) * 1e-3).half()
+        # Until two calls have ended in the window (a slow call may outlast it).
+        while time.perf_counter() < stop or len(done) < 2:
+            await conn.call("backward", bulk, (x, g), timeout=600)
+            if time.perf_counter() >= begin:
+                done.append(time.perf_counter())
+
+    async with ConnectionPool(Security.insecure()) as pool:
+        conn = await pool.get(address)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session, conn)
+            nursery.start_soon(backward, conn)
+    # Whole calls between the first and the last end: no call counted in part.
+    return latencies, (len(done) - 1) * tokens / (done[-1] - done[0])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def model_overrides(hidden: int, blocks: int) -> dict[str, int]:
+    heads = max(1, hidden // 64)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 11 // 4,
+        "num_hidden_layers": blocks,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 4),
+        "vocab_size": 1000,
+    }
+
+
+def decode_part(args: argparse.Namespace, model, common: list[str]) -> dict[str, object]:
+    rates: dict[str, dict[int, list[float]]] = {"batched": {}, "unbatched": {}}
+    with (
+        ServerProcess.start(model, blocks=(0, args.blocks), extra_args=common) as on,
+        ServerProcess.start(
+            model, blocks=(0, args.blocks), extra_args=[*common, "--no-batching"]
+        ) as off,
+    ):
+        for _ in range(args.rounds):
+            for n in args.sessions:
+                for mode, server in (("batched", on), ("unbatched", off)):
+                    rate = trio.run(
+                        decode_rate,
+                        server.address,
+                        (0, args.blocks),
+                        n,
+                        args.seconds,
+                        args.hidden,
+                        args.prompt,
+                    )
+                    rates[mode].setdefault(n, []).append(rate)
+    median = {mode: {n: statistics.median(v) for n, v in r.items()} for mode, r in rates.items()}
+    result: dict[str, object] = {
+        "decode_tok_s": {mode: {str(n): v for n, v in m.items()} for mode, m in median.items()}
+    }
+    single = median["batched"].get(1)
+    for n in args.sessions:
+        if single:
+            result[f"batched_speedup_{n}"] = median["batched"][n] / single
+        result[f"batching_gain_{n}"] = median["batched"][n] / median["unbatched"][n]
+    if not args.json:
+        print(
+            f"{'sessions':>8} {'batched tok/s':>14} {'one-at-a-time':>14} {'gain':>6} {'vs 1':>6}"
+        )
+        for n in args.sessions:
+            b, u = median["batched"][n], median["unbatched"][n]
+            vs1 = f"{b / single:6.2f}" if single else "     -"
+            print(f"{n:>8} {b:>14.1f} {u:>14.1f} {b / u:>6.2f} {vs1}")
+    return result
+
+
+def backward_part(args: argparse.Namespace, model, common: list[str]) -> dict[str, object]:
+    modes = {"whole_span": args.blocks, "per_block": 1}
+    latencies: dict[str, list[float]] = {m: [] for m in modes}
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    with (
+        ServerProcess.start(
+            model,
+            blocks=(0, args.blocks),
+            extra_args=[*common, "--backward-chunk", str(args.blocks)],
+        ) as whole,
+        ServerProcess.start(
+            model, blocks=(0, args.blocks), extra_args=[*common, "--backward-chunk", "1"]
+        ) as per_block,
+    ):
+        for _ in range(args.rounds):
+            for mode, server in (("whole_span", whole), ("per_block", per_block)):
+                lat, rate = trio.run(
+                    decode_under_backward,
+                    server.address,
+                    (0, args.blocks),
+                    args.seconds,
+                    args.hidden,
+                    args.prompt,
+                    args.bulk_tokens,
+                )
+                latencies[mode] += lat
+                rates[mode].append(rate)
+    stats = {
+        mode: {
+            "decode_ms_p50": 1e3 * statistics.median(latencies[mode]),
+            "decode_ms_p90": 1e3 * percentile(latencies[mode], 0.9),
+            "decode_ms_max": 1e3 * max(latencies[mode]),
+            "decode_steps": len(latencies[mode]),
+            "backward_tok_s": statistics.median(rates[mode]),
+        }
+        for mode in modes
+    }
+    result: dict[str, object] = {
+        "bulk_tokens": args.bulk_tokens,
+        "under_backward": stats,
+        "decode_p90_gain": stats["whole_span"]["decode_ms_p90"]
+        / stats["per_block"]["decode_ms_p90"],
+        "backward_rate_ratio": stats["per_block"]["backward_tok_s"]
+        / stats["whole_span"]["backward_tok_s"],
+    }
+    if not args.json:
+        print(f"decode latency while backward calls of {args.bulk_tokens} tokens run back to back")
+        print(
+            f"{'backward jobs':>14} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} {'steps':>6} "
+            f"{'backward tok/s':>15}"
+        )
+        for mode, st in stats.items():
+            print(
+                f"{mode:>14} {st['decode_ms_p50']:>8.1f} {st['decode_ms_p90']:>8.1f} "
+                f"{st['decode_ms_max']:>8.1f} {st['decode_steps']:>6} {st['backward_tok_s']:>15.1f}"
+            )
+        print(
+            f"decode p90 whole/per-block {result['decode_p90_gain']:.2f}, "
+            f"backward rate per-block/whole {result['backward_rate_ratio']:.2f}"
+        )
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
@@ -84,9 +264,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="measured time per point")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (median)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per session")
+    ap.add_argument("--bulk-tokens", type=int, default=128, help="tokens per backward call")
+    ap.add_argument("--part", choices=("decode", "backward", "all"), default="all")
     ap.add_argument(
         "--threads", type=int, default=0, help="torch threads per server (0: torch's default)"
     )
+    ap.add_argument("--device", default="cpu", help="the servers' --device")
     ap.add_argument("--quick", action="store_true", help="short run: 2 s per point, one round")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -94,68 +277,35 @@ def main() -> int:
     logging.getLogger("libpipe.net").setLevel(logging.ERROR)
     if args.quick:
         args.seconds, args.rounds = 2.0, 1
-    heads = max(1, args.hidden // 64)
-    overrides = {
-        "hidden_size": args.hidden,
-        "intermediate_size": args.hidden * 11 // 4,
-        "num_hidden_layers": args.blocks,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 4),
-        "vocab_size": 1000,
-    }
-    rates: dict[str, dict[int, list[float]]] = {"batched": {}, "unbatched": {}}
     common = ["--throughput", "1,1", "--cache-bytes", "4G", "--log-level", "WARNING"]
+    common += ["--device", args.device]
     if args.threads:
         common += ["--threads", str(args.threads)]
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_random_checkpoint(tmp, "llama", overrides=overrides)
-        with (
-            ServerProcess.start(model, blocks=(0, args.blocks), extra_args=common) as on,
-            ServerProcess.start(
-                model, blocks=(0, args.blocks), extra_args=[*common, "--no-batching"]
-            ) as off,
-        ):
-            for _ in range(args.rounds):
-                for n in args.sessions:
-                    for mode, server in (("batched", on), ("unbatched", off)):
-                        rate = trio.run(
-                            decode_rate,
-                            server.address,
-                            (0, args.blocks),
-                            n,
-                            args.seconds,
-                            args.hidden,
-                            args.prompt,
-                        )
-                        rates[mode].setdefault(n, []).append(rate)
-    median = {mode: {n: statistics.median(v) for n, v in r.items()} for mode, r in rates.items()}
+    threads = args.threads or torch.get_num_threads()
     result: dict[str, object] = {
-        "bench": "server.decode",
+        "bench": "server",
         "hidden": args.hidden,
         "blocks": args.blocks,
         "seconds": args.seconds,
         "rounds": args.rounds,
-        "threads": args.threads or torch.get_num_threads(),
-        "decode_tok_s": {mode: {str(n): v for n, v in m.items()} for mode, m in median.items()},
+        "threads": threads,
+        "device": args.device,
     }
-    single = median["batched"].get(1)
-    for n in args.sessions:
-        if single:
-            result[f"batched_speedup_{n}"] = median["batched"][n] / single
-        result[f"batching_gain_{n}"] = median["batched"][n] / median["unbatched"][n]
+    if not args.json:
+        print(
+            f"libpipe-server, {args.blocks} blocks, hidden {args.hidden}, {args.device}, "
+            f"{threads} threads per server, {args.seconds:g} s x {args.rounds} round(s) per point"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_random_checkpoint(
+            tmp, "llama", overrides=model_overrides(args.hidden, args.blocks)
+        )
+        if args.part in ("decode", "all"):
+            result |= decode_part(args, model, common)
+        if args.part in ("backward", "all"):
+            result |= backward_part(args, model, common)
     if args.json:
         print(json.dumps(result))
-        return 0
-    print(
-        f"libpipe-server decode, {args.blocks} blocks, hidden {args.hidden}, "
-        f"{args.threads or torch.get_num_threads()} threads per server, "
-        f"{args.seconds:g} s x {args.rounds} round(s) per point"
-    )
-    print(f"{'sessions':>8} {'batched tok/s':>14} {'one-at-a-time':>14} {'gain':>6} {'vs 1':>6}")
-    for n in args.sessions:
-        b, u = median["batched"][n], median["unbatched"][n]
-        vs1 = f"{b / single:6.2f}" if single else "     -"
-        print(f"{n:>8} {b:>14.1f} {u:>14.1f} {b / u:>6.2f} {vs1}")
     return 0
 
 
