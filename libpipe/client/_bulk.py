@@ -24,6 +24,7 @@ from ..net import Message
 from ..wire import cast_for_wire
 from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
+from ._hidden import check_hidden
 from ._routing import PlannedHop
 
 
@@ -78,7 +79,7 @@ async def forward_span(
         raise InvalidRequestError(
             f"blocks [{start}, {end}) are not within the model's {ctx.num_blocks}"
         )
-    _check_hidden(ctx, hidden)
+    check_hidden(hidden, ctx.hidden_size)
     x = cast_for_wire(hidden, ctx.wire_dtype).contiguous()
     ledger = FailureLedger(ctx.policy, f"forward over blocks [{start}, {end})")
     block = start
@@ -100,16 +101,3 @@ async def forward_span(
                 break
             block = hop.end
     return x
-
-
-def _check_hidden(ctx: SwarmContext, hidden: Tensor) -> None:
-    if not isinstance(hidden, Tensor) or not hidden.dtype.is_floating_point:
-        raise InvalidRequestError("hidden states must be a floating-point tensor")
-    if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
-        raise InvalidRequestError(
-            f"hidden states must be [B>0, T>0, {ctx.hidden_size}], got {list(hidden.shape)}"
-        )
-    if hidden.shape[2] != ctx.hidden_size:
-        raise InvalidRequestError(
-            f"hidden states must be [B, T, {ctx.hidden_size}], got {list(hidden.shape)}"
-        )

@@ -1,0 +1,32 @@
+"""The one check of hidden states a caller hands the client (a session
+step, a bulk forward): a floating-point ``[B, T, hidden_size]`` tensor,
+both ``B`` and ``T`` non-zero, and ``B`` the session's batch when there is
+one. Refusing them here gives a clear ``InvalidRequestError`` before any
+server is asked, rather than an error some hop sends back."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..errors import InvalidRequestError
+
+
+def check_hidden(hidden: object, hidden_size: int, batch: int | None = None) -> Tensor:
+    """``hidden`` itself once it is a valid ``[batch, t>0, hidden_size]``
+    float tensor (any ``B > 0`` when ``batch`` is None)."""
+    if not isinstance(hidden, Tensor) or not hidden.dtype.is_floating_point:
+        raise InvalidRequestError("hidden states must be a floating-point tensor")
+    rows = "B>0" if batch is None else str(batch)
+    expected = f"[{rows}, t>0, {hidden_size}]"
+    if (
+        hidden.dim() != 3
+        or hidden.shape[0] == 0
+        or hidden.shape[1] == 0
+        or (batch is not None and hidden.shape[0] != batch)
+        or hidden.shape[2] != hidden_size
+    ):
+        raise InvalidRequestError(
+            f"hidden states must be {expected}, got {list(hidden.shape)}",
+            shape=list(hidden.shape),
+        )
+    return hidden
