@@ -23,6 +23,7 @@ from .errors import (
     LibpipeError as LibpipeError,
     LimitExceededError as LimitExceededError,
     MalformedMetadataError as MalformedMetadataError,
+    NonFiniteError as NonFiniteError,
     NoRouteError as NoRouteError,
     PayloadMismatchError as PayloadMismatchError,
     ProtocolError as ProtocolError,

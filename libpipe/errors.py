@@ -231,6 +231,14 @@ class RetriesExhaustedError(LibpipeError):
     kind = "retries_exhausted"
 
 
+class NonFiniteError(LibpipeError):
+    """Values that must be finite (logits, activations) hold NaN or
+    infinity: a faulty server or a broken local head. details: ``nan`` and
+    ``inf`` (how many of each)."""
+
+    kind = "non_finite"
+
+
 class RecordError(LibpipeError):
     """A gossiped server record is forged, tampered with or expired."""
 

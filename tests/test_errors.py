@@ -47,3 +47,9 @@ def test_sole_error_unwraps_nested_groups_of_one_only():
     assert errors.sole_error(two) is two
     plain = KeyError("k")
     assert errors.sole_error(plain) is plain
+
+
+def test_non_finite_error_carries_its_counts_across_the_wire():
+    err = errors.error_from_remote("non_finite", "NaN logits", {"nan": 2, "inf": 0})
+    assert type(err) is errors.NonFiniteError
+    assert err.details == {"nan": 2, "inf": 0}

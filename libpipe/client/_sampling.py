@@ -4,6 +4,10 @@ temperature, top-k and top-p (nucleus).
 Sampling draws from a ``torch.Generator`` owned by the generation, so a
 seed reproduces a run exactly, failovers included: the generator is only
 advanced when a token is chosen, never when a hop is replayed.
+
+Logits holding NaN or infinity (a faulty server, a broken head) are
+refused with ``NonFiniteError``: argmax would silently pick the NaN's
+index and ``torch.multinomial`` fails with a bare ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,13 @@ class SamplingConfig:
 
 def choose_next(logits: Tensor, config: SamplingConfig, generator: torch.Generator) -> Tensor:
     """``logits: [B, V]`` -> next token ids ``[B]`` (int64)."""
+    check_finite(logits)
     if config.greedy:
         return logits.argmax(dim=-1)
-    scores = logits.float().cpu() / config.temperature  # [B, V]
+    # Shifted so the best score is 0 before dividing: a tiny temperature then
+    # sends the others to -inf, never the best to +inf (softmax would be NaN).
+    scores = logits.float().cpu()  # [B, V]
+    scores = (scores - scores.max(dim=-1, keepdim=True).values) / config.temperature
     if config.top_k and config.top_k < scores.shape[-1]:
         kth = scores.topk(config.top_k, dim=-1).values[:, -1:]  # [B, 1]
         scores = scores.masked_fill(scores < kth, -math.inf)
@@ -71,6 +79,21 @@ def choose_next(logits: Tensor, config: SamplingConfig, generator: torch.Generat
         scores = scores.masked_fill(drop, -math.inf)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+
+
+def check_finite(logits: Tensor) -> None:
+    """Raise ``NonFiniteError`` unless every logit is a finite number."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return
+    nan = int(torch.isnan(logits).sum())
+    inf = int((~finite).sum()) - nan
+    raise NonFiniteError(
+        f"the logits hold {nan} NaN and {inf} infinite values (a faulty server or head); "
+        "no token can be chosen from them",
+        nan=nan,
+        inf=inf,
+    )
 
 
 def _is_real(value: object) -> bool:

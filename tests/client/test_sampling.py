@@ -9,7 +9,7 @@ import torch
 
 from libpipe.client import SamplingConfig
 from libpipe.client._sampling import choose_next
-from libpipe.errors import ConfigError
+from libpipe.errors import ConfigError, NonFiniteError
 
 LOGITS = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0], [5.0, 0.0, 0.0, 0.0, 4.9]])
 
@@ -68,3 +68,22 @@ def test_temperature_sharpens():
 def test_bad_settings_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("config", [SamplingConfig(), SamplingConfig(temperature=0.8, seed=1)])
+@pytest.mark.parametrize(
+    ("bad", "nan", "inf"),
+    [(math.nan, 1, 0), (math.inf, 0, 1), (-math.inf, 0, 1)],
+    ids=["nan", "inf", "-inf"],
+)
+def test_non_finite_logits_are_refused_greedy_and_sampled(config, bad, nan, inf):
+    logits = LOGITS.clone()
+    logits[1, 3] = bad
+    with pytest.raises(NonFiniteError, match="no token can be chosen") as caught:
+        choose_next(logits, config, config.generator())
+    assert caught.value.details == {"nan": nan, "inf": inf}
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    picked = draws(SamplingConfig(temperature=1e-39, seed=4), n=20)
+    assert picked.tolist() == [[1, 0]] * 20
