@@ -9,7 +9,6 @@ ends it).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -100,7 +99,7 @@ class Client:
         self._policy = retry or RetryPolicy()
         self._refresh_interval = refresh_interval
         self._gossip = gossip or GossipConfig()
-        self.stop_tokens = _eos_tokens(self.model_dir)
+        self.stop_tokens = self.config.eos_token_ids
         self._head: ClientHead | None = None
         self._ctx: SwarmContext | None = None
         self._codec: TextCodec | None = None
@@ -295,17 +294,3 @@ class Client:
         if isinstance(prompt, str):
             return self.encode(prompt)
         return prompt
-
-
-def _eos_tokens(model_dir: Path) -> frozenset[int]:
-    """The checkpoint's ``eos_token_id`` (an int or a list in config.json)."""
-    try:
-        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return frozenset()  # ModelConfig.from_file has already vouched for the file
-    eos = raw.get("eos_token_id")
-    if isinstance(eos, int) and not isinstance(eos, bool):
-        return frozenset({eos})
-    if isinstance(eos, list):
-        return frozenset(e for e in eos if isinstance(e, int) and not isinstance(e, bool))
-    return frozenset()

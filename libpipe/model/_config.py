@@ -61,6 +61,9 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     model_id: str = field(default="", compare=False)
+    # Where generation stops by default; config.json's ``eos_token_id``
+    # (an int or a list). Changes no computation, so not compared.
+    eos_token_ids: frozenset[int] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -168,6 +171,7 @@ def _parse(raw: dict[str, Any], name: str) -> ModelConfig:
             mlp_bias=bool(raw.get("mlp_bias", False)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             model_id=model_id_for(raw, name or arch),
+            eos_token_ids=_eos_token_ids(raw.get("eos_token_id")),
         )
     except (TypeError, ValueError) as exc:
         raise UnsupportedModelError(f"config.json has an invalid value: {exc}") from None
@@ -178,6 +182,12 @@ def _int(raw: dict[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UnsupportedModelError(f"config.json needs a positive integer {key!r}, has {value!r}")
     return value
+
+
+def _eos_token_ids(eos: object) -> frozenset[int]:
+    """The integer ids in ``eos_token_id``; anything else (null, absent) is none."""
+    values = eos if isinstance(eos, list) else [eos]
+    return frozenset(e for e in values if isinstance(e, int) and not isinstance(e, bool))
 
 
 def _refuse_sliding_window(raw: dict[str, Any], arch: str, max_pos: int) -> None:

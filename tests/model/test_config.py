@@ -20,6 +20,14 @@ def test_derived_fields():
     assert qwen.qkv_bias and qwen.q_bias and not qwen.attention_bias
 
 
+@pytest.mark.parametrize(
+    ("eos", "ids"),
+    [(2, {2}), ([2, 7], {2, 7}), (None, set()), ([2, "x", True], {2}), ("2", set())],
+)
+def test_eos_token_ids_from_an_int_or_a_list(eos, ids):
+    assert _cfg(eos_token_id=eos).eos_token_ids == ids
+
+
 def test_llama3_rope_in_both_config_formats():
     old = ModelConfig.from_dict(PRESETS["llama3"])
     assert old.rope_theta == 500000.0
