@@ -1,5 +1,12 @@
 """Bulk forward and backward over a sub-span (run on the worker thread).
 
+A request's rows go through in groups of at most ``prefill_chunk`` tokens
+(at least one row, ``row_groups``): the frame limit lets ~10^8 values
+through, and a batch of thousands of short rows in one pass would need
+activations and attention scratch far beyond the input's size (enough to
+have the OS kill the daemon on a CPU host). Rows are independent, so the
+results equal one pass.
+
 A forward longer than the span's ``prefill_chunk`` goes block by block
 through a temporary one-block cache session instead of one full-sequence
 pass, so its attention scratch is ``[B, H, chunk, T]`` rather than
@@ -9,8 +16,9 @@ forward never takes memory the server has promised away; the outputs equal
 a single pass. Deep prompts (proto/RPC.md) are added before each block on
 that path exactly as ``BlockSpan.forward`` adds them.
 
-Backward is ``BlockSpan.backward`` per chunk of blocks: it recomputes the forward under autograd
-with respect to the inputs (and prompts); the weights never get a gradient.
+Backward is ``BlockSpan.backward`` per chunk of blocks: it recomputes the
+forward under autograd with respect to the inputs (and prompts); the
+weights never get a gradient.
 A whole span's backward as one job would keep the device for all of it
 (decode steps of interactive sessions wait: the executor's priorities act
 only between jobs) and hold every activation of the span at once, so
@@ -29,6 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import InvalidRequestError
 from ..model import BlockSpan, KVCachePool
 from ..wire import cast_for_wire
 
@@ -38,9 +47,32 @@ def to_span(t: Tensor, span: BlockSpan) -> Tensor:
     return t.to(device=span.device, dtype=span.dtype)
 
 
+def input_on_span(t: Tensor, span: BlockSpan, name: str) -> Tensor:
+    """A bulk request's tensor on the span's device and dtype, refused
+    (``InvalidRequestError``) if it holds NaN or infinities, there or only
+    after the cast (a value past fp16's range sent to an fp16 server): a
+    NaN in one row spreads through attention to every later result of that
+    row, and the client would get back noise it cannot trace."""
+    out = to_span(t, span)
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        raise InvalidRequestError(
+            f"{name} hold {bad} NaN or infinite value(s) in {span.dtype}".replace("torch.", ""),
+            count=bad,
+        )
+    return out
+
+
 def to_wire(t: Tensor, dtype: torch.dtype) -> Tensor:
     """A result ready to send: cast (overflow refused) on the device, then on the host."""
     return cast_for_wire(t, dtype).to("cpu").contiguous()
+
+
+def row_groups(batch: int, tokens: int, prefill_chunk: int) -> list[slice]:
+    """The rows of a bulk request that go through in one pass: at most
+    ``prefill_chunk`` tokens' worth, at least one row."""
+    rows = max(1, prefill_chunk // tokens)
+    return [slice(r, r + rows) for r in range(0, batch, rows)]
 
 
 def forward(
@@ -54,6 +86,31 @@ def forward(
     adapter: str | None = None,
 ) -> Tensor:
     """``hidden: [B, T, D]`` through blocks ``[start, end)``; ``prompts: [end-start, B, P, D]``."""
+    outs = [
+        _forward_rows(
+            span,
+            pool,
+            hidden[rows],
+            start,
+            end,
+            prompts=None if prompts is None else prompts[:, rows],
+            adapter=adapter,
+        )
+        for rows in row_groups(hidden.shape[0], hidden.shape[1], span.prefill_chunk)
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _forward_rows(
+    span: BlockSpan,
+    pool: KVCachePool,
+    hidden: Tensor,
+    start: int,
+    end: int,
+    *,
+    prompts: Tensor | None,
+    adapter: str | None,
+) -> Tensor:
     with torch.no_grad():
         if hidden.shape[1] <= span.prefill_chunk:
             return span(hidden, start, end, adapter=adapter, prompts=prompts)
@@ -73,11 +130,12 @@ class ChunkedBackward:
     """A backward over blocks ``[start, end)`` as a series of short jobs.
 
     ``jobs()`` are to run in order, each on the worker as its own executor
-    job, so decode steps run between them:
+    job, so decode steps run between them. For each group of rows
+    (``row_groups``):
 
-    1. one per chunk but the last: that chunk's forward without autograd,
-       keeping only its output, the next chunk's input (block-boundary
-       activations; nothing inside a chunk outlives its job);
+    1. one job per chunk of blocks but the last: that chunk's forward
+       without autograd, keeping only its output, the next chunk's input
+       (block-boundary activations; nothing inside a chunk outlives its job);
     2. one per chunk, from the last: recompute it under autograd from its
        input and backpropagate the gradient the later chunk handed back
        (``BlockSpan.backward``), then forget that input.
@@ -85,9 +143,9 @@ class ChunkedBackward:
     The gradients equal one pass over the span: the same operations on the
     same values, only the graph is cut at the boundaries. The price is one
     more forward of all chunks but the last; with ``chunk >= end - start``
-    there is one job, exactly the one-pass backward. ``result`` holds the
-    reply's tensors (gradient w.r.t. ``hidden``, then ``prompts`` if given),
-    on the host in the request's dtypes, once the last job has run.
+    there is one job per row group, the one-pass backward. ``result`` holds
+    the reply's tensors (gradient w.r.t. ``hidden``, then ``prompts`` if
+    given), on the host in the request's dtypes, once the last job has run.
     """
 
     def __init__(
@@ -102,16 +160,64 @@ class ChunkedBackward:
         prompts: Tensor | None = None,
         adapter: str | None = None,
     ) -> None:
-        self.span = span
-        self.start = start
-        self.chunks = [(a, min(a + chunk, end)) for a in range(start, end, chunk)]
-        self.adapter = adapter
+        chunks = [(a, min(a + chunk, end)) for a in range(start, end, chunk)]
+        self.groups = [
+            _RowsBackward(
+                span,
+                chunks,
+                hidden[rows],
+                grad_output[rows],
+                None if prompts is None else prompts[:, rows],
+                adapter,
+            )
+            for rows in row_groups(hidden.shape[0], hidden.shape[1], span.prefill_chunk)
+        ]
+        self.dtypes = (hidden.dtype, None if prompts is None else prompts.dtype)
         self.result: tuple[Tensor, ...] | None = None
+
+    def jobs(self) -> list[Callable[[], None]]:
+        jobs = [job for group in self.groups for job in group.jobs()]
+        # Joining the groups' gradients rides on the last job: one hop fewer.
+        jobs[-1] = functools.partial(_in_turn, jobs[-1], self._finish)
+        return jobs
+
+    def _finish(self) -> None:
+        hidden_dtype, prompts_dtype = self.dtypes
+        wrt_hidden, wrt_prompts = [], []
+        for group in self.groups:
+            assert group.grad is not None
+            wrt_hidden.append(group.grad[0])
+            if group.grad[1] is not None:
+                wrt_prompts.append(group.grad[1])
+        replies = [to_wire(_join(wrt_hidden), hidden_dtype)]
+        if prompts_dtype is not None:
+            replies.append(to_wire(_join(wrt_prompts, dim=1), prompts_dtype))
+        self.result = tuple(replies)
+
+
+class _RowsBackward:
+    """``ChunkedBackward``'s jobs for one group of rows."""
+
+    def __init__(
+        self,
+        span: BlockSpan,
+        chunks: list[tuple[int, int]],
+        hidden: Tensor,
+        grad_output: Tensor,
+        prompts: Tensor | None,
+        adapter: str | None,
+    ) -> None:
+        self.span = span
+        self.chunks = chunks
+        self.start = chunks[0][0]
+        self.adapter = adapter
         self._received = (hidden, grad_output, prompts)  # as they came, cast on the worker
         self._prompts: Tensor | None = None
         self._grad: Tensor | None = None
         self._inputs: list[Tensor] = []  # the input of chunk i at index i
         self._grad_prompts: list[Tensor] = []  # from the last chunk back
+        # (w.r.t. hidden, w.r.t. prompts or None) on the device, once done.
+        self.grad: tuple[Tensor, Tensor | None] | None = None
 
     def jobs(self) -> list[Callable[[], None]]:
         n = len(self.chunks)
@@ -123,9 +229,10 @@ class ChunkedBackward:
         if self._inputs:
             return
         hidden, grad, prompts = self._received
-        self._inputs.append(to_span(hidden, self.span))
-        self._grad = to_span(grad, self.span)
-        self._prompts = None if prompts is None else to_span(prompts, self.span)
+        self._inputs.append(input_on_span(hidden, self.span, "hidden states"))
+        self._grad = input_on_span(grad, self.span, "output gradients")
+        if prompts is not None:
+            self._prompts = input_on_span(prompts, self.span, "deep prompts")
 
     def _chunk_prompts(self, i: int) -> Tensor | None:
         a, b = self.chunks[i]
@@ -156,12 +263,14 @@ class ChunkedBackward:
         if grad_prompts is not None:
             self._grad_prompts.append(grad_prompts)
         if i == 0:
-            self._finish()
+            prompts = torch.cat(self._grad_prompts[::-1]) if self._grad_prompts else None
+            self.grad = (grad, prompts)
 
-    def _finish(self) -> None:
-        assert self._grad is not None
-        hidden, _, prompts = self._received
-        replies = [to_wire(self._grad, hidden.dtype)]
-        if prompts is not None:
-            replies.append(to_wire(torch.cat(self._grad_prompts[::-1]), prompts.dtype))
-        self.result = tuple(replies)
+
+def _in_turn(first: Callable[[], None], then: Callable[[], None]) -> None:
+    first()
+    then()
+
+
+def _join(parts: list[Tensor], dim: int = 0) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

@@ -4,7 +4,8 @@ Handlers turn wire messages into calls on the span and back: each request
 is checked field by field (``_validate``) before any work is queued, inputs
 are cast to the compute dtype and replies back to the request's dtype
 (``cast_for_wire`` refuses an fp16 overflow with ``TensorOverflowError``);
-both happen on the worker (``_compute.to_span``, ``to_wire``).
+both happen on the worker (``_compute.input_on_span``, which also refuses
+NaN and infinities, and ``to_wire``).
 Every error a handler raises ends only its own call or stream; the
 connection layer sends it to that client with its kind.
 """
@@ -155,7 +156,7 @@ def _forward_job(
     adapter: str | None,
 ) -> Tensor:
     # Casts run here, on the worker, not on the event loop: bulk inputs are big.
-    x = _compute.to_span(hidden, span)
-    p = None if prompts is None else _compute.to_span(prompts, span)
+    x = _compute.input_on_span(hidden, span, "hidden states")
+    p = None if prompts is None else _compute.input_on_span(prompts, span, "deep prompts")
     out = _compute.forward(span, pool, x, start, end, prompts=p, adapter=adapter)
     return _compute.to_wire(out, hidden.dtype)

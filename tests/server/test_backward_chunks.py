@@ -19,6 +19,10 @@ from .conftest import running_servers
 
 H = 64
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
+# Fewer rows per matmul can take another CPU GEMM kernel (tests/server/
+# test_scheduling.py), whose last-bit differences grow over five blocks'
+# forward and backward: row groups agree to fp32 rounding, not bit for bit.
+ROWS = {"rtol": 1e-4, "atol": 1e-4}
 
 
 def rand(*shape: int, seed: int) -> torch.Tensor:
@@ -54,16 +58,21 @@ def autograd_reference(span, hidden, grad_out, start, end, prompts, adapter):
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5])
 @pytest.mark.parametrize("deep", [False, True])
 @pytest.mark.parametrize("adapter", [None, "tuned"])
-def test_chunked_backward_equals_autograd_over_the_whole_span(lora_span, chunk, deep, adapter):
+@pytest.mark.parametrize(("prefill_chunk", "row_groups"), [(512, 1), (18, 2), (9, 3)])
+def test_chunked_backward_equals_autograd_over_the_whole_span(
+    lora_span, monkeypatch, chunk, deep, adapter, prefill_chunk, row_groups
+):
+    """Chunks of blocks, and of rows: a row group holds at most prefill_chunk tokens."""
+    monkeypatch.setattr(lora_span, "prefill_chunk", prefill_chunk)
     start, end = 1, 6
-    hidden, grad_out = rand(2, 9, H, seed=1), rand(2, 9, H, seed=2)
-    prompts = rand(end - start, 2, 3, H, seed=3) * 0.1 if deep else None
+    hidden, grad_out = rand(3, 9, H, seed=1), rand(3, 9, H, seed=2)
+    prompts = rand(end - start, 3, 3, H, seed=3) * 0.1 if deep else None
     plan = ChunkedBackward(
         lora_span, hidden, grad_out, start, end, chunk=chunk, prompts=prompts, adapter=adapter
     )
     jobs = plan.jobs()
     chunks = -(-(end - start) // chunk)
-    assert len(jobs) == 2 * chunks - 1
+    assert len(jobs) == row_groups * (2 * chunks - 1)
     for job in jobs:
         assert plan.result is None
         job()
@@ -71,7 +80,7 @@ def test_chunked_backward_equals_autograd_over_the_whole_span(lora_span, chunk, 
     expected = autograd_reference(lora_span, hidden, grad_out, start, end, prompts, adapter)
     assert len(plan.result) == len(expected)
     for got, want in zip(plan.result, expected, strict=True):
-        torch.testing.assert_close(got, want, **FP32)
+        torch.testing.assert_close(got, want, **(FP32 if row_groups == 1 else ROWS))
 
 
 def test_replies_of_a_chunked_backward_come_in_the_request_dtypes(lora_span):

@@ -271,3 +271,26 @@ async def test_a_step_back_to_an_earlier_position_recomputes_from_there(gqa, mak
         torch.testing.assert_close(rolled_back, straight)
         assert not torch.allclose(differs, straight)  # position 3 matters: the check can fail
         await assert_healthy(conn)
+
+
+async def test_nan_or_infinite_inputs_are_invalid_requests(gqa, make_config):
+    """Checked on the worker before any block runs: a NaN would spread to
+    every later position of its row and come back as noise."""
+    async with running_servers([make_config(gqa, (2, 6))]) as (servers, pool):
+        conn = await pool.get(servers[0].address)
+        fine, nan = x(2, 3, H), x(2, 3, H)
+        nan[1, 2, 5] = float("nan")
+        inf_prompts = x(4, 2, 2, H)
+        inf_prompts[3, 0, 0, 0] = float("-inf")
+        span = {"start": 2, "end": 6}
+        cases = [
+            ("forward", (nan,), "hidden states hold 1 NaN or infinite"),
+            ("forward", (fine, inf_prompts), "deep prompts hold 1 NaN or infinite"),
+            ("backward", (nan, fine), "hidden states hold 1 NaN"),
+            ("backward", (fine, nan), "output gradients hold 1 NaN"),
+            ("backward", (fine, fine, inf_prompts), "deep prompts hold 1 NaN"),
+        ]
+        for method, tensors, message in cases:
+            with pytest.raises(InvalidRequestError, match=message):
+                await conn.call(method, span, tensors)
+        await assert_healthy(conn)
