@@ -97,7 +97,9 @@ class SyncClient:
         return self._run(self._client.generate, prompt, max_new_tokens=max_new_tokens, **sampling)
 
     def stream(self, prompt: Prompt, *, max_new_tokens: int, **sampling: Any) -> Iterator[int]:
-        """Tokens as they come; leaving the loop early closes the session."""
+        """Tokens as they come. Leaving the ``for`` loop early (``break``, an
+        exception) closes the remote sessions at once; a caller that keeps
+        the iterator in a variable ends it with ``.close()``."""
         tokens = self._client.stream(prompt, max_new_tokens=max_new_tokens, **sampling)
         try:
             while True:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -231,14 +231,19 @@ class Client:
         ids = as_token_ids(self._prompt_ids(prompt), self.config.vocab_size)
         stops = self.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
         total = ids.shape[1] + max_new_tokens
-        async with self.inference_session(max_length=total) as session:
-            async for token in generate_tokens(
-                session,
-                ids,
-                max_new_tokens=max_new_tokens,
-                sampling=sampling,
-                stop_tokens=stops,
-            ):
+        async with (
+            self.inference_session(max_length=total) as session,
+            aclosing(
+                generate_tokens(
+                    session,
+                    ids,
+                    max_new_tokens=max_new_tokens,
+                    sampling=sampling,
+                    stop_tokens=stops,
+                )
+            ) as tokens,
+        ):
+            async for token in tokens:
                 self.last_route = session.route
                 yield token
 
