@@ -85,20 +85,15 @@ def forward(
     prompts: Tensor | None = None,
     adapter: str | None = None,
 ) -> Tensor:
-    """``hidden: [B, T, D]`` through blocks ``[start, end)``; ``prompts: [end-start, B, P, D]``."""
-    outs = [
-        _forward_rows(
-            span,
-            pool,
-            hidden[rows],
-            start,
-            end,
-            prompts=None if prompts is None else prompts[:, rows],
-            adapter=adapter,
-        )
-        for rows in row_groups(hidden.shape[0], hidden.shape[1], span.prefill_chunk)
-    ]
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    """``hidden: [B, T, D]`` as received through blocks ``[start, end)``;
+    ``prompts: [end-start, B, P, D]``. The reply, on the host in ``hidden``'s dtype."""
+    outs = []
+    for rows in row_groups(hidden.shape[0], hidden.shape[1], span.prefill_chunk):
+        x = input_on_span(hidden[rows], span, "hidden states")
+        p = None if prompts is None else input_on_span(prompts[:, rows], span, "deep prompts")
+        out = _forward_rows(span, pool, x, start, end, prompts=p, adapter=adapter)
+        outs.append(to_wire(out, hidden.dtype))
+    return _join(outs)
 
 
 def _forward_rows(

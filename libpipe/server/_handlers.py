@@ -20,7 +20,6 @@ from torch import Tensor
 
 from .. import __version__
 from ..errors import InvalidRequestError
-from ..model import BlockSpan, KVCachePool
 from ..net import CallContext, Message, Router
 from ..wire import PROTOCOL_VERSION
 from . import _compute, _validate
@@ -55,26 +54,17 @@ class RpcHandlers:
 
     async def forward(self, ctx: CallContext, msg: Message) -> Message:
         s = self.s
-        s.admit("forward calls")
-        start, end = s.sub_span(msg.meta)
-        adapter = self.s.adapter(msg.meta)
-        _validate.tensor_count(msg.tensors, (1, 2), "forward")
-        hidden = msg.tensors[0]
-        self._check_hidden(hidden)
-        prompts = self._prompts(msg.tensors[1:], end - start, hidden)
-        job = functools.partial(_forward_job, s.span, s.pool, hidden, start, end, prompts, adapter)
+        start, end, adapter, (hidden,), prompts = self._bulk_request(msg, "forward", 1)
+        job = functools.partial(
+            _compute.forward, s.span, s.pool, hidden, start, end, prompts=prompts, adapter=adapter
+        )
         with s.sessions.call():
             out = await s.executor.call(Priority.BULK, job)
         return Message({}, (out,))
 
     async def backward(self, ctx: CallContext, msg: Message) -> Message:
         s = self.s
-        s.admit("backward calls")
-        start, end = s.sub_span(msg.meta)
-        adapter = self.s.adapter(msg.meta)
-        _validate.tensor_count(msg.tensors, (2, 3), "backward")
-        hidden, grad = msg.tensors[0], msg.tensors[1]
-        self._check_hidden(hidden)
+        start, end, adapter, (hidden, grad), prompts = self._bulk_request(msg, "backward", 2)
         _validate.hidden_states(
             grad,
             s.hidden_size,
@@ -82,7 +72,6 @@ class RpcHandlers:
             batch=hidden.shape[0],
             tokens=hidden.shape[1],
         )
-        prompts = self._prompts(msg.tensors[2:], end - start, hidden)
         plan = _compute.ChunkedBackward(
             s.span,
             hidden,
@@ -103,6 +92,21 @@ class RpcHandlers:
         return Message({}, plan.result)
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _bulk_request(
+        self, msg: Message, method: str, inputs: int
+    ) -> tuple[int, int, str | None, tuple[Tensor, ...], Tensor | None]:
+        """What forward and backward share: admission, blocks, adapter, and
+        ``inputs`` tensors (the first one the hidden states) then optional
+        deep prompts, checked (the rest of the inputs are the caller's)."""
+        s = self.s
+        s.admit(f"{method} calls")
+        start, end = s.sub_span(msg.meta)
+        adapter = s.adapter(msg.meta)
+        _validate.tensor_count(msg.tensors, (inputs, inputs + 1), method)
+        self._check_hidden(msg.tensors[0])
+        prompts = self._prompts(msg.tensors[inputs:], end - start, msg.tensors[0])
+        return start, end, adapter, msg.tensors[:inputs], prompts
 
     def _check_hidden(self, hidden: Tensor) -> None:
         _validate.hidden_states(hidden, self.s.hidden_size)
@@ -144,19 +148,3 @@ def info_meta(s: Serving) -> dict[str, Any]:
         "active_sessions": len(s.sessions),
         "adapters": sorted(s.span.adapters),
     }
-
-
-def _forward_job(
-    span: BlockSpan,
-    pool: KVCachePool,
-    hidden: Tensor,
-    start: int,
-    end: int,
-    prompts: Tensor | None,
-    adapter: str | None,
-) -> Tensor:
-    # Casts run here, on the worker, not on the event loop: bulk inputs are big.
-    x = _compute.input_on_span(hidden, span, "hidden states")
-    p = None if prompts is None else _compute.input_on_span(prompts, span, "deep prompts")
-    out = _compute.forward(span, pool, x, start, end, prompts=p, adapter=adapter)
-    return _compute.to_wire(out, hidden.dtype)

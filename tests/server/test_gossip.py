@@ -37,7 +37,14 @@ async def test_three_servers_with_peers_see_each_others_records(gqa, make_config
         async with running_servers(configs) as (others, _):
             everyone = [first, *others]
             ids = {s.peer_id for s in everyone}
-            await wait_until(lambda: all(set(records(s)) == ids for s in everyone))
+            # A server announces itself joining before online: wait for the latter.
+            await wait_until(
+                lambda: all(
+                    set(records(s)) == ids
+                    and all(r.state is RecordState.ONLINE for r in records(s).values())
+                    for s in everyone
+                )
+            )
             view = records(others[1])
             for server in everyone:
                 record = view[server.peer_id]
