@@ -6,6 +6,8 @@ the server, the swarm and the simulator all call the same code (see
 
 - ``route(views, num_blocks, ...)`` -> ``Route``: the cheapest chain of hops.
 - ``ServerView``: one server as routing sees it (span, speeds, RTT, cache).
+- ``Forwarding``: route costed as servers forwarding to each other
+  (``route(..., forwarding=...)``); None keeps the client-centric cost.
 - ``ModelSpec``, ``ServerSpec``, ``Workload``, ``Network``,
   ``PlacementProblem``: a scenario's inputs to the performance model.
 - ``get_algorithm(name)`` / ``ALGORITHMS``: petals, cg-bp, libpipe, milp,
@@ -49,4 +51,9 @@ from ._span import (
     span_blocks as span_blocks,
     swarm_score as swarm_score,
 )
-from ._view import Hop as Hop, Route as Route, ServerView as ServerView
+from ._view import (
+    Forwarding as Forwarding,
+    Hop as Hop,
+    Route as Route,
+    ServerView as ServerView,
+)

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ._view import ServerView
+from ._view import Forwarding, ServerView
 
 # PETALS reserves cache for this many tokens per hosted block whatever the
 # workload (its server's default attention cache size), in fp16.
@@ -244,6 +244,16 @@ class PlacementProblem:
                 )
             )
         return out
+
+    def forwarding(self, client: str) -> Forwarding:
+        """Forwarding as seen from ``client``: server-to-server RTTs from the
+        servers' locations, and the network's per-hop overhead split over
+        the hop's two messages (a client-centric hop is a request and a
+        reply, each paying half; a forwarded route of k hops sends k + 1
+        messages, see docs/placement.md)."""
+        where = {spec.name: spec.location for spec in self.servers}
+        client_rtt = {name: self.network.between(client, loc) for name, loc in where.items()}
+        return Forwarding(self.network.between, client_rtt, self.network.hop_overhead / 2, where)
 
 
 def block_capacity(spec: ServerSpec, model: ModelSpec, per_block_reserve: int) -> int:

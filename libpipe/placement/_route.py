@@ -33,7 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from ..errors import ConfigError, NoRouteError
-from ._view import Hop, Route, ServerView, _is_int, _is_number
+from ._forward import forwarded_cost, forwarded_hops
+from ._view import Forwarding, Hop, Route, ServerView, _is_int, _is_number
 
 Objective = Literal["latency", "throughput"]
 CachePenalty = Literal["wait", "petals"]
@@ -61,6 +62,7 @@ def route(
     load: Mapping[str, float] | None = None,
     rng: random.Random | None = None,
     cache_penalty: CachePenalty = "wait",
+    forwarding: Forwarding | None = None,
 ) -> Route:
     """The cheapest chain of hops through blocks [start, end) (end defaults to
     ``num_blocks``).
@@ -81,6 +83,11 @@ def route(
     ``PETALS_ALLOC_DELAY_S`` on any hop of a server that cannot hold the
     session on its whole span (the baseline's router).
 
+    ``forwarding`` (optional) costs the route as servers forwarding to each
+    other (client -> s1 -> ... -> sk -> client, see ``Forwarding``) instead
+    of the client calling each hop in turn; None keeps the client-centric
+    cost, where each hop pays its view's ``rtt``.
+
     Raises ``NoRouteError`` naming the uncovered block ranges
     (``details["missing"]``, a list of [a, b)) and ``ConfigError`` for
     arguments that make no sense.
@@ -89,6 +96,8 @@ def route(
     _check_arguments(num_blocks, start, end, session_tokens, batch, objective, load)
     if cache_penalty not in ("wait", "petals"):
         raise ConfigError(f"cache_penalty must be 'wait' or 'petals', got {cache_penalty!r}")
+    if forwarding is not None and not isinstance(forwarding, Forwarding):
+        raise ConfigError(f"forwarding must be a Forwarding or None, got {forwarding!r}")
     if start == end:
         return Route((), 0.0)
     views = _usable_views(servers, num_blocks, start, end)
@@ -111,8 +120,12 @@ def route(
         order = list(range(len(views)))
         rng.shuffle(order)
         rank = {v.peer_id: order[n] for n, v in enumerate(views)}
-    hops = _merge_revisits(_shortest_hops(edges, rank, start, end))
     by_id = {e.view.peer_id: e for e in edges}
+    if forwarding is not None:
+        found, trips = forwarded_hops(edges, rank, start, end, forwarding)
+        hops = _merge_revisits(found)
+        return Route(tuple(hops), forwarded_cost(hops, by_id, trips))
+    hops = _merge_revisits(_shortest_hops(edges, rank, start, end))
     cost = sum(by_id[h.peer_id].cost(h.end - h.start, reported=True) for h in hops)
     return Route(tuple(hops), cost)
 
@@ -161,10 +174,12 @@ class _Edges:
         penalty = _penalties(view, tokens, session_tokens, cache_penalty)
         return cls(view, view.rtt, per_block, reported, penalty)
 
-    def cost(self, n: int, *, reported: bool = False) -> float:
+    def cost(self, n: int, *, reported: bool = False, fixed: bool = True) -> float:
+        """n blocks on this server; ``fixed=False`` leaves out the per-hop
+        RTT (forwarding costs the trips between hops itself)."""
         extra = self.penalty[n] if self.penalty is not None else 0.0
         rate = self.reported_per_block if reported else self.per_block
-        return self.fixed + n * rate + extra
+        return (self.fixed if fixed else 0.0) + n * rate + extra
 
 
 def _penalties(

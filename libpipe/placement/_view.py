@@ -8,7 +8,8 @@ client's own RTT measurements; the simulator fills it from a scenario.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
@@ -95,6 +96,67 @@ class ServerView:
 
 
 @dataclass(frozen=True)
+class Forwarding:
+    """Server-to-server forwarding: a decode step goes client -> s1 -> s2 ->
+    ... -> sk -> client, each server pushing its output straight to the next
+    (the client still receives every hop's output, off the critical path).
+
+    A route's per-token time is then the one-way trips on that path plus the
+    compute: client_rtt(s1) / 2 + sum server_rtt(s_i, s_i+1) / 2 +
+    client_rtt(sk) / 2 + (k + 1) * ``message_overhead`` + sum k_j * tau_j
+    (+ each hop's cache penalty, as without forwarding).
+
+    - ``server_rtt(a, b)``: round trip in seconds between the sites of two
+      servers (the caller's best estimate; it must answer for every pair
+      routing asks about, with a finite number >= 0). Routing asks it once
+      per pair of sites per call, never for a server with itself.
+    - ``client_rtt``: the client's round trip to each server by peer id; a
+      server not in it uses its view's ``rtt``.
+    - ``message_overhead``: seconds charged per message on the critical path
+      (k + 1 messages for k hops), for costs the RTTs leave out.
+    - ``site``: peer id -> the name of its site, for servers that share
+      their RTTs to everyone (a cluster, a host): ``server_rtt`` is then
+      asked about sites, which keeps swarms of hundreds of servers fast. A
+      server not in it is its own site, named by its peer id; so without
+      ``site``, ``server_rtt`` is asked about peer ids.
+    """
+
+    server_rtt: Callable[[str, str], float]
+    client_rtt: Mapping[str, float] = field(default_factory=dict)
+    message_overhead: float = 0.0
+    site: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not callable(self.server_rtt):
+            raise ConfigError(f"forwarding needs a callable server_rtt, got {self.server_rtt!r}")
+        if not isinstance(self.client_rtt, Mapping):
+            raise ConfigError(
+                f"forwarding client_rtt must map peer ids to seconds, got {self.client_rtt!r}"
+            )
+        for peer, value in self.client_rtt.items():
+            _check_seconds(f"forwarding client_rtt of {peer}", value)
+        if not (
+            isinstance(self.site, Mapping)
+            and all(isinstance(name, str) for name in self.site.values())
+        ):
+            raise ConfigError(f"forwarding site must map peer ids to names, got {self.site!r}")
+        _check_seconds("forwarding message_overhead", self.message_overhead)
+
+    def client_one_way(self, view: ServerView) -> float:
+        """Seconds for one message between the client and ``view``'s server."""
+        return self.client_rtt.get(view.peer_id, view.rtt) / 2 + self.message_overhead
+
+    def site_of(self, peer_id: str) -> str:
+        return self.site.get(peer_id, peer_id)
+
+    def site_one_way(self, a: str, b: str) -> float:
+        """Seconds for one message from a server at site ``a`` to one at ``b``."""
+        value = self.server_rtt(a, b)
+        _check_seconds(f"forwarding server_rtt({a!r}, {b!r})", value)
+        return value / 2 + self.message_overhead
+
+
+@dataclass(frozen=True)
 class Hop:
     """Blocks [start, end) of the model computed on server ``peer_id``."""
 
@@ -111,7 +173,8 @@ class Route:
     computed for: for "latency", sum over hops of ``rtt + blocks * tau_decode``
     plus the waiting penalty spread over the session's tokens; for
     "throughput", the load-weighted bulk-forward time (without the random
-    spreading factor).
+    spreading factor). With ``Forwarding`` the per-hop ``rtt`` terms are
+    replaced by the one-way trips of the forwarded path (see ``Forwarding``).
     """
 
     hops: tuple[Hop, ...]
@@ -124,6 +187,11 @@ class Route:
     @property
     def end(self) -> int | None:
         return self.hops[-1].end if self.hops else None
+
+
+def _check_seconds(what: str, value: object) -> None:
+    if not (_is_number(value) and math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{what} must be a finite number >= 0, got {value!r}")
 
 
 def _is_int(value: object) -> bool:
