@@ -92,6 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="blocks per compute job of a backward call; decode steps run between jobs (default 1)",
     )
+    add(
+        "--bulk-bytes",
+        help="inputs of forward/backward calls held at once (queued or computing), e.g. 2G; "
+        "past it new calls are refused as busy (default 1G)",
+    )
     add("--adapters", nargs="*", default=[], metavar="DIR", help="LoRA adapters (PEFT layout)")
     add("--throughput", metavar="DECODE,FORWARD", help="announce these instead of measuring")
     add(
@@ -188,6 +193,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "num_blocks": args.num_blocks,
         "memory_bytes": parse_bytes(args.memory, "--memory") if args.memory else None,
         "rebalance_period": args.rebalance_period,
+        "bulk_bytes": parse_bytes(args.bulk_bytes, "--bulk-bytes") if args.bulk_bytes else None,
     }
     return ServerConfig(
         model_dir=Path(args.model_dir),

@@ -22,6 +22,9 @@ DEFAULT_MAX_LENGTH = 8192
 DEFAULT_IDLE_TIMEOUT = 60.0
 # systemd waits 90 s between SIGTERM and SIGKILL; half of it leaves room to exit.
 DEFAULT_DRAIN_GRACE = 30.0
+# Inputs of forward/backward calls held at once (queued or computing): two
+# calls at the frame limit (512 MiB each), a few hundred of common size.
+DEFAULT_BULK_BYTES = 1 << 30
 # Rows in one batched decode pass; beyond ~64 a CPU or small GPU is
 # compute-bound and a bigger batch only adds latency to every member.
 DEFAULT_MAX_BATCH = 64
@@ -74,6 +77,8 @@ class ServerConfig:
     # fewest activations; more blocks recompute less (one forward of all
     # chunks but the last is the price of chunking).
     backward_chunk: int = 1
+    # Bytes of forward/backward inputs held at once; past it calls are busy.
+    bulk_bytes: int = DEFAULT_BULK_BYTES
     # (decode steps/s, forward tokens/s) to announce instead of measuring.
     throughput: tuple[float, float] | None = None
     # Seconds spent timing each of decode and forward when measuring: a
@@ -109,7 +114,7 @@ class ServerConfig:
         for name in ("cache_bytes",):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
-        for name in ("max_length", "max_batch", "prefill_chunk", "backward_chunk"):
+        for name in ("max_length", "max_batch", "prefill_chunk", "backward_chunk", "bulk_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("idle_timeout", "drain_grace", "record_interval", "rebalance_period"):

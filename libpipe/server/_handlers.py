@@ -58,7 +58,7 @@ class RpcHandlers:
         job = functools.partial(
             _compute.forward, s.span, s.pool, hidden, start, end, prompts=prompts, adapter=adapter
         )
-        with s.sessions.call():
+        with s.bulk_call(msg.tensors):
             out = await s.executor.call(Priority.BULK, job)
         return Message({}, (out,))
 
@@ -82,7 +82,7 @@ class RpcHandlers:
             prompts=prompts,
             adapter=adapter,
         )
-        with s.sessions.call():
+        with s.bulk_call(msg.tensors):
             # Every job of the call ages from its arrival: past max_wait each
             # goes first again, so a chunked backward is not starved by decoding.
             since = trio.current_time()

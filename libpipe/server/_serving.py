@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DrainingError, InvalidRequestError
+from torch import Tensor
+
+from ..errors import BusyError, DrainingError, InvalidRequestError
 from ..model import BlockSpan, KVCachePool
 from ..swarm import RecordState
 from . import _validate
@@ -30,6 +34,8 @@ class Serving:
     state: RecordState = RecordState.JOINING
     # Spans this server held before it moved (server/_rebalance.py).
     retired: list[tuple[int, int]] = field(default_factory=list)
+    # Bytes of the inputs of forward/backward calls held now (``bulk_call``).
+    bulk_bytes: int = 0
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -68,6 +74,31 @@ class Serving:
     def admit(self, what: str) -> None:
         if self.state is RecordState.DRAINING:
             raise DrainingError(f"this server is draining and takes no new {what}")
+
+    @contextmanager
+    def bulk_call(self, tensors: tuple[Tensor, ...]) -> Iterator[None]:
+        """Hold a forward/backward call's inputs while it queues and computes.
+
+        Every call waiting for the device keeps its inputs in memory (up to
+        the frame limit, 512 MiB, each), so past ``config.bulk_bytes`` of
+        them new calls are ``BusyError`` (the client tries another server)
+        instead of growing the daemon until the OS kills it. A call alone is
+        always taken, however big, so every size the wire allows can run."""
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        if self.bulk_bytes and self.bulk_bytes + nbytes > self.config.bulk_bytes:
+            raise BusyError(
+                f"this server holds {self.bulk_bytes} bytes of forward/backward inputs; "
+                f"{nbytes} more would pass its limit of {self.config.bulk_bytes}",
+                held=self.bulk_bytes,
+                requested=nbytes,
+                limit=self.config.bulk_bytes,
+            )
+        self.bulk_bytes += nbytes
+        try:
+            with self.sessions.call():
+                yield
+        finally:
+            self.bulk_bytes -= nbytes
 
     def adapter(self, meta: dict[str, Any]) -> str | None:
         """The LoRA adapter a request names, checked against those loaded."""

@@ -3,11 +3,14 @@ the next good request works and no cache or session is left behind."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import trio
 
 from libpipe.errors import (
+    BusyError,
     CacheFullError,
     ConnectionClosedError,
     DrainingError,
@@ -293,4 +296,40 @@ async def test_nan_or_infinite_inputs_are_invalid_requests(gqa, make_config):
         for method, tensors, message in cases:
             with pytest.raises(InvalidRequestError, match=message):
                 await conn.call(method, span, tensors)
+        await assert_healthy(conn)
+
+
+async def test_forward_backward_inputs_past_the_bulk_limit_are_busy(gqa, make_config):
+    """Queued calls keep their inputs in memory: past bulk_bytes of them a
+    new call is busy, a call alone is always taken, and the bytes are given
+    back when calls end (also when they fail)."""
+    async with running_servers([make_config(gqa, (2, 6), bulk_bytes=2000)]) as (servers, pool):
+        serving = servers[0].serving
+        conn = await pool.get(servers[0].address)
+        span = {"start": 2, "end": 6}
+        entered, gate = threading.Event(), threading.Event()
+        forward = serving.span.forward
+
+        def held_forward(*args, **kwargs):
+            entered.set()
+            gate.wait(30)
+            return forward(*args, **kwargs)
+
+        serving.span.forward = held_forward
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.call, "forward", span, (x(1, 3, H),))  # 768 bytes
+            await trio.to_thread.run_sync(entered.wait, 30)
+            assert serving.bulk_bytes == 768
+            with pytest.raises(BusyError, match="limit of 2000"):
+                await conn.call("forward", span, (x(1, 5, H),))  # 1280 more
+            with pytest.raises(BusyError):
+                await conn.call("backward", span, (x(1, 3, H), x(1, 3, H)))
+            gate.set()
+        del serving.span.forward
+        assert serving.bulk_bytes == 0
+        big = await conn.call("forward", span, (x(1, 9, H),))  # 2304 bytes, alone: taken
+        assert big.tensors[0].shape == (1, 9, H)
+        with pytest.raises(InvalidRequestError):
+            await conn.call("forward", span, (torch.full((1, 3, H), float("nan")),))
+        assert serving.bulk_bytes == 0
         await assert_healthy(conn)
