@@ -41,26 +41,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="do not stop at the checkpoint's eos token; always make --max-new-tokens",
     )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end when the generated text contains TEXT (needs tokenizer.json); repeatable",
+    )
+    parser.add_argument(
+        "--stop-ids",
+        action="append",
+        default=[],
+        metavar="ID,ID,...",
+        help="end when the generated ids end with this sequence; repeatable",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     parser.set_defaults(func=_run)
 
 
-def parse_ids(text: str) -> list[int]:
-    """``"1,2,3"`` -> ``[1, 2, 3]``."""
+def parse_ids(text: str, flag: str = "--prompt-ids") -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; errors name ``flag``."""
     try:
         ids = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(
-            f"--prompt-ids must be integers separated by commas, got {text!r}"
-        ) from None
+        raise ConfigError(f"{flag} must be integers separated by commas, got {text!r}") from None
     if not ids:
-        raise ConfigError("--prompt-ids needs at least one token id")
+        raise ConfigError(f"{flag} needs at least one token id")
     return ids
 
 
 def _run(args: argparse.Namespace) -> int:
     # Arguments first: a typo costs no torch import.
     prompt: str | list[int] = args.prompt if args.prompt is not None else parse_ids(args.prompt_ids)
+    stop: list[str | list[int]] = [*args.stop, *(parse_ids(i, "--stop-ids") for i in args.stop_ids)]
     peers = peers_of(args)
     import trio
 
@@ -75,13 +88,17 @@ def _run(args: argparse.Namespace) -> int:
     )
     if isinstance(prompt, str) and not client.has_tokenizer:
         raise ConfigError(f"--prompt needs {args.model}/tokenizer.json; use --prompt-ids")
-    result = trio.run(_generate, client, prompt, args)
+    if args.stop and not client.has_tokenizer:
+        raise ConfigError(f"--stop needs {args.model}/tokenizer.json; use --stop-ids")
+    result = trio.run(_generate, client, prompt, stop, args)
     if args.json:
         print(json.dumps(result))
     return 0
 
 
-async def _generate(client: Any, prompt: str | list[int], args: argparse.Namespace) -> dict:
+async def _generate(
+    client: Any, prompt: str | list[int], stop: list[str | list[int]], args: argparse.Namespace
+) -> dict:
     from ..client import TextStream
 
     text = TextStream(client.decode)
@@ -99,6 +116,7 @@ async def _generate(client: Any, prompt: str | list[int], args: argparse.Namespa
             top_k=args.top_k,
             seed=args.seed,
             stop_tokens=() if args.no_stop else None,
+            stop=stop,
         ):
             if first_token_s is None:
                 first_token_s = time.perf_counter() - connected

@@ -21,8 +21,9 @@ import trio
 from torch import Tensor
 
 from ..errors import ConnectionClosedError
+from ..model import ModelConfig
 from ._client import Client, Prompt
-from ._generate import InferenceSession
+from ._generate import InferenceSession, StopEntry
 from ._remote_blocks import RemoteBlocks
 from ._routing import PlannedHop
 
@@ -93,14 +94,76 @@ class SyncClient:
         """The async client underneath (its attributes are safe to read)."""
         return self._client
 
-    def generate(self, prompt: Prompt, *, max_new_tokens: int, **sampling: Any) -> list[int]:
-        return self._run(self._client.generate, prompt, max_new_tokens=max_new_tokens, **sampling)
+    @property
+    def config(self) -> ModelConfig:
+        return self._client.config
 
-    def stream(self, prompt: Prompt, *, max_new_tokens: int, **sampling: Any) -> Iterator[int]:
-        """Tokens as they come. Leaving the ``for`` loop early (``break``, an
-        exception) closes the remote sessions at once; a caller that keeps
-        the iterator in a variable ends it with ``.close()``."""
-        tokens = self._client.stream(prompt, max_new_tokens=max_new_tokens, **sampling)
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._client.has_tokenizer
+
+    @property
+    def stop_tokens(self) -> Collection[int]:
+        """The default stop tokens: the checkpoint's ``eos_token_id``."""
+        return self._client.stop_tokens
+
+    @property
+    def last_route(self) -> list[PlannedHop]:
+        """The hops the last generation went through."""
+        return self._client.last_route
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_tokens: Collection[int] | None = None,
+        stop: str | Sequence[StopEntry] = (),
+    ) -> list[int]:
+        """``Client.generate``, blocking: ``ids = c.generate("Once", max_new_tokens=16)``."""
+        return self._run(
+            self._client.generate,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_tokens=stop_tokens,
+            stop=stop,
+        )
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_tokens: Collection[int] | None = None,
+        stop: str | Sequence[StopEntry] = (),
+    ) -> Iterator[int]:
+        """``Client.stream``, blocking: ``for token in c.stream(ids, max_new_tokens=16):``.
+
+        Leaving the ``for`` loop early (``break``, an exception) closes the
+        remote sessions at once; a caller that keeps the iterator in a
+        variable ends it with ``.close()``."""
+        tokens = self._client.stream(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_tokens=stop_tokens,
+            stop=stop,
+        )
         try:
             while True:
                 try:
@@ -112,9 +175,11 @@ class SyncClient:
                 self._run(tokens.aclose)
 
     def forward(self, hidden: Tensor, *, start: int = 0, end: int | None = None) -> Tensor:
+        """``Client.forward``, blocking."""
         return self._run(self._client.forward, hidden, start=start, end=end)
 
     def inference_session(self, *, max_length: int, batch: int = 1) -> SyncInferenceSession:
+        """``with c.inference_session(max_length=64) as s: logits = s.step(ids)``."""
         session = self._run(_make_session, self._client, max_length, batch)
         return SyncInferenceSession(self, session)
 
@@ -127,10 +192,6 @@ class SyncClient:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._client.decode(ids)
-
-    @property
-    def stop_tokens(self) -> Collection[int]:
-        return self._client.stop_tokens
 
 
 async def _remote_blocks(client: Client, **options: Any) -> RemoteBlocks:
@@ -152,6 +213,14 @@ class SyncInferenceSession:
     @property
     def position(self) -> int:
         return self._session.position
+
+    @property
+    def max_length(self) -> int:
+        return self._session.max_length
+
+    @property
+    def batch(self) -> int:
+        return self._session.batch
 
     @property
     def route(self) -> list[PlannedHop]:

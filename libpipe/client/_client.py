@@ -27,7 +27,14 @@ from ..swarm import GossipConfig
 from ._bulk import forward_span
 from ._context import SwarmContext
 from ._failover import RetryPolicy
-from ._generate import InferenceSession, as_token_ids, check_max_new_tokens, generate_tokens
+from ._generate import (
+    InferenceSession,
+    StopCondition,
+    StopEntry,
+    as_token_ids,
+    check_max_new_tokens,
+    generate_tokens,
+)
 from ._remote_blocks import RemoteBlocks
 from ._routing import PlannedHop
 from ._sampling import SamplingConfig
@@ -196,13 +203,26 @@ class Client:
         top_k: int = 0,
         seed: int | None = None,
         stop_tokens: Collection[int] | None = None,
+        stop: str | Sequence[StopEntry] = (),
     ) -> list[int]:
-        """The new token ids (greedy unless ``temperature > 0``). ``prompt``
-        is token ids, or text when the checkpoint has a tokenizer.
-        ``stop_tokens`` defaults to the checkpoint's ``eos_token_id``."""
-        return [
-            token
-            async for token in self.stream(
+        """The new token ids, greedy unless ``temperature > 0``::
+
+            ids = await client.generate("In the beginning", max_new_tokens=32)
+            ids = await client.generate([1, 5, 9], max_new_tokens=32, temperature=0.8,
+                                        top_p=0.9, seed=1, stop=["The end", [13, 13]])
+
+        ``prompt`` is token ids (a list, or a ``[t]`` / ``[1, t]`` tensor), or
+        text when the checkpoint has a tokenizer. ``top_k`` (0: off) and
+        ``top_p`` (1: off) cut the sampled distribution; ``seed`` makes a
+        sampled run reproducible, failovers included. Generation ends after
+        ``max_new_tokens``, or after the token that is one of ``stop_tokens``
+        (default: the checkpoint's ``eos_token_id``; ``()`` for none) or that
+        completes a ``stop`` entry: a token-id list, or a string found in
+        the generated text (needs the tokenizer). That last token is kept.
+        Bad arguments raise ``ConfigError`` / ``InvalidRequestError`` before
+        any server is asked."""
+        async with aclosing(
+            self.stream(
                 prompt,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
@@ -210,8 +230,10 @@ class Client:
                 top_k=top_k,
                 seed=seed,
                 stop_tokens=stop_tokens,
+                stop=stop,
             )
-        ]
+        ) as tokens:
+            return [token async for token in tokens]
 
     async def stream(
         self,
@@ -223,13 +245,27 @@ class Client:
         top_k: int = 0,
         seed: int | None = None,
         stop_tokens: Collection[int] | None = None,
+        stop: str | Sequence[StopEntry] = (),
     ) -> AsyncIterator[int]:
-        """Like ``generate``, yielding each token as soon as it is chosen."""
+        """``generate``, yielding each token as soon as it is chosen::
+
+            async with aclosing(client.stream(prompt, max_new_tokens=64)) as tokens:
+                async for token in tokens:
+                    ...
+
+        Leaving the loop early ends the generation and closes the servers'
+        sessions; ``aclosing`` makes that happen at once rather than when
+        the generator is collected."""
         self._open()
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         ids = as_token_ids(self._prompt_ids(prompt), self.config.vocab_size)
-        stops = self.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
+        stop_condition = StopCondition(
+            stop_tokens=self.stop_tokens if stop_tokens is None else stop_tokens,
+            stop=stop,
+            vocab_size=self.config.vocab_size,
+            decode=None if self._codec is None else self._codec.decode,
+        )
         total = ids.shape[1] + max_new_tokens
         async with (
             self.inference_session(max_length=total) as session,
@@ -239,7 +275,7 @@ class Client:
                     ids,
                     max_new_tokens=max_new_tokens,
                     sampling=sampling,
-                    stop_tokens=stops,
+                    stop=stop_condition,
                 )
             ) as tokens,
         ):

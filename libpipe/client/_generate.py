@@ -3,12 +3,17 @@
 The client holds the embeddings and the LM head (``ClientHead``); the
 blocks are remote (``RemoteSession``). Generation is the usual loop: one
 step with the whole prompt (prefill), then one step per new token, each
-token chosen by ``choose_next`` from the last position's logits.
+token chosen by ``choose_next`` from the last position's logits, until
+``max_new_tokens`` or a ``StopCondition``.
+
+Stops are checked on what was generated, never on the prompt, and the
+token that completes a stop is yielded: a stream cannot take back tokens
+it has already handed out, so ``generate`` keeps them too.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from types import TracebackType
 
 import torch
@@ -19,6 +24,7 @@ from ..model import ClientHead
 from ._routing import PlannedHop
 from ._sampling import SamplingConfig, choose_next
 from ._session import RemoteSession
+from ._tokenizer import TextStream
 
 
 class InferenceSession:
@@ -81,22 +87,113 @@ class InferenceSession:
         self._remote.rollback(position)
 
 
+StopEntry = str | Sequence[int]
+
+
+class StopCondition:
+    """What ends a generation before ``max_new_tokens``: one of
+    ``stop_tokens``, the token-id sequences of ``stop`` or, when ``decode``
+    is given, its strings appearing in the generated text. One per
+    generation: it remembers the tokens seen (``update``)."""
+
+    def __init__(
+        self,
+        *,
+        stop_tokens: Collection[int],
+        stop: Sequence[StopEntry],
+        vocab_size: int,
+        decode: Callable[[list[int]], str] | None,
+    ) -> None:
+        self._tokens = check_stop_tokens(stop_tokens, vocab_size)
+        self._sequences, self._texts = _split_stop(stop, vocab_size)
+        self._longest = max((len(q) for q in self._sequences), default=0)
+        self._recent: list[int] = []
+        self._text: TextStream | None = None
+        if self._texts:
+            if decode is None:
+                raise ConfigError("stop strings need the checkpoint's tokenizer.json")
+            self._text = TextStream(decode)
+        # Text already generated that a stop string could still begin in.
+        self._tail = ""
+
+    def update(self, token: int) -> bool:
+        """Whether the generation ends with ``token`` (the next token generated)."""
+        if token in self._tokens:
+            return True
+        if self._sequences:
+            self._recent = [*self._recent, token][-self._longest :]
+            if any(self._recent[-len(q) :] == list(q) for q in self._sequences):
+                return True
+        if self._text is not None:
+            text = self._tail + self._text.push(token)
+            if any(stop in text for stop in self._texts):
+                return True
+            keep = max(len(stop) for stop in self._texts) - 1
+            self._tail = text[-keep:] if keep else ""
+        return False
+
+
+def check_stop_tokens(stop_tokens: object, vocab_size: int) -> frozenset[int]:
+    """``stop_tokens`` as a set of token ids, each in ``[0, vocab_size)``."""
+    if isinstance(stop_tokens, (str, bytes, Tensor)) or not isinstance(stop_tokens, Collection):
+        raise ConfigError(f"stop_tokens must be a collection of token ids, got {stop_tokens!r}")
+    for token in stop_tokens:
+        _check_token(token, vocab_size, "stop_tokens")
+    return frozenset(stop_tokens)
+
+
+def _split_stop(
+    stop: object, vocab_size: int
+) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
+    """``stop`` (a string, or a list of strings and token-id lists) as its
+    token-id sequences and its strings."""
+    if isinstance(stop, str):
+        stop = [stop]
+    if isinstance(stop, (bytes, Tensor)) or not isinstance(stop, Sequence):
+        raise ConfigError(
+            f"stop must be a string or a list of strings and token-id lists, got {stop!r}"
+        )
+    sequences: list[tuple[int, ...]] = []
+    texts: list[str] = []
+    for entry in stop:
+        if isinstance(entry, str):
+            if not entry:
+                raise ConfigError("a stop string must not be empty")
+            texts.append(entry)
+        elif isinstance(entry, Sequence) and not isinstance(entry, bytes):
+            if not entry:
+                raise ConfigError("a stop token sequence must not be empty")
+            sequences.append(tuple(_check_token(t, vocab_size, "stop") for t in entry))
+        else:
+            raise ConfigError(
+                f"each stop entry must be a string or a list of token ids, got {entry!r} "
+                "(single stop tokens go in stop_tokens)"
+            )
+    return tuple(sequences), tuple(texts)
+
+
+def _check_token(token: object, vocab_size: int, name: str) -> int:
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+        raise ConfigError(f"{name} holds {token!r}, not a token id in [0, {vocab_size})")
+    return token
+
+
 async def generate_tokens(
     session: InferenceSession,
     prompt: Tensor,
     *,
     max_new_tokens: int,
     sampling: SamplingConfig,
-    stop_tokens: Collection[int],
+    stop: StopCondition,
 ) -> AsyncIterator[int]:
     """The new tokens of a batch-1 generation, one at a time. Stops after
-    ``max_new_tokens`` or at a stop token (which is yielded)."""
+    ``max_new_tokens`` or when ``stop`` says so (that token is yielded)."""
     generator = sampling.generator()
     logits = await session.step(prompt)  # prefill: [1, T, V]
     for n in range(max_new_tokens):
         token = int(choose_next(logits[:, -1], sampling, generator)[0])
         yield token
-        if token in stop_tokens or n == max_new_tokens - 1:
+        if stop.update(token) or n == max_new_tokens - 1:
             return
         logits = await session.step(torch.tensor([[token]]))
 
