@@ -22,6 +22,7 @@ from ._algorithms import (
     Algorithm as Algorithm,
     get_algorithm as get_algorithm,
 )
+from ._blocks import uncovered_ranges as uncovered_ranges
 from ._cgbp import place_cg_bp as place_cg_bp
 from ._evaluate import Evaluation as Evaluation, evaluate as evaluate
 from ._libpipe import place_libpipe as place_libpipe
@@ -38,11 +39,7 @@ from ._model import (
 )
 from ._petals import place_petals as place_petals
 from ._predict import Prediction as Prediction, predict as predict
-from ._route import (
-    UNSCHEDULED_WAIT_S as UNSCHEDULED_WAIT_S,
-    route as route,
-    uncovered_ranges as uncovered_ranges,
-)
+from ._route import UNSCHEDULED_WAIT_S as UNSCHEDULED_WAIT_S, route as route
 from ._span import (
     DEFAULT_MOVE_MARGIN as DEFAULT_MOVE_MARGIN,
     SwarmScore as SwarmScore,

@@ -13,13 +13,14 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError, NoRouteError
+from ..errors import ConfigError
+from ._blocks import check_covered
 from ._cgbp import place_cg_bp
 from ._libpipe import place_libpipe
 from ._milp import place_milp
 from ._model import Placement, PlacementProblem
 from ._petals import place_petals
-from ._route import CachePenalty, route, uncovered_ranges
+from ._route import CachePenalty, route
 from ._view import Route, ServerView
 
 
@@ -37,14 +38,12 @@ class Algorithm:
         ``NoRouteError`` naming the blocks no server could take."""
         placement = self.placer(problem)
         ordered = {s.name: placement.get(s.name, (0, 0)) for s in problem.servers}
-        missing = uncovered_ranges(ordered.values(), 0, problem.model.num_blocks)
-        if missing:
-            text = ", ".join(f"[{a}, {b})" for a, b in missing)
-            raise NoRouteError(
-                f"{self.name}: the servers' memory leaves blocks {text} uncovered",
-                missing=missing,
-                missing_blocks=missing,
-            )
+        check_covered(
+            ordered.values(),
+            0,
+            problem.model.num_blocks,
+            f"{self.name}: the servers' memory leaves uncovered",
+        )
         return ordered
 
     def route(

@@ -17,9 +17,9 @@ formula leaves blocks without any server, and no load can be served).
 
 from __future__ import annotations
 
+from ._blocks import covers
 from ._load import design_sessions
 from ._model import Placement, PlacementProblem, block_capacity
-from ._route import uncovered_ranges
 from ._windows import most_under_served_window
 
 
@@ -28,7 +28,7 @@ def place_cg_bp(problem: PlacementProblem, design_concurrency: int | None = None
         return _greedy(problem, design_concurrency)
     r = design_sessions(problem)
     placement = _greedy(problem, r)
-    if _covers(problem, placement):
+    if covers(placement.values(), problem.model.num_blocks):
         return placement
     return _greedy(problem, largest_covering_r(problem, below=r))
 
@@ -43,18 +43,18 @@ def largest_covering_r(problem: PlacementProblem, below: int | None = None) -> i
     lo = 1
     if below is None:
         hi = 2
-        while _covers(problem, _greedy(problem, hi)) and hi < 2**30:
+        while covers(_greedy(problem, hi).values(), problem.model.num_blocks) and hi < 2**30:
             hi *= 2
     else:
         hi = below
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _covers(problem, _greedy(problem, mid)) else (lo, mid)
+        lo, hi = (
+            (mid, hi)
+            if covers(_greedy(problem, mid).values(), problem.model.num_blocks)
+            else (lo, mid)
+        )
     return lo
-
-
-def _covers(problem: PlacementProblem, placement: Placement) -> bool:
-    return not uncovered_ranges(placement.values(), 0, problem.model.num_blocks)
 
 
 def _greedy(problem: PlacementProblem, r: int) -> Placement:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+from ._blocks import covers
 from ._cgbp import largest_covering_r, place_cg_bp
 from ._load import design_sessions
 from ._model import Placement, PlacementProblem, ServerSpec, block_capacity
@@ -67,7 +68,7 @@ def place_libpipe(problem: PlacementProblem) -> Placement:
     seen: set[tuple[tuple[str, tuple[int, int]], ...]] = set()
     for candidate in _candidates(problem, sessions):
         key = tuple(sorted(candidate.items()))
-        if key in seen or not _covers(candidate, problem.model.num_blocks):
+        if key in seen or not covers(candidate.values(), problem.model.num_blocks):
             continue
         seen.add(key)
         score = predict(problem, candidate).token_time
@@ -153,14 +154,6 @@ def _sessions_held(spec: ServerSpec, blocks: int, block_bytes: int, per_session_
     return max(0, spec.memory_bytes - blocks * block_bytes) // (blocks * per_session_block)
 
 
-def _covers(placement: Placement, num_blocks: int) -> bool:
-    held = [False] * num_blocks
-    for start, end in placement.values():
-        for b in range(start, end):
-            held[b] = True
-    return all(held)
-
-
 def _local_search(
     problem: PlacementProblem, placement: Placement, score: float, budget: int
 ) -> Placement:
@@ -175,7 +168,7 @@ def _local_search(
                 if budget == 0:
                     return placement
                 trial = {**placement, spec.name: span}
-                if not _covers(trial, model.num_blocks):
+                if not covers(trial.values(), model.num_blocks):
                     continue
                 budget -= 1
                 trial_score = predict(problem, trial).token_time

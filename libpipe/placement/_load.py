@@ -47,3 +47,15 @@ def design_sessions(problem: PlacementProblem, token_time: float | None = None) 
     t = ideal_token_time(problem) if token_time is None else token_time
     mean = mean_open_sessions(problem, t)
     return max(1, math.ceil(mean + CONCURRENCY_MARGIN_SD * math.sqrt(mean)))
+
+
+def split_count(n: int, shares: list[tuple[str, float]]) -> list[tuple[str, int]]:
+    """n sessions over client locations by largest remainder (sums to n);
+    locations that get none are left out."""
+    exact = [(client, n * share) for client, share in shares]
+    counts = {client: math.floor(x) for client, x in exact}
+    rest = n - sum(counts.values())
+    by_remainder = sorted(exact, key=lambda cx: (-(cx[1] - math.floor(cx[1])), cx[0]))
+    for client, _ in by_remainder[:rest]:
+        counts[client] += 1
+    return [(client, counts[client]) for client, _ in shares if counts[client] > 0]

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from itertools import product
 
 from ..errors import ConfigError
-from ._evaluate import _split
-from ._load import design_sessions
+from ._load import design_sessions, split_count
 from ._model import Placement, PlacementProblem, block_capacity
 from ._route import UNSCHEDULED_WAIT_S
 
@@ -82,7 +81,7 @@ def solve_milp(
     num_blocks = model.num_blocks
     per_session_block = model.session_cache_bytes(workload)
     penalty = UNSCHEDULED_WAIT_S / workload.session_tokens
-    demand = _split(n, workload.client_shares())
+    demand = split_count(n, workload.client_shares())
     servers = problem.servers
     caps = [block_capacity(s, model, 0) for s in servers]
     # Counted before any is built: a large instance is refused at once, not

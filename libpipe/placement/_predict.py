@@ -31,16 +31,15 @@ with the routing the system really runs.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import NoRouteError
+from ._blocks import check_covered
+from ._ledger import SessionLedger
 from ._load import design_sessions
 from ._model import PlacementProblem
-from ._route import route, uncovered_ranges
-from ._view import ServerView
 
 # Seconds per token charged per unit of overload (lambda over the slots'
 # total rate): any overloaded placement ranks behind every stable one.
@@ -70,18 +69,18 @@ class Prediction:
     overload: float
 
 
-def predict(problem: PlacementProblem, placement: Mapping[str, tuple[int, int]]) -> Prediction:
-    """Raises ``NoRouteError`` when the placement leaves blocks uncovered."""
+def predict(
+    problem: PlacementProblem,
+    placement: Mapping[str, tuple[int, int]],
+    *,
+    forwarding: bool = False,
+) -> Prediction:
+    """``forwarding``: sessions are routed and costed with server-to-server
+    forwarding (``PlacementProblem.forwarding``). Raises ``NoRouteError``
+    when the placement leaves blocks uncovered."""
     w = problem.workload
-    missing = uncovered_ranges(placement.values(), 0, problem.model.num_blocks)
-    if missing:
-        text = ", ".join(f"[{a}, {b})" for a, b in missing)
-        raise NoRouteError(
-            f"the placement leaves blocks {text} uncovered",
-            missing=missing,
-            missing_blocks=missing,
-        )
-    slots = _fill_slots(problem, placement, cap=4 * design_sessions(problem) + 16)
+    check_covered(placement.values(), 0, problem.model.num_blocks, "the placement leaves uncovered")
+    slots = _fill_slots(problem, placement, 4 * design_sessions(problem) + 16, forwarding)
     decode = load = mean_all = overload = 0.0
     for client, share in w.client_shares():
         # Each client location's sessions use its own routes: its load is
@@ -128,35 +127,28 @@ def erlang_c(servers: int, load: float) -> float:
 
 
 def _fill_slots(
-    problem: PlacementProblem, placement: Mapping[str, tuple[int, int]], cap: int
+    problem: PlacementProblem,
+    placement: Mapping[str, tuple[int, int]],
+    cap: int,
+    forwarding: bool,
 ) -> dict[str, list[float]]:
     """Per client location, the per-token times of the slots opened for it."""
-    model, w = problem.model, problem.workload
-    per_block = model.session_cache_bytes(w)
-    views = {
-        client: [v for v in problem.views(placement, client) if v.start < v.end]
-        for client, _ in w.client_shares()
-    }
-    free = {v.peer_id: v.free_cache_bytes for vs in views.values() for v in vs}
+    ledger = SessionLedger(problem, placement, forwarding=forwarding)
+    shares = problem.workload.client_shares()
     # Per client location: servers found without room for the hop it was
     # routed over; they are left out of its later routes.
-    full: dict[str, set[str]] = {client: set() for client in views}
-    active = list(w.client_shares())
-    slots: dict[str, list[float]] = {client: [] for client in views}
+    full: dict[str, set[str]] = {client: set() for client, _ in shares}
+    active = list(shares)
+    slots: dict[str, list[float]] = {client: [] for client, _ in shares}
     opened = 0
     while active and opened < cap:
         for client, share in list(active):
-            current = [
-                _with_free(v, free[v.peer_id])
-                for v in views[client]
-                if v.peer_id not in full[client] and free[v.peer_id] >= per_block
-            ]
             try:
-                r = route(current, model.num_blocks, session_tokens=w.session_tokens)
+                r = ledger.route(client, skip=full[client], need_room=True)
             except NoRouteError:  # no room left along any chain
                 active.remove((client, share))
                 continue
-            fits = {h.peer_id: free[h.peer_id] // ((h.end - h.start) * per_block) for h in r.hops}
+            fits = ledger.room(r)
             room = min(fits.values())
             if room == 0:
                 full[client].update(peer for peer, n in fits.items() if n == 0)
@@ -165,14 +157,7 @@ def _fill_slots(
             batch = min(room, quota, cap - opened)
             slots[client] += [r.cost] * batch
             opened += batch
-            for h in r.hops:
-                free[h.peer_id] -= batch * (h.end - h.start) * per_block
+            ledger.take(r, batch)
             if opened >= cap:
                 break
     return slots
-
-
-def _with_free(view: ServerView, free: int) -> ServerView:
-    if view.free_cache_bytes == free:
-        return view
-    return dataclasses.replace(view, free_cache_bytes=free)

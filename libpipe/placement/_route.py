@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from ..errors import ConfigError, NoRouteError
+from ..errors import ConfigError
+from ._blocks import check_covered, is_int, is_number
 from ._forward import forwarded_cost, forwarded_hops
-from ._view import Forwarding, Hop, Route, ServerView, _is_int, _is_number
+from ._view import Forwarding, Hop, Route, ServerView
 
 Objective = Literal["latency", "throughput"]
 CachePenalty = Literal["wait", "petals"]
@@ -89,7 +90,7 @@ def route(
     cost, where each hop pays its view's ``rtt``.
 
     Raises ``NoRouteError`` naming the uncovered block ranges
-    (``details["missing"]``, a list of [a, b)) and ``ConfigError`` for
+    (``details["missing_blocks"]``, a list of [a, b)) and ``ConfigError`` for
     arguments that make no sense.
     """
     end = num_blocks if end is None else end
@@ -101,12 +102,7 @@ def route(
     if start == end:
         return Route((), 0.0)
     views = _usable_views(servers, num_blocks, start, end)
-    missing = _uncovered(views, start, end)
-    if missing:
-        text = ", ".join(f"[{a}, {b})" for a, b in missing)
-        raise NoRouteError(
-            f"no server holds blocks {text}", missing=missing, missing_blocks=missing
-        )
+    check_covered(((v.start, v.end) for v in views), start, end, "no server holds blocks")
 
     load = load or {}
     need_per_block = session_tokens * batch
@@ -124,7 +120,7 @@ def route(
     if forwarding is not None:
         found, trips = forwarded_hops(edges, rank, start, end, forwarding)
         hops = _merge_revisits(found)
-        return Route(tuple(hops), forwarded_cost(hops, by_id, trips))
+        return Route(tuple(hops), forwarded_cost(hops, by_id, trips), forwarded=True)
     hops = _merge_revisits(_shortest_hops(edges, rank, start, end))
     cost = sum(by_id[h.peer_id].cost(h.end - h.start, reported=True) for h in hops)
     return Route(tuple(hops), cost)
@@ -319,18 +315,18 @@ def _check_arguments(
     objective: str,
     load: Mapping[str, float] | None,
 ) -> None:
-    if not (_is_int(num_blocks) and num_blocks >= 1):
+    if not (is_int(num_blocks) and num_blocks >= 1):
         raise ConfigError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
-    if not (_is_int(start) and _is_int(end) and 0 <= start <= end <= num_blocks):
+    if not (is_int(start) and is_int(end) and 0 <= start <= end <= num_blocks):
         raise ConfigError(f"blocks [{start}, {end}) are not a range of the model's {num_blocks}")
-    if not (_is_int(session_tokens) and session_tokens >= 0):
+    if not (is_int(session_tokens) and session_tokens >= 0):
         raise ConfigError(f"session_tokens must be an int >= 0, got {session_tokens!r}")
-    if not (_is_int(batch) and batch >= 1):
+    if not (is_int(batch) and batch >= 1):
         raise ConfigError(f"batch must be an int >= 1, got {batch!r}")
     if objective not in ("latency", "throughput"):
         raise ConfigError(f"objective must be 'latency' or 'throughput', got {objective!r}")
     for peer, value in (load or {}).items():
-        if not (_is_number(value) and math.isfinite(value) and value >= 0):
+        if not (is_number(value) and math.isfinite(value) and value >= 0):
             raise ConfigError(f"load of {peer} must be a finite number >= 0, got {value!r}")
 
 
@@ -356,24 +352,3 @@ def _usable_views(
             usable.append(view)
     usable.sort(key=lambda v: v.peer_id)
     return usable
-
-
-def _uncovered(views: Sequence[ServerView], start: int, end: int) -> list[list[int]]:
-    return uncovered_ranges(((v.start, v.end) for v in views), start, end)
-
-
-def uncovered_ranges(spans: Iterable[tuple[int, int]], start: int, end: int) -> list[list[int]]:
-    """The maximal block ranges [a, b) within [start, end) that no span holds."""
-    held = [False] * (end - start)
-    for s, e in spans:
-        for b in range(max(s, start), min(e, end)):
-            held[b - start] = True
-    missing: list[list[int]] = []
-    for b, ok in enumerate(held, start):
-        if ok:
-            continue
-        if missing and missing[-1][1] == b:
-            missing[-1][1] = b + 1
-        else:
-            missing.append([b, b + 1])
-    return missing

@@ -33,10 +33,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigError, NoRouteError
+from ..errors import ConfigError
+from ._blocks import is_int, uncovered_ranges
 from ._model import ModelSpec
-from ._route import route, uncovered_ranges
-from ._view import ServerView, _is_int
+from ._route import route
+from ._view import ServerView
 
 # Hysteresis of should_move: measured speeds drift by a few percent between
 # gossip rounds; 10% of the swarm's total cache pressure is well clear of
@@ -57,9 +58,9 @@ def span_blocks(
 
     Raises ``ConfigError`` when not even one block fits with its cache."""
     _check_cache_tokens(cache_tokens)
-    if not _is_int(memory_bytes):
+    if not is_int(memory_bytes):
         raise ConfigError(f"memory_bytes must be an int, got {memory_bytes!r}")
-    if max_blocks is not None and not (_is_int(max_blocks) and max_blocks >= 1):
+    if max_blocks is not None and not (is_int(max_blocks) and max_blocks >= 1):
         raise ConfigError(f"max_blocks must be an int >= 1, got {max_blocks!r}")
     per_block = model.block_bytes + model.kv_bytes_per_token_block * cache_tokens
     count = min(memory_bytes // per_block, model.num_blocks)
@@ -94,17 +95,11 @@ def swarm_score(views: Sequence[ServerView], model: ModelSpec) -> SwarmScore:
             tokens = v.free_cache_bytes / (v.num_blocks * model.kv_bytes_per_token_block)
             for b in range(v.start, min(v.end, num_blocks)):
                 capacity[b] += tokens
-    try:
-        cost = route(views, num_blocks).cost
-    except NoRouteError:
-        cost = math.inf
-    held = [False] * num_blocks
-    for v in views:
-        for b in range(v.start, min(v.end, num_blocks)):
-            held[b] = True
+    cost = math.inf if missing else route(views, num_blocks).cost
+    unheld = {b for a, e in missing for b in range(a, e)}
     # A held block with no free cache counts as one token: very high pressure,
     # yet finite, so that windows still compare.
-    pressure = sum(1.0 / max(c, 1.0) for c, h in zip(capacity, held, strict=True) if h)
+    pressure = sum(1.0 / max(c, 1.0) for b, c in enumerate(capacity) if b not in unheld)
     return SwarmScore(sum(b - a for a, b in missing), pressure, cost)
 
 
@@ -201,7 +196,7 @@ def _best_span(
 
 
 def _check_cache_tokens(cache_tokens: object) -> None:
-    if not (_is_int(cache_tokens) and cache_tokens >= 0):
+    if not (is_int(cache_tokens) and cache_tokens >= 0):
         raise ConfigError(f"cache_tokens must be an int >= 0, got {cache_tokens!r}")
 
 

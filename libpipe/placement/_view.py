@@ -7,11 +7,13 @@ client's own RTT measurements; the simulator fills it from a scenario.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ._blocks import check_seconds, is_int, is_number
 
 
 @dataclass(frozen=True)
@@ -55,21 +57,21 @@ class ServerView:
     def __post_init__(self) -> None:
         if not isinstance(self.peer_id, str) or not self.peer_id:
             raise ConfigError(f"server view needs a non-empty peer_id, got {self.peer_id!r}")
-        if not (_is_int(self.start) and _is_int(self.end) and 0 <= self.start <= self.end):
+        if not (is_int(self.start) and is_int(self.end) and 0 <= self.start <= self.end):
             raise ConfigError(
                 f"server {self.peer_id}: span [{self.start}, {self.end}) is not a block range",
                 peer_id=self.peer_id,
             )
         for name in ("tau_decode", "tau_forward", "rtt"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and value >= 0):
+            if not (is_number(value) and math.isfinite(value) and value >= 0):
                 raise ConfigError(
                     f"server {self.peer_id}: {name} must be a finite number >= 0, got {value!r}",
                     peer_id=self.peer_id,
                 )
         for name in ("free_cache_bytes", "cache_bytes_per_token_block"):
             value = getattr(self, name)
-            if not (_is_int(value) and value >= 0):
+            if not (is_int(value) and value >= 0):
                 raise ConfigError(
                     f"server {self.peer_id}: {name} must be an int >= 0, got {value!r}",
                     peer_id=self.peer_id,
@@ -78,10 +80,10 @@ class ServerView:
             if not (
                 isinstance(item, tuple)
                 and len(item) == 2
-                and _is_number(item[0])
+                and is_number(item[0])
                 and math.isfinite(item[0])
                 and item[0] >= 0
-                and _is_int(item[1])
+                and is_int(item[1])
                 and item[1] >= 0
             ):
                 raise ConfigError(
@@ -134,17 +136,38 @@ class Forwarding:
                 f"forwarding client_rtt must map peer ids to seconds, got {self.client_rtt!r}"
             )
         for peer, value in self.client_rtt.items():
-            _check_seconds(f"forwarding client_rtt of {peer}", value)
+            check_seconds(f"forwarding client_rtt of {peer}", value)
         if not (
             isinstance(self.site, Mapping)
             and all(isinstance(name, str) for name in self.site.values())
         ):
             raise ConfigError(f"forwarding site must map peer ids to names, got {self.site!r}")
-        _check_seconds("forwarding message_overhead", self.message_overhead)
+        check_seconds("forwarding message_overhead", self.message_overhead)
 
     def client_one_way(self, view: ServerView) -> float:
         """Seconds for one message between the client and ``view``'s server."""
         return self.client_rtt.get(view.peer_id, view.rtt) / 2 + self.message_overhead
+
+    def wire_time(self, peers: Sequence[str], message_overhead: float | None = None) -> float:
+        """Seconds on the wire for one step forwarded through the servers
+        ``peers`` in order: client -> first, each server to the next, last ->
+        client, with ``message_overhead`` (default: this Forwarding's) per
+        message. Every peer must be in ``client_rtt`` (a ``ConfigError``
+        otherwise): this is for callers that know each server's RTT, like
+        the simulator."""
+        if not peers:
+            return 0.0
+        overhead = self.message_overhead if message_overhead is None else message_overhead
+        check_seconds("message_overhead", overhead)
+        for peer in (peers[0], peers[-1]):
+            if peer not in self.client_rtt:
+                raise ConfigError(f"forwarding has no client RTT for {peer}", peer_id=peer)
+        seconds = (self.client_rtt[peers[0]] + self.client_rtt[peers[-1]]) / 2
+        for a, b in itertools.pairwise(peers):
+            value = self.server_rtt(self.site_of(a), self.site_of(b))
+            check_seconds(f"forwarding server_rtt({a!r}, {b!r})", value)
+            seconds += value / 2
+        return seconds + (len(peers) + 1) * overhead
 
     def site_of(self, peer_id: str) -> str:
         return self.site.get(peer_id, peer_id)
@@ -152,7 +175,7 @@ class Forwarding:
     def site_one_way(self, a: str, b: str) -> float:
         """Seconds for one message from a server at site ``a`` to one at ``b``."""
         value = self.server_rtt(a, b)
-        _check_seconds(f"forwarding server_rtt({a!r}, {b!r})", value)
+        check_seconds(f"forwarding server_rtt({a!r}, {b!r})", value)
         return value / 2 + self.message_overhead
 
 
@@ -179,6 +202,7 @@ class Route:
 
     hops: tuple[Hop, ...]
     cost: float
+    forwarded: bool = False  # costed for server-to-server forwarding
 
     @property
     def start(self) -> int | None:
@@ -187,16 +211,3 @@ class Route:
     @property
     def end(self) -> int | None:
         return self.hops[-1].end if self.hops else None
-
-
-def _check_seconds(what: str, value: object) -> None:
-    if not (_is_number(value) and math.isfinite(value) and value >= 0):
-        raise ConfigError(f"{what} must be a finite number >= 0, got {value!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -106,7 +106,7 @@ def test_uncovered_model_is_a_no_route_error():
     small = tiny_problem(fast_memory=3 * GB // 2, slow=0)  # each fast server holds 1 block of 6
     with pytest.raises(NoRouteError) as info:
         get_algorithm("petals").place(small)
-    assert info.value.details["missing"] == [[2, 6]]
+    assert info.value.details["missing_blocks"] == [[2, 6]]
 
 
 # --- routing policies ---------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_forwarding_with_rng_spreads_ties():
 def test_forwarding_without_cover_names_the_missing_blocks():
     with pytest.raises(NoRouteError) as info:
         route([view("a", 0, 2)], 4, forwarding=Forwarding(table({})))
-    assert info.value.details["missing"] == [[2, 4]]
+    assert info.value.details["missing_blocks"] == [[2, 4]]
 
 
 @pytest.mark.parametrize("bad", [math.nan, -1.0, math.inf, "x", None])

@@ -224,14 +224,14 @@ def test_no_route_names_every_missing_range():
     views = [view("a", 1, 3), view("b", 2, 4), view("c", 6, 7)]
     with pytest.raises(NoRouteError) as info:
         route(views, 10)
-    assert info.value.details["missing"] == [[0, 1], [4, 6], [7, 10]]
+    assert info.value.details["missing_blocks"] == [[0, 1], [4, 6], [7, 10]]
     assert "[0, 1), [4, 6), [7, 10)" in str(info.value)
 
 
 def test_no_route_only_counts_the_asked_range():
     with pytest.raises(NoRouteError) as info:
         route([view("a", 0, 3)], 10, start=2, end=5)
-    assert info.value.details["missing"] == [[3, 5]]
+    assert info.value.details["missing_blocks"] == [[3, 5]]
 
 
 def test_empty_and_sub_range_routes():
