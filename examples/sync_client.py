@@ -5,9 +5,9 @@
 
 ``libpipe.SyncClient`` runs the trio client in a thread of its own and
 blocks the caller on each call; errors arrive typed, as with ``Client``.
-This script shows the three things most programs do: generate a whole
-answer, stream one, and drive an inference session step by step to read
-the model's next-token distribution.
+This script shows what most programs do: generate a whole answer, stream
+one, stop at a string, and drive an inference session step by step to
+read the model's next-token distribution.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main() -> None:
     who.add_argument("--insecure", action="store_true", help="plaintext, local development")
     parser.add_argument("--prompt", default="And God said")
     parser.add_argument("--tokens", type=int, default=24, help="new tokens per generation")
+    parser.add_argument("--stop", default=".", help="where the third generation ends")
     args = parser.parse_args()
 
     with libpipe.SyncClient(
@@ -45,7 +46,12 @@ def main() -> None:
             tokens.append(token)
         print("stream:  ", repr(args.prompt + client.decode(tokens)))
 
-        # 3. The session under both: the servers keep the KV cache between steps.
+        # 3. Greedy again, ending early at a string (the token completing it
+        #    is kept). Leaving a stream's loop with `break` ends it early too.
+        ids = client.generate(args.prompt, max_new_tokens=args.tokens, stop=[args.stop])
+        print("until:   ", repr(args.prompt + client.decode(ids)))
+
+        # 4. The session under both: the servers keep the KV cache between steps.
         prompt_ids = client.encode(args.prompt)
         with client.inference_session(max_length=len(prompt_ids) + 1) as session:
             logits = session.step(prompt_ids)  # [1, T, vocab]

@@ -1,7 +1,7 @@
 """The smallest trio program that runs a model on a libpipe swarm.
 
     python examples/trio_client.py --model examples/demo_model \\
-        --peer 10.0.0.5:31337 --identity ~/libpipe/client [--prompt TEXT]
+        --peer 10.0.0.5:31337 --identity ~/libpipe/client [--prompt TEXT] [--stop TEXT]
 
 ``--model`` is the checkpoint directory: the client reads only config.json,
 the embeddings, final norm and LM head from it, and tokenizer.json; the
@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import aclosing
 
 import trio
 
 import libpipe
+from libpipe.client import TextStream
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -28,13 +30,18 @@ async def main(args: argparse.Namespace) -> None:
     ) as client:
         print(args.prompt, end="", flush=True)
         tokens: list[int] = []
-        shown = ""
+        # Decodes piece by piece, holding back a character split over tokens.
+        text = TextStream(client.decode)
         started = time.perf_counter()
-        async for token in client.stream(args.prompt, max_new_tokens=args.tokens):
-            tokens.append(token)
-            text = client.decode(tokens)  # decode all: a token may end mid-character
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
+        # aclosing: should the loop end early (an error, a break), the
+        # servers' sessions close at once, not when the generator is collected.
+        async with aclosing(
+            client.stream(args.prompt, max_new_tokens=args.tokens, stop=args.stop)
+        ) as stream:
+            async for token in stream:
+                tokens.append(token)
+                print(text.push(token), end="", flush=True)
+        print(text.flush(), end="")
         elapsed = time.perf_counter() - started
         route = " -> ".join(hop.describe() for hop in client.last_route)
         print(f"\n\n{len(tokens)} tokens in {elapsed:.2f} s via {route}", file=sys.stderr)
@@ -49,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     who.add_argument("--insecure", action="store_true", help="plaintext, local development")
     parser.add_argument("--prompt", default="And God said")
     parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="end at TEXT (repeatable)"
+    )
     return parser.parse_args()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,23 @@ def test_trio_client_streams_text_through_both_servers(swarm: Any) -> None:
     assert "[0:4)" in done.stderr and "[4:8)" in done.stderr
 
 
+def test_trio_client_stops_at_a_string(swarm: Any) -> None:
+    done = run_example("trio_client.py", swarm, "--tokens", "30", "--stop", ",")
+    new_text = done.stdout.removeprefix("And God said")
+    assert new_text.count(",") == 1
+    assert int(done.stderr.split(" tokens in")[0].split()[-1]) < 30
+
+
 def test_sync_client_generates_streams_and_steps(swarm: Any) -> None:
-    lines = run_example("sync_client.py", swarm, "--tokens", "8").stdout.splitlines()
-    assert [line.split(":")[0].strip() for line in lines[:2]] == ["generate", "stream"]
-    assert lines[2].startswith("next token after 'And God said': ")
-    assert len(lines[2].split(", ")) == 5
+    done = run_example("sync_client.py", swarm, "--tokens", "16", "--stop", ",")
+    lines = done.stdout.splitlines()
+    labels = [line.split(":")[0].strip() for line in lines[:3]]
+    assert labels == ["generate", "stream", "until"]
+    greedy, until = (
+        ast.literal_eval(line.split(":", 1)[1].strip()) for line in (lines[0], lines[2])
+    )
+    # The same greedy text, cut after the token that completes the first ",".
+    assert greedy.startswith(until) and "," in until
+    assert until.index(",") == greedy.index(",") and until.count(",") == 1
+    assert lines[3].startswith("next token after 'And God said': ")
+    assert len(lines[3].split(", ")) == 5
