@@ -5,11 +5,14 @@ In one run, on 127.0.0.1:
 * raw TCP: blocking sockets, ``sendall``/``recv_into``, echo server in a thread;
 * raw TLS: blocking ``ssl.SSLSocket`` (TLS 1.3, Ed25519 swarm certificates):
   the OpenSSL limit of this machine;
-* raw trio TCP: ``trio.SocketStream`` ping-pong;
+* raw trio TCP: ``trio.SocketStream`` ping-pong between two tasks of one
+  loop, as the libpipe RPC rows run (``raw_trio_tls``: over
+  ``trio.SSLStream``, trio's own TLS);
 * libpipe stream: ``net.SocketStream`` (the non-blocking socket libpipe
   drives from trio), plain and TLS, bytes only;
 * libpipe RPC: full frames through the wire codec and the connection
-  (``Connection.call`` / a stream), plaintext and TLS;
+  (``Connection.call`` / a stream), plaintext and TLS; ``_inline`` rows: the
+  server answers on its reader task (``Router.unary_inline``), no hand-off;
 * libpipe session: round trips on one open bidirectional stream, the shape
   of a client's decode steps.
 
@@ -20,7 +23,9 @@ while four streams push 16 MiB frames on its connection (head-of-line
 blocking; ``rpc_during_bulk_vs_idle``). Ratios are libpipe over raw (or
 over idle), measured in the same run. Targets: ``tls_stream_vs_raw_tls`` >= 0.70
 (libpipe TLS streaming over raw blocking TLS); ``rpc_rtt_vs_raw`` <= 2.0
-(libpipe's small-RPC round trip over raw trio ping-pong).
+(libpipe's small-RPC round trip over raw trio ping-pong). ``tls_rpc_rtt_vs_raw``
+holds the TLS call to the same plaintext baseline, encryption included;
+``tls_rpc_rtt_vs_raw_trio_tls`` to trio's own TLS.
 
     .venv/bin/python bench/transport.py [--rounds 2000 --messages 24 --json --quick]
 """
@@ -149,8 +154,13 @@ async def _trio_receive_exact(stream: trio.abc.ReceiveStream, size: int) -> byte
     return b"".join(parts)
 
 
-async def trio_pingpong(size: int, rounds: int) -> dict[str, float]:
-    async def echo(stream: trio.SocketStream) -> None:
+async def trio_pingpong(size: int, rounds: int, tls: Security | None = None) -> dict[str, float]:
+    """Ping-pong between two trio tasks of one loop, as libpipe's RPC rows
+    run; with ``tls``, over ``trio.SSLStream`` (trio's own TLS)."""
+
+    async def echo(stream: trio.abc.Stream) -> None:
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls.server_context, server_side=True)
         for _ in range(rounds):
             await stream.send_all(await _trio_receive_exact(stream, size))
 
@@ -159,7 +169,9 @@ async def trio_pingpong(size: int, rounds: int) -> dict[str, float]:
             functools.partial(trio.serve_tcp, echo, 0, host="127.0.0.1")
         )
         port = listeners[0].socket.getsockname()[1]
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls.client_context)
         message, samples = b"x" * size, []
         for _ in range(rounds):
             t0 = time.perf_counter()
@@ -251,8 +263,14 @@ async def stream_throughput(security: Security, messages: int) -> float:
 
 
 async def rpc_pingpong(
-    security: Security, tensor_bytes: int, rounds: int, compression: bool = False
+    security: Security,
+    tensor_bytes: int,
+    rounds: int,
+    compression: bool = False,
+    inline: bool = False,
 ) -> dict[str, float]:
+    """Unary calls one after another; ``inline``: the server answers with a
+    plain function on its reader task (``Router.unary_inline``)."""
     import torch
 
     from libpipe.net import ConnectionConfig, connect, serve
@@ -265,7 +283,10 @@ async def rpc_pingpong(
     async def echo(ctx, request: Message) -> Message:
         return request
 
-    router.unary("echo", echo)
+    if inline:
+        router.unary_inline("echo", lambda ctx, request: request)
+    else:
+        router.unary("echo", echo)
     tensors = (torch.randn((1, 1, tensor_bytes // 2)).half(),) if tensor_bytes else ()
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(
@@ -453,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         results[key]["raw_tcp"] = raw_pingpong(None, size, rounds)
         results[key]["raw_tls"] = raw_pingpong(tls, size, rounds)
         results[key]["raw_trio"] = run(trio_pingpong, size, rounds)
+        results[key]["raw_trio_tls"] = run(trio_pingpong, size, rounds, tls)
         results[key]["libpipe_stream_plain"] = run(stream_pingpong, plain, size, rounds)
         results[key]["libpipe_stream_tls"] = run(stream_pingpong, tls, size, rounds)
     results["throughput_mb_s"]["raw_tcp"] = raw_throughput(None, messages)
@@ -464,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     # compress); one row shows what zstd costs on a link this fast.
     results["small"]["libpipe_rpc_plain"] = run(rpc_pingpong, plain, 0, rounds)
     results["small"]["libpipe_rpc_tls"] = run(rpc_pingpong, tls, 0, rounds)
+    results["small"]["libpipe_rpc_plain_inline"] = run(rpc_pingpong, plain, 0, rounds, False, True)
+    results["small"]["libpipe_rpc_tls_inline"] = run(rpc_pingpong, tls, 0, rounds, False, True)
     results["step"]["libpipe_rpc_plain"] = run(rpc_pingpong, plain, STEP_BYTES, rounds)
     results["step"]["libpipe_rpc_tls"] = run(rpc_pingpong, tls, STEP_BYTES, rounds)
     results["step"]["libpipe_session_plain"] = run(session_pingpong, plain, STEP_BYTES, rounds)
@@ -483,6 +507,14 @@ def main(argv: list[str] | None = None) -> int:
         "tls_stream_vs_raw_tls": tp["libpipe_rpc_tls"] / tp["raw_tls"],
         "plain_stream_vs_raw_tcp": tp["libpipe_rpc_plain"] / tp["raw_tcp"],
         "rpc_rtt_vs_raw": small["libpipe_rpc_plain"]["median_us"] / small["raw_trio"]["median_us"],
+        "tls_rpc_rtt_vs_raw": small["libpipe_rpc_tls"]["median_us"]
+        / small["raw_trio"]["median_us"],
+        "tls_rpc_rtt_vs_raw_trio_tls": small["libpipe_rpc_tls"]["median_us"]
+        / small["raw_trio_tls"]["median_us"],
+        "inline_rpc_rtt_vs_raw": small["libpipe_rpc_plain_inline"]["median_us"]
+        / small["raw_trio"]["median_us"],
+        "inline_tls_rpc_rtt_vs_raw": small["libpipe_rpc_tls_inline"]["median_us"]
+        / small["raw_trio"]["median_us"],
         "tls_rpc_rtt_vs_raw_tls": small["libpipe_rpc_tls"]["median_us"]
         / small["raw_tls"]["median_us"],
         "step_rtt_vs_raw": step["libpipe_rpc_plain"]["median_us"] / step["raw_trio"]["median_us"],
@@ -498,15 +530,15 @@ def main(argv: list[str] | None = None) -> int:
         ("small", f"(a) ping-pong, {SMALL} B"),
         ("step", "(b) decode step, (1,1,4096) fp16 each way"),
     ):
-        print(f"\n{title}\n{'case':<24}{'median us':>12}{'p99 us':>12}")
+        print(f"\n{title}\n{'case':<32}{'median us':>12}{'p99 us':>12}")
         for name, row in results[key].items():
-            print(f"{name:<24}{row['median_us']:>12.1f}{row['p99_us']:>12.1f}")
-    print(f"\n(c) one-way throughput, 16 MiB messages x {messages}\n{'case':<24}{'MB/s':>12}")
+            print(f"{name:<32}{row['median_us']:>12.1f}{row['p99_us']:>12.1f}")
+    print(f"\n(c) one-way throughput, 16 MiB messages x {messages}\n{'case':<32}{'MB/s':>12}")
     for name, value in tp.items():
-        print(f"{name:<24}{value:>12.0f}")
+        print(f"{name:<32}{value:>12.0f}")
     print("\nratios (libpipe / raw)")
     for name, value in ratios.items():
-        print(f"{name:<24}{value:>12.2f}")
+        print(f"{name:<32}{value:>12.2f}")
     return 0
 
 

@@ -3,8 +3,11 @@
 Theory of operation. The codec owns the byte format and the stream state
 machine; this module owns time and tasks. One reader task pulls bytes into
 the codec and dispatches each event: replies wake the caller waiting on that
-stream id, requests go to a pooled handler task (``_workers``), stream opens
-start a handler task, stream messages go to that stream's bounded inbox.
+stream id, requests go to a pooled handler task (``_workers``) or, for a
+method registered ``unary_inline`` while the send turn is free, are
+answered on the reader itself (one task hand-off less per call), stream
+opens start a handler task, stream messages go to that stream's bounded
+inbox.
 Writers take the send turn (``_send_turn``: one frame at a time, small
 frames before queued bulk ones) so a frame's buffers are written back to
 back. A frame the kernel takes whole is written without waiting (the common
@@ -71,7 +74,7 @@ from ..wire import (
     WireConnection,
 )
 from ._identity import short_peer_id
-from ._rpc import END_OF_STREAM, CallContext, Message, Router, Stream
+from ._rpc import END_OF_STREAM, CallContext, InlineHandler, Message, Router, Stream
 from ._send_turn import SendTurn
 from ._transport import COALESCE_BYTES, SocketStream
 from ._workers import WorkerPool
@@ -448,25 +451,29 @@ class Connection:
             event = self._wire.next_event()
             if event is not NEED_DATA:
                 return event
-            if isinstance(self._stream, SocketStream):
-                buffer = self._wire.get_buffer(READ_SIZE)
-                n = await self._stream.receive_into(buffer)
-                self._last_received = trio.current_time()
-                if len(self._first_bytes) < 2:
-                    self._first_bytes += bytes(buffer[: 2 - len(self._first_bytes)][:n])
-                if n:
-                    self._wire.buffer_updated(n)
-                else:
-                    self._wire.receive_data(b"")
+            await self._receive_more()
+
+    async def _receive_more(self) -> None:
+        """Feed the codec what the peer sent next (waiting for it)."""
+        if isinstance(self._stream, SocketStream):
+            buffer = self._wire.get_buffer(READ_SIZE)
+            n = await self._stream.receive_into(buffer)
+            self._last_received = trio.current_time()
+            if len(self._first_bytes) < 2:
+                self._first_bytes += bytes(buffer[: 2 - len(self._first_bytes)][:n])
+            if n:
+                self._wire.buffer_updated(n)
             else:
-                try:
-                    data = await self._stream.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise _as_broken(exc, "receiving") from exc
-                self._last_received = trio.current_time()
-                if len(self._first_bytes) < 2:
-                    self._first_bytes += data[: 2 - len(self._first_bytes)]
-                self._wire.receive_data(data)
+                self._wire.receive_data(b"")
+        else:
+            try:
+                data = await self._stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _as_broken(exc, "receiving") from exc
+            self._last_received = trio.current_time()
+            if len(self._first_bytes) < 2:
+                self._first_bytes += data[: 2 - len(self._first_bytes)]
+            self._wire.receive_data(data)
 
     async def _exchange_hello(self) -> None:
         features = frozenset({"zstd"}) if self.config.compression else frozenset()
@@ -527,7 +534,10 @@ class Connection:
             while True:
                 event = self._wire.next_event()
                 if event is NEED_DATA:
-                    event = await self._next_event()
+                    # Read, then ask the codec again: asking first would
+                    # parse nothing twice per frame.
+                    await self._receive_more()
+                    continue
                 if isinstance(event, ConnectionEnded):
                     self._end(
                         ConnectionClosedError("connection closed")
@@ -636,6 +646,15 @@ class Connection:
         assert self._nursery is not None
         opening = _message(event)
         if isinstance(event, Request):
+            inline = self._router.inline_handlers.get(method)
+            if (
+                inline is not None
+                and isinstance(self._stream, SocketStream)
+                and self._error is None
+                and self._turn.take_now()
+            ):
+                self._answer_inline(sid, method, inline, opening)
+                return
             self._handlers[sid] = self._unary_workers.submit(self._nursery, (sid, method, opening))
         else:
             scope = trio.CancelScope()
@@ -643,6 +662,40 @@ class Connection:
             stream = Stream(self, sid, method, opening, self.config.stream_buffer)
             self._streams[sid] = stream
             self._nursery.start_soon(self._run_stream, scope, stream)
+
+    def _answer_inline(
+        self, sid: int, method: str, handler: InlineHandler, request: Message
+    ) -> None:
+        """Answer a call on the reader task, holding the send turn (taken by
+        the caller, free: the reader never waits for it, since a peer that
+        waits for us to read would then wait for ever). Nothing yields
+        between the request and its reply, so no Cancel can come between."""
+        try:
+            try:
+                result = handler(self._context(method, sid), request)
+                reply: Response | ErrorReply = _response(sid, method, result)
+            except Exception as exc:
+                reply = _error_reply(sid, method, exc)
+            try:
+                buffers = self._wire.send(reply)
+            except (LibpipeError, ValueError, TypeError) as exc:
+                logger.warning("reply to %s could not be encoded: %s", method, exc)
+                buffers = self._wire.send(
+                    ErrorReply(sid, RemoteError.kind, f"unencodable reply: {exc}", {})
+                )
+            assert isinstance(self._stream, SocketStream)
+            rest = self._stream.send_now(buffers)
+        except BaseException:
+            self._turn.release()
+            raise
+        if rest:
+            # The kernel's buffer is full: a task finishes the frame, holding
+            # the turn, while the reader goes on reading.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._finish_frame, rest)
+        else:
+            self._turn.release()
+        self._check_quiet()
 
     async def _run_unary(self, job: tuple[int, str, Message]) -> None:
         """One peer call, on a pooled worker whose scope the peer's Cancel
@@ -657,11 +710,7 @@ class Connection:
                 if handler is None:
                     raise InvalidRequestError(f"unknown method {method!r}")
                 result = await handler(self._context(method, sid), request)
-                if not isinstance(result, Message):
-                    raise TypeError(
-                        f"handler for {method!r} returned {type(result).__name__}, not Message"
-                    )
-                reply: Response | ErrorReply = Response(sid, result.meta, result.tensors)
+                reply: Response | ErrorReply = _response(sid, method, result)
             except Exception as exc:
                 reply = _error_reply(sid, method, exc)
             finally:
@@ -874,6 +923,12 @@ def _message(event: Request | Response | StreamOpen | StreamData) -> Message:
     """A received event as a Message. Its meta is the dict msgpack made for
     it, held by nobody else: no copy."""
     return Message(cast(dict[str, Any], event.meta), event.tensors)
+
+
+def _response(sid: int, method: str, result: object) -> Response:
+    if not isinstance(result, Message):
+        raise TypeError(f"handler for {method!r} returned {type(result).__name__}, not Message")
+    return Response(sid, result.meta, result.tensors)
 
 
 def _error_reply(sid: int, method: str, exc: Exception) -> ErrorReply:

@@ -40,6 +40,7 @@ class CallContext:
 
 
 UnaryHandler = Callable[[CallContext, Message], Awaitable[Message]]
+InlineHandler = Callable[[CallContext, Message], Message]
 StreamHandler = Callable[[CallContext, "Stream"], Awaitable[None]]
 NotifyHandler = Callable[[CallContext, dict[str, Any]], Awaitable[None]]
 
@@ -49,12 +50,28 @@ class Router:
 
     def __init__(self) -> None:
         self.unary_handlers: dict[str, UnaryHandler] = {}
+        self.inline_handlers: dict[str, InlineHandler] = {}
         self.stream_handlers: dict[str, StreamHandler] = {}
         self.notify_handlers: dict[str, NotifyHandler] = {}
 
     def unary(self, method: str, handler: UnaryHandler) -> None:
         self._check_free(method)
         self.unary_handlers[method] = handler
+
+    def unary_inline(self, method: str, handler: InlineHandler) -> None:
+        """A unary method answered by a plain function on the connection's
+        reader task, without handing the call to a handler task: for answers
+        made from memory (an info or ping reply). It must not block (while it
+        runs the connection reads nothing); anything that waits belongs in
+        ``unary``. When a frame is being written the call goes to a handler
+        task like any other, since the reader never waits to send."""
+        self._check_free(method)
+        self.inline_handlers[method] = handler
+
+        async def on_handler_task(ctx: CallContext, request: Message) -> Message:
+            return handler(ctx, request)
+
+        self.unary_handlers[method] = on_handler_task
 
     def stream(self, method: str, handler: StreamHandler) -> None:
         self._check_free(method)

@@ -32,6 +32,12 @@ COALESCE_BYTES = 64 * 1024
 # The kernel accepts at most IOV_MAX buffers per sendmsg (1024 on Linux).
 MAX_IOV = 1024
 DEFAULT_RECEIVE_SIZE = 256 * 1024
+# The most plaintext one TLS record carries (RFC 8446, 5.1). One SSL read
+# returns at most one record: a read this full is likely the first of a
+# large write whose next records have already arrived; a shorter one ends
+# a write, and reading on would most likely fail with WantRead (an
+# exception per small frame, measured at about a tenth of a small RPC).
+TLS_RECORD_BYTES = 16 * 1024
 
 _BUFFER = bytes | bytearray | memoryview
 
@@ -224,8 +230,12 @@ class SocketStream(trio.abc.HalfCloseableStream):
                     raise self._broken(exc) from exc
                 else:
                     break
-            if self._tls and 0 < n < len(buffer):
+            if self._tls and TLS_RECORD_BYTES <= n < len(buffer):
                 n, self._drained = self._read_more_records(buffer, n)
+            elif self._tls:
+                # Records that arrived meanwhile make the wait return at
+                # once; bytes OpenSSL holds already decrypted would not.
+                self._drained = 0 < n < len(buffer) and not self._sock.pending()
             else:
                 self._drained = not self._tls and 0 < n < len(buffer)
         except trio.ClosedResourceError as exc:
