@@ -2,8 +2,12 @@
 touches sockets). See DESIGN.md, 'Layers'.
 
 Servers: ``serve`` (pass a ``ServeHandle`` to stop accepting and drain).
-Clients: ``connect``, ``ConnectionPool``. Tests and benchmarks: ``DelayProxy``
-puts latency, a bandwidth cap, dead links or black holes between the two."""
+Clients: ``connect``, ``ConnectionPool``. Servers that answer from memory
+register ``Router.unary_inline`` methods (no task hand-off per call).
+
+``DelayProxy`` is not API: a tool for tests and benchmarks (latency, a
+bandwidth cap, dead links or black holes between the two), exported here so
+that they need not import a private module."""
 
 from ._ca import (
     NodeCredentials as NodeCredentials,

@@ -182,7 +182,11 @@ class _Link:
 
 
 class DelayProxy:
-    """Listens on ``host:0`` and relays each connection to ``target``,
+    """A testing and benchmarking tool, not part of libpipe's networking
+    API: nothing in libpipe runs it, and its interface may change with the
+    tests that use it.
+
+    Listens on ``host:0`` and relays each connection to ``target``,
     holding every chunk for a one-way ``delay`` (seconds) on its way to the
     target and ``reverse_delay`` (default: ``delay``) on its way back, so a
     round trip grows by their sum. ``bandwidth`` (bytes/s, each direction)
