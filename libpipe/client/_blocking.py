@@ -10,7 +10,6 @@ running asyncio loop is no obstacle: trio runs in the other thread.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -64,9 +63,34 @@ class SyncClient:
             await self._stop.wait()
 
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self._token is None or not self._thread.is_alive():
+        """``await fn(*args, **kwargs)`` in the client's thread. Should the
+        caller stop waiting (Ctrl-C in a notebook: ``KeyboardInterrupt``),
+        the call is cancelled there and finished before the caller moves
+        on, so a generation does not run on and its sessions close."""
+        token = self._token
+        if token is None or not self._thread.is_alive():
             raise ConnectionClosedError("the client is closed")
-        return trio.from_thread.run(functools.partial(fn, *args, **kwargs), trio_token=self._token)
+        scope = trio.CancelScope()
+        finished = threading.Event()
+
+        async def call() -> Any:
+            try:
+                with scope:
+                    return await fn(*args, **kwargs)
+            finally:
+                finished.set()
+
+        try:
+            return trio.from_thread.run(call, trio_token=token)
+        except BaseException:
+            if not finished.is_set():
+                try:
+                    trio.from_thread.run_sync(scope.cancel, trio_token=token)
+                except trio.RunFinishedError:
+                    pass  # the client's thread has ended: nothing runs any more
+                else:
+                    finished.wait()
+            raise
 
     def close(self) -> None:
         """Close the client and stop its thread (idempotent)."""

@@ -4,6 +4,10 @@ client serves the next call."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from contextlib import aclosing
 
 import pytest
@@ -84,3 +88,61 @@ async def test_async_stream_cancelled_mid_step_closes_the_sessions(model_dir, ch
         assert await c.generate(PROMPT, max_new_tokens=3, stop_tokens=()) == local_model.greedy(
             PROMPT, 3
         )
+
+
+class Interrupted(Exception):
+    """Stands in for KeyboardInterrupt (which would stop pytest itself)."""
+
+
+@pytest.fixture
+def interrupt_when():
+    """``interrupt_when(ready)``: raise ``Interrupted`` in this (the main)
+    thread once ``ready()`` is true, as Ctrl-C would, while it blocks."""
+    previous = signal.signal(signal.SIGUSR1, _raise_interrupted)
+    watchers: list[threading.Thread] = []
+
+    def arm(ready) -> None:
+        def watch() -> None:
+            deadline = time.monotonic() + 60
+            while not ready() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watchers.append(watcher)
+        watcher.start()
+
+    yield arm
+    for watcher in watchers:
+        watcher.join()
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted
+
+
+def test_an_interrupted_blocking_call_is_cancelled_before_it_returns(model_dir, interrupt_when):
+    started, ended = threading.Event(), threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            ended.set()
+
+    with libpipe.SyncClient(model_dir, ["127.0.0.1:9"], insecure=True) as c:
+        interrupt_when(started.is_set)
+        with pytest.raises(Interrupted):
+            c._run(forever)
+        assert ended.is_set()  # cancelled and finished, not left running
+
+
+def test_an_interrupted_generate_closes_its_sessions(model_dir, chain, local_model, interrupt_when):
+    with libpipe.SyncClient(model_dir, chain, insecure=True) as c:
+        interrupt_when(lambda: bool(c.last_route))  # after the first token
+        with pytest.raises(Interrupted):
+            c.generate(PROMPT, max_new_tokens=4000, stop_tokens=())
+        trio.run(wait_until_no_sessions, chain)
+        assert c.generate(PROMPT, max_new_tokens=3, stop_tokens=()) == local_model.greedy(PROMPT, 3)
