@@ -74,7 +74,15 @@ from ..wire import (
     WireConnection,
 )
 from ._identity import short_peer_id
-from ._rpc import END_OF_STREAM, CallContext, InlineHandler, Message, Router, Stream
+from ._rpc import (
+    END_OF_STREAM,
+    CallContext,
+    InlineHandler,
+    Message,
+    Router,
+    Stream,
+    fresh_error,
+)
 from ._send_turn import SendTurn
 from ._transport import COALESCE_BYTES, SocketStream
 from ._workers import WorkerPool
@@ -343,7 +351,7 @@ class Connection:
         handed_off = False
         try:
             if self._error is not None:
-                raise self._error
+                raise fresh_error(self._error)
             if only_if_open and self._wire.stream_state(getattr(event, "stream_id", 0)) is None:
                 return
             buffers = self._wire.send(event)
@@ -377,7 +385,7 @@ class Connection:
                 self._end(_as_broken(exc, "sending"))
                 if isinstance(exc, trio.Cancelled):
                     raise
-                raise self._error from exc
+                raise fresh_error(self._error) from exc
         finally:
             if not handed_off:
                 self._turn.release()
@@ -758,7 +766,7 @@ class Connection:
 
     def _open_stream_id(self) -> int:
         if self._error is not None:
-            raise self._error
+            raise fresh_error(self._error)
         if self._going_away or self._peer_going_away is not None:
             raise ConnectionClosedError("connection is closing; use another one")
         if len(self._opened_by_us) >= self.peer_max_streams:
@@ -816,7 +824,7 @@ class Connection:
             if not call.done:
                 await self._drop(sid)
         if call.error is not None:
-            raise call.error
+            raise fresh_error(call.error)
         assert call.reply is not None
         return call.reply
 
@@ -869,7 +877,7 @@ class Connection:
     async def notify(self, method: str, meta: dict[str, Any] | None = None) -> None:
         """A one-way message (gossip piggybacking): no reply, no stream."""
         if self._error is not None:
-            raise self._error
+            raise fresh_error(self._error)
         await self._send(Notify(method, meta or {}))
 
     async def ping(self) -> float:
@@ -882,7 +890,7 @@ class Connection:
             await self._send(Ping(nonce))
             await pong.wait()
             if self._error is not None:
-                raise self._error
+                raise fresh_error(self._error)
             self.rtt = trio.current_time() - start
             return self.rtt
         finally:

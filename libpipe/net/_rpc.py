@@ -10,10 +10,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 import trio
 
-from ..errors import ConfigError, ConnectionClosedError
+from ..errors import ConfigError, ConnectionClosedError, LibpipeError
 
 if TYPE_CHECKING:
     from ._connection import Connection
+
+
+def fresh_error(error: BaseException) -> BaseException:
+    """A new error of the same class, message and details as ``error``, for
+    one of the several tasks a failure reaches (a connection's end fails
+    every call on it). Raising one object in many tasks would chain each
+    task's traceback onto the last and let one handler's edits show in all.
+    The cause, the underlying reason, is shared: nothing raises it again."""
+    if not isinstance(error, LibpipeError):
+        return error
+    copy = type(error)(error.message, **error.details)
+    copy.remote = error.remote
+    copy.__cause__ = error.__cause__
+    return copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +135,7 @@ class Stream:
         if self._failure is not None:
             # The peer ended the stream (its error, or its Cancel) or the
             # connection ended: say that, not that the frame is out of turn.
-            raise self._failure
+            raise fresh_error(self._failure)
         if self.send_closed:
             raise ConnectionClosedError(f"stream {self.stream_id} is closed for sending")
         await self._connection.send_stream_data(self.stream_id, meta or {}, tensors)
@@ -129,7 +143,7 @@ class Stream:
     async def close_send(self, meta: dict[str, Any] | None = None) -> None:
         """Half-close: this side sends nothing more (the peer sees end of stream)."""
         if self._failure is not None and not self.send_closed:
-            raise self._failure
+            raise fresh_error(self._failure)
         if not self.send_closed:
             self.send_closed = True
             await self._connection.send_stream_close(self.stream_id, meta or {})
@@ -139,7 +153,7 @@ class Stream:
             item = await self._inbox.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             if self._failure is not None:
-                raise self._failure from None
+                raise fresh_error(self._failure) from None
             raise trio.EndOfChannel from None
         if isinstance(item, _EndOfStream):
             self.receive_closed = True

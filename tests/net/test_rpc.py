@@ -504,3 +504,40 @@ async def test_sending_on_a_stream_the_peer_ended_raises_its_error() -> None:
             with pytest.raises(CacheFullError):
                 await stream.close_send()
         assert (await client.call("echo", {"after": 1})).meta["after"] == 1
+
+
+async def test_each_waiter_gets_its_own_copy_of_a_shared_failure() -> None:
+    """Calls and streams failed by one connection end each raise a new
+    error of the same class, message and details: one object raised in many
+    tasks would carry all their tracebacks."""
+    caught: list[BaseException] = []
+    async with memory_pair(echo_router()) as (client, _):
+
+        async def call() -> None:
+            try:
+                await client.call("forever")
+            except ConnectionBrokenError as exc:
+                caught.append(exc)
+
+        async def receive() -> None:
+            async with client.open_stream("double") as stream:
+                for _ in range(2):
+                    try:
+                        await stream.receive()
+                    except ConnectionBrokenError as exc:
+                        caught.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(call)
+            nursery.start_soon(receive)
+            await wait_until(lambda: client.in_flight == 4)
+            client.abort(ConnectionBrokenError("link down", hop=2))
+        for _ in range(2):
+            with pytest.raises(ConnectionBrokenError) as again:
+                await client.call("echo")
+            caught.append(again.value)
+    assert len(caught) == 7
+    assert len({id(exc) for exc in caught}) == 7
+    assert all(type(exc) is ConnectionBrokenError for exc in caught)
+    assert all(str(exc) == "link down" and exc.details == {"hop": 2} for exc in caught)
