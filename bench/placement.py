@@ -1,6 +1,18 @@
-"""Placement and routing speed at swarm scale, against PETALS' rule in the same run.
+"""Placement and routing speed at swarm scale, against PETALS' rule in the same run;
+with --scenarios, the simulated per-token times of every scenario issue 7 names.
 
     .venv/bin/python bench/placement.py [--json] [--quick] [--servers 500] [--blocks 80]
+    .venv/bin/python bench/placement.py --scenarios [--json] [--duration S]
+
+--scenarios runs ``libpipe simulate``'s comparison (the same ``compare``) of
+petals, cg-bp, libpipe and libpipe-direct (ours without forwarding) on
+clustered and clustered-large at l_max 64 and 128 and lambda 0.1 and 0.5,
+scattered-20/50/150, scattered-20 at lambda 2 and llama70b-clustered, and
+prints a Markdown table of mean per-token times with libpipe's change
+against cg-bp (the baseline, same sessions, same run) and cg-bp's against
+petals. Targets (issue 7): libpipe >= 10% better than cg-bp in at least
+half of the rows and never more than 2% worse; cg-bp >= 60% better than
+petals in clustered.
 
 The instance: a Llama-2-70B-like model (80 blocks of 0.45 GB, GQA cache of
 2 * 1024 * 2 bytes per token per block), 500 servers on 50 random nodes in
@@ -88,14 +100,93 @@ def best_of(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
+# (scenario, lambda or None for the scenario's, l_max or None): issue 7's list.
+SCENARIO_RUNS: list[tuple[str, float | None, int | None]] = [
+    *(
+        (name, rate, l_max)
+        for name in ("clustered", "clustered-large")
+        for l_max in (64, 128)
+        for rate in (0.1, 0.5)
+    ),
+    ("scattered-20", None, None),
+    ("scattered-20", 2.0, None),
+    ("scattered-50", None, None),
+    ("scattered-150", None, None),
+    ("llama70b-clustered", None, None),
+]
+SCENARIO_ALGORITHMS = ("petals", "cg-bp", "libpipe", "libpipe-direct")
+
+
+def scenario_table(duration: float | None, as_json: bool) -> int:
+    from libpipe.sim import compare, load_scenario
+
+    rows = []
+    for name, rate, l_max in SCENARIO_RUNS:
+        scenario = load_scenario(name).with_workload(
+            arrival_rate=rate, l_max=l_max, duration=duration
+        )
+        w = scenario.workload
+        result = compare(scenario, SCENARIO_ALGORITHMS)
+        mean = {a: r.summary.mean_token_s for a, r in result.results.items()}
+        rows.append(
+            {
+                "scenario": name,
+                "lambda": w.arrival_rate,
+                "l_max": w.l_max,
+                "mean_token_s": mean,
+                "libpipe_vs_cg_bp": mean["libpipe"] / mean["cg-bp"] - 1,
+                "cg_bp_vs_petals": mean["cg-bp"] / mean["petals"] - 1,
+            }
+        )
+        if not as_json:
+            print(_markdown_row(rows[-1]) if len(rows) > 1 else _markdown_head(rows[-1]))
+    better = sum(r["libpipe_vs_cg_bp"] <= -0.10 for r in rows)
+    worst = max(r["libpipe_vs_cg_bp"] for r in rows)
+    summary = {
+        "rows": rows,
+        "libpipe_10pct_better": better,
+        "runs": len(rows),
+        "worst_libpipe_vs_cg_bp": worst,
+        "meets_target": better * 2 >= len(rows) and worst <= 0.02,
+    }
+    if as_json:
+        print(json.dumps(summary))
+        return 0
+    verdict = "meets" if summary["meets_target"] else "MISSES"
+    print(
+        f"\nlibpipe >= 10% better than cg-bp in {better} of {len(rows)}; worst"
+        f" {worst:+.1%}: {verdict} the target"
+    )
+    return 0
+
+
+def _markdown_head(row: dict) -> str:
+    names = " | ".join(SCENARIO_ALGORITHMS)
+    head = f"| scenario | lambda | l_max | {names} | libpipe vs cg-bp | cg-bp vs petals |"
+    rule = "|" + "---|" * (len(SCENARIO_ALGORITHMS) + 5)
+    return f"{head}\n{rule}\n{_markdown_row(row)}"
+
+
+def _markdown_row(row: dict) -> str:
+    times = " | ".join(f"{row['mean_token_s'][a]:.3f}" for a in SCENARIO_ALGORITHMS)
+    return (
+        f"| {row['scenario']} | {row['lambda']:g} | {row['l_max']} | {times} |"
+        f" {row['libpipe_vs_cg_bp']:+.1%} | {row['cg_bp_vs_petals']:+.1%} |"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenarios", action="store_true", help="the simulated scenario table")
+    ap.add_argument("--duration", type=float, default=None, help="with --scenarios: seconds")
     ap.add_argument("--servers", type=int, default=500)
     ap.add_argument("--blocks", type=int, default=80)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="one repeat instead of five")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.scenarios:
+        return scenario_table(args.duration, args.json)
     repeat = 1 if args.quick else 5
     problem = instance(args.servers, args.blocks, args.seed)
 

@@ -3,12 +3,16 @@
 An ``Algorithm`` pairs a placement function (problem in, {server: span}
 out) with its routing policy; the simulator runs each by name and the live
 system uses ``libpipe``. Routing is always ``route``: the policies differ
-only in what a server short of cache costs, WS-RR's estimated wait (CG-BP
-and ours) or PETALS' flat allocation delay.
+in what a server short of cache costs, WS-RR's estimated wait (CG-BP and
+ours) or PETALS' flat allocation delay, and in the data path: ``libpipe``
+forwards from server to server, the baselines (as their papers define
+them) and ``libpipe-direct`` (ours without forwarding, to compare with the
+MILP, which models the client-centric path) have the client call each hop.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +25,7 @@ from ._milp import place_milp
 from ._model import Placement, PlacementProblem
 from ._petals import place_petals
 from ._route import CachePenalty, route
-from ._view import Route, ServerView
+from ._view import Forwarding, Route, ServerView
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Algorithm:
     description: str
     placer: Callable[[PlacementProblem], Placement]
     cache_penalty: CachePenalty
+    forwards: bool = False
 
     def place(self, problem: PlacementProblem) -> Placement:
         """The placement, in the problem's server order; raises
@@ -56,8 +61,14 @@ class Algorithm:
         start: int = 0,
         end: int | None = None,
         rng: random.Random | None = None,
+        forwarding: Forwarding | None = None,
     ) -> Route:
-        """A generation session's route under this algorithm's policy."""
+        """A generation session's route under this algorithm's policy.
+
+        ``forwarding`` says how the servers can forward to each other; an
+        algorithm that forwards routes (and costs) with it, the others
+        ignore it and route client-centric.
+        """
         return route(
             views,
             num_blocks,
@@ -67,6 +78,7 @@ class Algorithm:
             batch=batch,
             rng=rng,
             cache_penalty=self.cache_penalty,
+            forwarding=forwarding if self.forwards else None,
         )
 
 
@@ -90,7 +102,15 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "libpipe",
             "ours: greedy candidates over design concurrencies, RTT-aware order, scored"
-            " by the WS-RR steady state, local search; waiting-penalised routing",
+            " by the WS-RR steady state with forwarding, local search; waiting-penalised"
+            " routing with server-to-server forwarding",
+            functools.partial(place_libpipe, forwarding=True),
+            cache_penalty="wait",
+            forwards=True,
+        ),
+        Algorithm(
+            "libpipe-direct",
+            "ours without forwarding: the client calls each hop (the MILP's model)",
             place_libpipe,
             cache_penalty="wait",
         ),

@@ -57,7 +57,9 @@ MAX_SEARCH_EVALUATIONS = 60
 MAX_SCORED_SIZE = 20_000
 
 
-def place_libpipe(problem: PlacementProblem) -> Placement:
+def place_libpipe(problem: PlacementProblem, *, forwarding: bool = False) -> Placement:
+    """``forwarding``: sessions will be routed with server-to-server
+    forwarding, so candidates are scored that way."""
     sessions = design_sessions(problem)
     size = len(problem.servers) * problem.model.num_blocks
     if size > MAX_SCORED_SIZE:
@@ -71,13 +73,13 @@ def place_libpipe(problem: PlacementProblem) -> Placement:
         if key in seen or not covers(candidate.values(), problem.model.num_blocks):
             continue
         seen.add(key)
-        score = predict(problem, candidate).token_time
+        score = predict(problem, candidate, forwarding=forwarding).token_time
         if score < best_score:
             best, best_score = candidate, score
     if best is None:
         # No candidate covers the model; CG-BP's placement shows the gap.
         return place_cg_bp(problem, sessions)
-    return _local_search(problem, best, best_score, search_budget(problem))
+    return _local_search(problem, best, best_score, search_budget(problem), forwarding)
 
 
 def search_budget(problem: PlacementProblem) -> int:
@@ -155,7 +157,7 @@ def _sessions_held(spec: ServerSpec, blocks: int, block_bytes: int, per_session_
 
 
 def _local_search(
-    problem: PlacementProblem, placement: Placement, score: float, budget: int
+    problem: PlacementProblem, placement: Placement, score: float, budget: int, forwarding: bool
 ) -> Placement:
     """First-improvement hill climbing over one server's span at a time."""
     model = problem.model
@@ -171,7 +173,7 @@ def _local_search(
                 if not covers(trial.values(), model.num_blocks):
                     continue
                 budget -= 1
-                trial_score = predict(problem, trial).token_time
+                trial_score = predict(problem, trial, forwarding=forwarding).token_time
                 if trial_score < score * (1 - 1e-9):
                     placement, score, improved = trial, trial_score, True
                     break

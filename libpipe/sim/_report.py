@@ -75,11 +75,11 @@ def comparison_json(comparison: Comparison) -> dict[str, Any]:
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> None:
     """Bars per algorithm: mean and p95 per-token time, TTFT, waiting."""
+    # The object API (a Figure on its own Agg canvas): no global backend
+    # switch and no pyplot state, so a caller's own matplotlib is untouched.
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as exc:
         raise ConfigError("--plot needs matplotlib: pip install 'libpipe[sim]'") from exc
     if not comparison.results:
@@ -99,7 +99,9 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> None:
         ),
         ("waiting for cache (s)", [s.wait_s for s in summaries], [s.p95_wait_s for s in summaries]),
     )
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    figure = Figure(figsize=(4.2 * len(panels), 3.8))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(panels))
     positions = range(len(names))
     for ax, (title, means, p95s) in zip(axes, panels, strict=True):
         ax.bar(positions, means, color="#4c72b0", label="mean")
@@ -118,5 +120,3 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> None:
         figure.savefig(path, dpi=120)
     except OSError as exc:
         raise ConfigError(f"cannot write the plot to {path}: {exc.strerror}") from exc
-    finally:
-        plt.close(figure)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..placement import Algorithm, Placement, Route, ServerView, get_algorithm
+from ..placement import Algorithm, Forwarding, Placement, Route, ServerView, get_algorithm
 from ._metrics import Summary, summarize
 from ._scenario import Scenario
 from ._simulator import Router, Simulation
@@ -80,7 +80,8 @@ def compare(scenario: Scenario, algorithms: Sequence[str], *, seed: int = 0) -> 
 
 def router_for(algorithm: Algorithm, scenario: Scenario, rng: random.Random) -> Router:
     """The algorithm's routing policy for a session of this scenario (cache
-    sized for l_in + l_max, as the server allocates it).
+    sized for l_in + l_max, as the server allocates it), offered the
+    scenario's forwarding (used by the algorithms that forward).
 
     ``rng`` breaks exact ties between routes. Scenario RTTs are exact, so
     replicas in one cluster tie exactly, where real clients, each with its
@@ -89,9 +90,19 @@ def router_for(algorithm: Algorithm, scenario: Scenario, rng: random.Random) -> 
     """
     num_blocks = scenario.model.num_blocks
     session_tokens = scenario.workload.session_tokens
+    forwarding: dict[str, Forwarding] = {}
 
     def router(views: Sequence[ServerView], request: SessionRequest) -> Route:
-        return algorithm.route(views, num_blocks, session_tokens=session_tokens, rng=rng)
+        client = request.client
+        if client not in forwarding:
+            forwarding[client] = scenario.problem.forwarding(client)
+        return algorithm.route(
+            views,
+            num_blocks,
+            session_tokens=session_tokens,
+            rng=rng,
+            forwarding=forwarding[client],
+        )
 
     return router
 

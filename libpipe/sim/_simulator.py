@@ -27,7 +27,12 @@ by the algorithm's placement function over the scenario's
    through each hop (first token), then decodes its other tokens, each
    costing sum over hops of (RTT + overhead + blocks x tau_decode). Compute
    is not shared between sessions (the paper's model: a server's memory
-   bounds its concurrency, not its speed).
+   bounds its concurrency, not its speed). A route the router costed for
+   forwarding (``Route.forwarded``) runs as one: each step is a chain of
+   one-way messages, client -> first -> ... -> last -> client
+   (``Forwarding.wire_time``), each paying half the per-hop constant (the
+   hop overhead for decode steps, the prompt transfer for the prefill),
+   since a client-centric hop is two messages that pay it once together.
 
 Times come from the performance model in ``libpipe.placement``'s types and
 the scenario's session costs; routes and placements come only from the
@@ -41,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..placement import Placement, Route, ServerSpec, ServerView
+from ..placement import Forwarding, Placement, Route, ServerSpec, ServerView
 from ._scenario import Scenario
 from ._workload import SessionRequest
 
@@ -146,12 +151,14 @@ class Simulation:
         self.router = router
         self.servers = _placed_servers(scenario, placement)
         self._hop_cost: dict[tuple[str, str], float] = {}
+        self._forwarding: dict[str, Forwarding] = {}
 
     def run(self, sessions: Sequence[SessionRequest]) -> list[SessionOutcome]:
         self._sessions = {request.index: request for request in sessions}
         if len(self._sessions) != len(sessions):
             raise ConfigError("two sessions share an index")
         self._routes: dict[int, tuple[_Hop, ...]] = {}
+        self._forwarded: set[int] = set()  # sessions whose route forwards
         self._retries = 0
         self._outcomes: dict[int, SessionOutcome] = {}
         self._events: list[tuple[float, int, int, int]] = []
@@ -206,11 +213,14 @@ class Simulation:
         """Route and admit a session; or (the first server too full for it,
         the bytes it asks there)."""
         views = [self._view(server, request.client, now) for server in self.servers.values()]
-        hops = self._hops(self.router(views, request), request)
+        chosen = self.router(views, request)
+        hops = self._hops(chosen, request)
         for hop in hops:
             if hop.cache_bytes > hop.server.free:
                 return hop.server, hop.cache_bytes
         self._routes[request.index] = hops
+        if chosen.forwarded:
+            self._forwarded.add(request.index)
         self._admit(now, request)
         return None
 
@@ -238,22 +248,32 @@ class Simulation:
     # --- the performance model -----------------------------------------------
 
     def _token_time(self, hops: Sequence[_Hop], request: SessionRequest) -> float:
-        """One decode step: sum over hops of (RTT + overhead + k_j * tau_j)."""
-        return sum(
-            self._hop(request.client, h.server.spec) + h.blocks * h.server.spec.tau_decode
-            for h in hops
-        )
+        """One decode step: sum over hops of (RTT + overhead + k_j * tau_j);
+        forwarded, the chain's wire time plus the same compute."""
+        compute = sum(h.blocks * h.server.spec.tau_decode for h in hops)
+        if request.index in self._forwarded:
+            peers = [h.server.spec.name for h in hops]
+            return self._forwarding_for(request.client).wire_time(peers) + compute
+        return compute + sum(self._hop(request.client, h.server.spec) for h in hops)
 
     def _prefill_time(self, hops: Sequence[_Hop], request: SessionRequest) -> float:
-        """The prompt: sum over hops of (RTT + transfer(l_in) + k_j * tau_I_j(l_in))."""
+        """The prompt: sum over hops of (RTT + transfer(l_in) + k_j * tau_I_j(l_in));
+        forwarded, the chain's wire time with half the transfer per message."""
         network = self.scenario.network
         transfer = self.scenario.costs.prefill_transfer(request.prompt_tokens)
-        return sum(
-            network.between(request.client, h.server.spec.location)
-            + transfer
-            + h.blocks * h.server.spec.prefill_time(request.prompt_tokens)
-            for h in hops
-        )
+        compute = sum(h.blocks * h.server.spec.prefill_time(request.prompt_tokens) for h in hops)
+        if request.index in self._forwarded:
+            peers = [h.server.spec.name for h in hops]
+            forwarding = self._forwarding_for(request.client)
+            return forwarding.wire_time(peers, message_overhead=transfer / 2) + compute
+        wire = sum(network.between(request.client, h.server.spec.location) for h in hops)
+        return wire + len(hops) * transfer + compute
+
+    def _forwarding_for(self, client: str) -> Forwarding:
+        forwarding = self._forwarding.get(client)
+        if forwarding is None:
+            forwarding = self._forwarding[client] = self.scenario.problem.forwarding(client)
+        return forwarding
 
     def _hop(self, client: str, spec: ServerSpec) -> float:
         key = (client, spec.name)

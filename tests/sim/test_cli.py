@@ -40,6 +40,18 @@ def test_table_and_plot(tiny_file, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_leaves_matplotlibs_backend_alone(tiny_file, tmp_path, monkeypatch):
+    import matplotlib
+
+    def no_switch(*args, **kwargs):
+        raise AssertionError("plot_comparison switched matplotlib's global backend")
+
+    monkeypatch.setattr(matplotlib, "use", no_switch)
+    png = tmp_path / "out.png"
+    assert main(["simulate", tiny_file, "--algorithms", "petals", "--plot", str(png)]) == 0
+    assert png.stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

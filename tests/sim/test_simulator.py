@@ -168,3 +168,25 @@ def test_a_session_no_server_could_ever_hold_is_refused(tiny):
 def test_an_impossible_placement_is_refused(tiny, placement, match):
     with pytest.raises(ConfigError, match=match):
         Simulation(scenario_from_dict(tiny), placement, ws_rr)
+
+
+def test_a_forwarded_route_runs_as_a_chain_of_one_way_messages(tiny):
+    # slow-0 and slow-1 both in "dc" (5 ms apart), the client 100 ms away.
+    placement = {"slow-0": (0, 2), "slow-1": (2, 4)}
+    scenario = scenario_from_dict(tiny)
+    forwarding = scenario.problem.forwarding("home")
+
+    def forwarded(views, request):
+        return route(views, 4, session_tokens=10, forwarding=forwarding)
+
+    [out] = Simulation(scenario, placement, forwarded).run([session(0, 0.0)])
+    # Three messages: in 0.05, across 0.0025, out 0.05, each with half the
+    # 20 ms per-hop overhead; four blocks of 40 ms.
+    assert out.token_time == pytest.approx(0.05 + 0.0025 + 0.05 + 3 * 0.01 + 4 * 0.04)
+    # The prompt: the same trips, half of the transfer (4 x 1 ms + 30 ms) per
+    # message, four blocks of 4 x 2 ms + 10 ms.
+    prefill = 0.05 + 0.0025 + 0.05 + 3 * 0.034 / 2 + 4 * 0.018
+    assert out.ttft == pytest.approx(0.07 + prefill)
+    # The client-centric run of the same hops pays two round trips.
+    [direct] = Simulation(scenario, placement, ws_rr).run([session(0, 0.0)])
+    assert direct.token_time == pytest.approx(2 * 0.12 + 4 * 0.04)
