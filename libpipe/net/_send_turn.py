@@ -7,6 +7,10 @@ frames waiting: a small frame (a decode step, a Cancel, a reply) overtakes
 bulk frames queued ahead of it on other streams, so it waits for at most
 the one bulk frame in progress, not for every one queued.
 
+Overtaking is bounded: after ``MAX_OVERTAKES`` turns in a row went past
+the oldest waiter, the oldest goes, so a steady flow of small frames (many
+sessions decoding) cannot starve a bulk frame for ever.
+
 Order within a stream is kept (a StreamClose never passes its stream's
 data, a Cancel never passes its Request), and frames on stream 0 (Ping,
 Notify, GoAway) keep their place behind everything queued before them: a
@@ -16,6 +20,12 @@ GoAway passing one of our queued opens would make that open illegal.
 from __future__ import annotations
 
 import trio
+
+# Turns in a row that may pass the oldest waiter. A small frame carries at
+# most 256 KiB (BULK_FRAME_BYTES in _connection), so a bulk frame waits for
+# at most 8 MiB of small frames, half a 16 MiB prefill frame; at the usual
+# 8 KiB decode step, 32 steps of other sessions.
+MAX_OVERTAKES = 32
 
 
 class _Waiter:
@@ -33,6 +43,7 @@ class SendTurn:
     def __init__(self) -> None:
         self._busy = False
         self._waiting: list[_Waiter] = []
+        self._overtakes = 0  # turns in a row given past the oldest waiter
 
     @property
     def busy(self) -> bool:
@@ -62,7 +73,12 @@ class SendTurn:
         if not self._waiting:
             self._busy = False
             return
-        waiter = self._waiting.pop(self._next())
+        i = self._next()
+        if i and self._overtakes < MAX_OVERTAKES:
+            self._overtakes += 1
+        else:
+            i, self._overtakes = 0, 0
+        waiter = self._waiting.pop(i)
         trio.lowlevel.reschedule(waiter.task)
 
     def _next(self) -> int:

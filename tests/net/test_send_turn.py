@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from libpipe.net import Connection, Message, Router
-from libpipe.net._send_turn import SendTurn
+from libpipe.net._send_turn import MAX_OVERTAKES, SendTurn
 from libpipe.wire import (
     NEED_DATA,
     Hello,
@@ -142,3 +142,19 @@ async def test_a_call_overtakes_queued_bulk_stream_data_on_the_wire() -> None:
                 await trio.sleep(0.001)
         assert received == [Message({"ok": 1})]
         nursery.cancel_scope.cancel()
+
+
+async def test_small_frames_overtake_a_bulk_frame_a_bounded_number_of_times() -> None:
+    # a steady flow of small frames on other streams: the bulk frame goes
+    # after MAX_OVERTAKES of them, not after all of them
+    small = [(3 + 2 * i, False) for i in range(MAX_OVERTAKES + 5)]
+    order = await _order([(1, True), *small])
+    assert order == [*range(1, MAX_OVERTAKES + 1), 0, *range(MAX_OVERTAKES + 1, len(small) + 1)]
+
+
+async def test_the_overtake_count_restarts_when_the_oldest_goes() -> None:
+    # two bulk frames, each passed by up to MAX_OVERTAKES small ones
+    small = [(5 + 2 * i, False) for i in range(2 * MAX_OVERTAKES + 1)]
+    order = await _order([(1, True), (3, True), *small])
+    n = MAX_OVERTAKES
+    assert order == [*range(2, n + 2), 0, *range(n + 2, 2 * n + 2), 1, 2 * n + 2]
