@@ -80,6 +80,13 @@ class Client:
             raise ConfigError("peers must be a non-empty list of 'host:port' addresses")
         for address in peers:
             parse_address(address)
+        for name, value, cls in (
+            ("security", security, Security),
+            ("retry", retry, RetryPolicy),
+            ("gossip", gossip, GossipConfig),
+        ):
+            if value is not None and not isinstance(value, cls):
+                raise ConfigError(f"{name} must be a {cls.__name__}, got {value!r}")
         if security is not None and (insecure or identity is not None or ca is not None):
             raise ConfigError("give either security or identity/ca/insecure, not both")
         if not refresh_interval > 0:

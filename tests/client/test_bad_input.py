@@ -39,6 +39,9 @@ def bare_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (NOWHERE, {"insecure": True, "server_dtypes": ("int8",)}),
         (NOWHERE, {"insecure": True, "server_dtypes": ()}),
         (NOWHERE, {"insecure": True, "wire_dtype": torch.int8}),
+        (NOWHERE, {"insecure": True, "retry": "x"}),
+        (NOWHERE, {"insecure": True, "gossip": 3}),
+        (NOWHERE, {"security": "insecure"}),
     ],
 )
 def test_client_arguments(model_dir, peers, options):
