@@ -58,6 +58,14 @@ class SocketStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receiving = False
         self._drained = False
+        # The last TLS write stopped on WANT_READ: OpenSSL must take in a
+        # record before it writes on (post-handshake messages).
+        self._write_wants_read = False
+        # Set by the reader after its next read, for a writer that waits on
+        # WANT_READ; set by such a writer, for a reader that would otherwise
+        # wait on the socket beside it (trio allows one waiter per direction).
+        self._read_progress: trio.Event | None = None
+        self._writer_reading: trio.Event | None = None
 
     @property
     def socket(self) -> socket.socket:
@@ -140,7 +148,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
         self._sending = True
         try:
             while views:
-                await trio.lowlevel.wait_writable(self._sock)
+                if self._write_wants_read:
+                    await self._wait_for_tls_read()
+                else:
+                    await trio.lowlevel.wait_writable(self._sock)
                 self._check_open()
                 if self._tls:
                     self._write_tls(views)
@@ -152,6 +163,30 @@ class SocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
+    async def _wait_for_tls_read(self) -> None:
+        """Wait until a retried SSL_write can get the record it wants to read.
+
+        The socket is writable all along, so waiting for that would retry at
+        once, fail again, and spin. The reader task, parked on this socket
+        whenever a connection runs, does the reading (and keeps the
+        application data it finds): wait for its next read. With no reader,
+        wait for the socket to be readable here, and let the retried write
+        read; a reader that starts meanwhile waits for that first."""
+        if self._receiving:
+            if self._read_progress is None:
+                self._read_progress = trio.Event()
+            await self._read_progress.wait()
+            return
+        self._writer_reading = reading = trio.Event()
+        try:
+            await trio.lowlevel.wait_readable(self._sock)
+        finally:
+            self._writer_reading = None
+            # The retried write may leave application data decrypted in
+            # OpenSSL, where no readiness wait would see it: read first.
+            self._drained = False
+            reading.set()
+
     def _write_tls(self, views: list[memoryview]) -> list[memoryview]:
         """SSL_write each view until OpenSSL would block; ``views`` is
         consumed in place. ``ssl`` sets ACCEPT_MOVING_WRITE_BUFFER, so the
@@ -160,10 +195,12 @@ class SocketStream(trio.abc.HalfCloseableStream):
             view = views[0]
             try:
                 sent = self._sock.send(view)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                # WantRead (OpenSSL must first read a record) is left to the
-                # reader task, which always waits on this socket: the retry
-                # after the next writable wake finds the record read.
+            except ssl.SSLWantWriteError:
+                self._write_wants_read = False
+                return views
+            except ssl.SSLWantReadError:
+                # OpenSSL must first read a record: see _wait_for_tls_read.
+                self._write_wants_read = True
                 return views
             except (OSError, ssl.SSLError) as exc:
                 raise self._broken(exc) from exc
@@ -209,6 +246,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_open()
             waited = False
+            if self._writer_reading is not None:
+                # A writer waits on the socket for a record it must read.
+                await self._writer_reading.wait()
+                waited = True
             if self._drained:
                 # The last read emptied the kernel's buffer: a read now would
                 # most likely fail with EAGAIN, so wait first.
@@ -218,6 +259,9 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 try:
                     n = self._sock.recv_into(buffer)
                 except (ssl.SSLWantReadError, BlockingIOError):
+                    if self._read_progress is not None:
+                        self._read_progress.set()
+                        self._read_progress = None
                     await trio.lowlevel.wait_readable(self._sock)
                     waited = True
                 except ssl.SSLWantWriteError:
@@ -230,6 +274,9 @@ class SocketStream(trio.abc.HalfCloseableStream):
                     raise self._broken(exc) from exc
                 else:
                     break
+            if self._read_progress is not None:
+                self._read_progress.set()
+                self._read_progress = None
             if self._tls and TLS_RECORD_BYTES <= n < len(buffer):
                 n, self._drained = self._read_more_records(buffer, n)
             elif self._tls:
@@ -237,7 +284,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
                 # once; bytes OpenSSL holds already decrypted would not.
                 self._drained = 0 < n < len(buffer) and not self._sock.pending()
             else:
-                self._drained = not self._tls and 0 < n < len(buffer)
+                self._drained = 0 < n < len(buffer)
         except trio.ClosedResourceError as exc:
             raise ConnectionClosedError("stream closed") from exc
         finally:

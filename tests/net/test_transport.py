@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import ssl
 
 import pytest
 import trio
+import trio.testing
 
 import libpipe.net
 from libpipe.errors import ConnectionClosedError
@@ -134,5 +136,65 @@ async def test_one_buffer_larger_than_the_socket_buffer(
         assert rest  # the kernel took only part of it at once
         await client.send_rest(rest)
     assert received == [payload]
+    client.close()
+    server.close()
+
+
+class _WantsRead:
+    """Stands in for ``SSLSocket.send``: WANT_READ (OpenSSL must take in a
+    record first) until ``release``, then the real send. Counts the tries,
+    so a writer that spins on the writable socket shows."""
+
+    def __init__(self, stream: SocketStream) -> None:
+        self.real = stream.socket.send
+        self.tries = 0
+        self.released = False
+
+    def __call__(self, data: memoryview) -> int:
+        self.tries += 1
+        if not self.released:
+            raise ssl.SSLWantReadError("the peer's record first")
+        return self.real(data)
+
+
+@pytest.mark.parametrize("reader_first", [True, False])
+async def test_a_tls_write_that_wants_a_read_waits_for_one(
+    reader_first: bool, server_security: Security, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WANT_READ from SSL_write: the writer waits for the reader's next read
+    (or, with no reader, for the socket to be readable), it does not retry
+    on the writable socket in a loop; the reader keeps its data."""
+    async with trio.open_nursery() as nursery:
+        client, server = await _pair(server_security, nursery)
+        # Takes in the session tickets TLS 1.3 servers send after the
+        # handshake: the client's socket then has nothing to read.
+        await server.send_all(b"hello")
+        assert await _receive_exactly(client, 5) == b"hello"
+        send = _WantsRead(client)
+        monkeypatch.setattr(client.socket, "send", send)
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await client.receive_some(100))
+
+        async def write() -> None:
+            await client.send_all(b"w" * 100)
+
+        with trio.fail_after(10):
+            if reader_first:
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(write)
+            # A spinning writer never blocks: this would time out.
+            await trio.testing.wait_all_tasks_blocked()
+            assert send.tries == 1
+            if not reader_first:
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+            send.released = True
+            await server.send_all(b"record")
+            assert await _receive_exactly(server, 100) == b"w" * 100
+    assert send.tries == 2
+    assert got == [b"record"]
     client.close()
     server.close()
