@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import trio
 from torch import Tensor
@@ -22,7 +22,7 @@ from torch import Tensor
 from ..errors import ConnectionClosedError
 from ..model import ModelConfig
 from ._client import Client, Prompt
-from ._generate import InferenceSession, StopEntry
+from ._generate import GenerationOptions, InferenceSession
 from ._remote_blocks import RemoteBlocks
 from ._routing import PlannedHop
 
@@ -137,57 +137,20 @@ class SyncClient:
         return self._client.last_route
 
     def generate(
-        self,
-        prompt: Prompt,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop_tokens: Collection[int] | None = None,
-        stop: str | Sequence[StopEntry] = (),
+        self, prompt: Prompt, *, max_new_tokens: int, **options: Unpack[GenerationOptions]
     ) -> list[int]:
         """``Client.generate``, blocking: ``ids = c.generate("Once", max_new_tokens=16)``."""
-        return self._run(
-            self._client.generate,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop_tokens=stop_tokens,
-            stop=stop,
-        )
+        return self._run(self._client.generate, prompt, max_new_tokens=max_new_tokens, **options)
 
     def stream(
-        self,
-        prompt: Prompt,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop_tokens: Collection[int] | None = None,
-        stop: str | Sequence[StopEntry] = (),
+        self, prompt: Prompt, *, max_new_tokens: int, **options: Unpack[GenerationOptions]
     ) -> Iterator[int]:
         """``Client.stream``, blocking: ``for token in c.stream(ids, max_new_tokens=16):``.
 
         Leaving the ``for`` loop early (``break``, an exception) closes the
         remote sessions at once; a caller that keeps the iterator in a
         variable ends it with ``.close()``."""
-        tokens = self._client.stream(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop_tokens=stop_tokens,
-            stop=stop,
-        )
+        tokens = self._client.stream(prompt, max_new_tokens=max_new_tokens, **options)
         try:
             while True:
                 try:

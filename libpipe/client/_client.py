@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import trio
@@ -28,6 +28,7 @@ from ._bulk import forward_span
 from ._context import SwarmContext
 from ._failover import RetryPolicy
 from ._generate import (
+    GenerationOptions,
     InferenceSession,
     StopCondition,
     StopEntry,
@@ -201,16 +202,7 @@ class Client:
         return InferenceSession(RemoteSession(ctx, max_length=max_length, batch=batch), head)
 
     async def generate(
-        self,
-        prompt: Prompt,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop_tokens: Collection[int] | None = None,
-        stop: str | Sequence[StopEntry] = (),
+        self, prompt: Prompt, *, max_new_tokens: int, **options: Unpack[GenerationOptions]
     ) -> list[int]:
         """The new token ids, greedy unless ``temperature > 0``::
 
@@ -218,27 +210,9 @@ class Client:
             ids = await client.generate([1, 5, 9], max_new_tokens=32, temperature=0.8,
                                         top_p=0.9, seed=1, stop=["The end", [13, 13]])
 
-        ``prompt`` is token ids (a list, or a ``[t]`` / ``[1, t]`` tensor), or
-        text when the checkpoint has a tokenizer. ``top_k`` (0: off) and
-        ``top_p`` (1: off) cut the sampled distribution; ``seed`` makes a
-        sampled run reproducible, failovers included. Generation ends after
-        ``max_new_tokens``, or after the token that is one of ``stop_tokens``
-        (default: the checkpoint's ``eos_token_id``; ``()`` for none) or that
-        completes a ``stop`` entry: a token-id list, or a string found in
-        the generated text (needs the tokenizer). That last token is kept.
-        Bad arguments raise ``ConfigError`` / ``InvalidRequestError`` before
-        any server is asked."""
+        The options are ``stream``'s."""
         async with aclosing(
-            self.stream(
-                prompt,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                seed=seed,
-                stop_tokens=stop_tokens,
-                stop=stop,
-            )
+            self.stream(prompt, max_new_tokens=max_new_tokens, **options)
         ) as tokens:
             return [token async for token in tokens]
 
@@ -254,11 +228,23 @@ class Client:
         stop_tokens: Collection[int] | None = None,
         stop: str | Sequence[StopEntry] = (),
     ) -> AsyncIterator[int]:
-        """``generate``, yielding each token as soon as it is chosen::
+        """The new token ids, each yielded as soon as it is chosen::
 
             async with aclosing(client.stream(prompt, max_new_tokens=64)) as tokens:
                 async for token in tokens:
                     ...
+
+        ``prompt`` is token ids (a list, or a ``[t]`` / ``[1, t]`` tensor), or
+        text when the checkpoint has a tokenizer. Greedy unless
+        ``temperature > 0``; ``top_k`` (0: off) and ``top_p`` (1: off) cut
+        the sampled distribution; ``seed`` makes a sampled run
+        reproducible, failovers included. Generation ends after
+        ``max_new_tokens``, or after the token that is one of
+        ``stop_tokens`` (default: the checkpoint's ``eos_token_id``; ``()``
+        for none) or that completes a ``stop`` entry: a token-id list, or a
+        string found in the generated text (needs the tokenizer). That
+        last token is yielded. Bad arguments raise ``ConfigError`` or
+        ``InvalidRequestError`` before any server is asked.
 
         Leaving the loop early ends the generation and closes the servers'
         sessions; ``aclosing`` makes that happen at once rather than when

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from types import TracebackType
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -88,6 +89,18 @@ class InferenceSession:
 
 
 StopEntry = str | Sequence[int]
+
+
+class GenerationOptions(TypedDict, total=False):
+    """The keyword arguments of ``Client.stream`` besides ``max_new_tokens``,
+    so that ``generate`` and ``SyncClient`` pass them on with their types."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop_tokens: Collection[int] | None
+    stop: str | Sequence[StopEntry]
 
 
 class StopCondition:
