@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-stop",
         action="store_true",
-        help="do not stop at the checkpoint's eos token; always make --max-new-tokens",
+        help="do not stop at the checkpoint's eos token (--stop and --stop-ids still apply)",
     )
     parser.add_argument(
         "--stop",
