@@ -51,7 +51,9 @@ from ..net import Stream
 from ..wire import cast_for_wire
 from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
+from ._hidden import check_hidden
 from ._routing import PlannedHop
+from ._train_routing import AdapterDirectory, plan_training_route
 from ._view import ServerEntry
 
 logger = logging.getLogger("libpipe.client")
@@ -124,13 +126,21 @@ class RemoteSession:
     """Hidden states in, hidden states out, over a chain of servers (see
     the module docstring). Use through ``Client.inference_session``."""
 
-    def __init__(self, ctx: SwarmContext, *, max_length: int, batch: int) -> None:
+    def __init__(
+        self, ctx: SwarmContext, *, max_length: int, batch: int, adapter: str | None = None
+    ) -> None:
         for name, value in (("max_length", max_length), ("batch", batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if adapter is not None and (not isinstance(adapter, str) or not adapter):
+            raise ConfigError(f"adapter must be a non-empty string or None, got {adapter!r}")
         self._ctx = ctx
         self.max_length = max_length
         self.batch = batch
+        # A LoRA adapter every hop must have loaded (routing asks the servers
+        # which they have, once per session: only adapter sessions pay it).
+        self.adapter = adapter
+        self._adapters = AdapterDirectory()
         self._hops: list[_Hop] = []
         self._position = 0
         # Input at block `_covered()` for positions [0, position) while the
@@ -178,16 +188,7 @@ class RemoteSession:
         """Send ``hidden: [batch, t, H]`` (positions ``position ..``) through
         every block; returns the last block's outputs, same shape."""
         self._check_usable()
-        if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
-            raise InvalidRequestError("hidden states must be a floating-point tensor")
-        if hidden.dim() != 3 or hidden.shape[0] != self.batch or hidden.shape[1] == 0:
-            raise InvalidRequestError(
-                f"hidden states must be [{self.batch}, t>0, H], got {list(hidden.shape)}"
-            )
-        if hidden.shape[2] != self._ctx.hidden_size:
-            raise InvalidRequestError(
-                f"hidden size is {self._ctx.hidden_size}, got {hidden.shape[2]}"
-            )
+        check_hidden(hidden, self._ctx.hidden_size, self.batch)
         t = hidden.shape[1]
         if self._position + t > self.max_length:
             raise SessionError(
@@ -249,10 +250,13 @@ class RemoteSession:
         hops and replay their histories into them."""
         while self._covered() < self._ctx.num_blocks:
             start = self._covered()
-            plan = await self._ctx.plan(
+            plan = await plan_training_route(
+                self._ctx,
                 ledger,
+                self._adapters,
                 start=start,
                 end=self._ctx.num_blocks,
+                adapter=self.adapter,
                 objective="latency",
                 session_tokens=self.max_length,
                 batch=self.batch,
@@ -329,12 +333,7 @@ class RemoteSession:
                 stream = await exits.enter_async_context(
                     connection.open_stream(
                         "inference",
-                        {
-                            "start": planned.start,
-                            "end": planned.end,
-                            "batch": self.batch,
-                            "max_length": self.max_length,
-                        },
+                        _opening(planned, self.batch, self.max_length, self.adapter),
                     )
                 )
                 opened = await stream.receive()
@@ -381,6 +380,20 @@ class RemoteSession:
                 raise error from None
             raise _HopFailed(index, hop.planned, error) from None
         return out
+
+
+def _opening(
+    planned: PlannedHop, batch: int, max_length: int, adapter: str | None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "start": planned.start,
+        "end": planned.end,
+        "batch": batch,
+        "max_length": max_length,
+    }
+    if adapter is not None:
+        meta["adapter"] = adapter
+    return meta
 
 
 def _is_stale(meta: dict[str, Any], step: int) -> bool:

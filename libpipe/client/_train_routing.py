@@ -13,7 +13,7 @@ a route is chosen, only among whom.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -89,14 +89,24 @@ async def plan_training_route(
     start: int,
     end: int,
     adapter: str | None,
-    tokens: int,
+    tokens: int = 1,
+    objective: Literal["latency", "throughput"] = "throughput",
+    session_tokens: int = 0,
+    batch: int = 1,
 ) -> list[PlannedHop]:
     """A throughput-spread route over ``[start, end)`` for requests of
     ``tokens`` tokens, through servers that have ``adapter`` (any server when
     None). Without a route, learns the swarm again and waits within the
-    ledger's bound, like ``ctx.plan``."""
+    ledger's bound, like ``ctx.plan``. Inference sessions with an adapter
+    route here too, with ``objective="latency"`` and their cache needs."""
+    shape: dict[str, Any] = {
+        "objective": objective,
+        "tokens": tokens,
+        "session_tokens": session_tokens,
+        "batch": batch,
+    }
     if adapter is None:
-        return await ctx.plan(ledger, start=start, end=end, objective="throughput", tokens=tokens)
+        return await ctx.plan(ledger, start=start, end=end, **shape)
     refreshed = False
     while True:
         await directory.learn(ctx)
@@ -105,10 +115,9 @@ async def plan_training_route(
                 _AdapterView(ctx.view, directory, adapter),  # type: ignore[arg-type]
                 start=start,
                 end=end,
-                objective="throughput",
-                load=ctx.load,
-                rng=ctx.rng,
-                tokens=tokens,
+                load=ctx.load if objective == "throughput" else None,
+                rng=ctx.rng if objective == "throughput" else None,
+                **shape,
             )
         except NoRouteError as exc:
             error = NoRouteError(

@@ -14,12 +14,21 @@ import trio
 
 import libpipe
 from libpipe.cli.main import main as cli_main
+from libpipe.client import RetryPolicy
+from libpipe.client._session import RemoteSession
 from libpipe.errors import (
     ConfigError,
     ConnectionClosedError,
     InvalidRequestError,
+    NoRouteError,
     SessionError,
     TensorOverflowError,
+)
+from libpipe.model import (
+    ModelConfig,
+    load_lora_adapter,
+    load_span,
+    write_random_lora_adapter,
 )
 
 from .conftest import NUM_BLOCKS, LocalModel
@@ -240,3 +249,44 @@ async def test_concurrent_generations_share_one_client(model_dir, chain, local_m
             for i in range(len(prompts)):
                 nursery.start_soon(one, i)
     assert [results[i] for i in range(len(prompts))] == [local_model.greedy(p, 4) for p in prompts]
+
+
+async def test_session_with_an_adapter_routes_over_servers_that_loaded_it(
+    model_dir, spawn, tmp_path, local_model: LocalModel
+):
+    """Two servers with the adapter, one faster one without: the adapter's
+    session takes the two, and computes what the local blocks compute with
+    the adapter."""
+    config = ModelConfig.from_file(model_dir)
+    lora = write_random_lora_adapter(tmp_path / "lora", config, seed=3)
+    with_adapter = ["--adapters", str(lora)]
+    bare, first, second = spawn(
+        [((0, NUM_BLOCKS), ()), ((0, 4), with_adapter), ((4, NUM_BLOCKS), with_adapter)]
+    )
+    peers = [bare.address, first.address, second.address]
+    blocks = load_span(model_dir, 0, NUM_BLOCKS, progress=False)
+    blocks.add_adapter(
+        load_lora_adapter(
+            lora, config, 0, NUM_BLOCKS, device=torch.device("cpu"), dtype=torch.float32
+        )
+    )
+    hidden = local_model.head.embed(torch.tensor([PROMPT]))
+    with torch.no_grad():
+        expected = blocks.forward(hidden, adapter="lora")
+    async with client(model_dir, peers, wire_dtype=torch.float32) as c:
+        _, ctx = c._open()
+        async with RemoteSession(ctx, max_length=16, batch=1, adapter="lora") as session:
+            out = await session.step(hidden)
+            route = [(h.start, h.end) for h in session.route]
+    assert route == [(0, 4), (4, NUM_BLOCKS)]
+    assert (out - expected).abs().max() < 1e-4
+
+
+async def test_session_with_an_adapter_nobody_loaded_has_no_route(model_dir, chain):
+    async with client(model_dir, chain, retry=RetryPolicy(max_failures=1)) as c:
+        _, ctx = c._open()
+        with pytest.raises(NoRouteError, match="adapter 'missing'"):
+            async with RemoteSession(ctx, max_length=16, batch=1, adapter="missing"):
+                pass
+        with pytest.raises(ConfigError):
+            RemoteSession(ctx, max_length=16, batch=1, adapter="")
