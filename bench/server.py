@@ -92,23 +92,27 @@ async def decode_under_backward(
 ) -> tuple[list[float], float]:
     """One session's decode-step latencies (s) while backward calls of
     ``tokens`` tokens over ``blocks`` run back to back, over ``seconds``
-    (after a short warm-up), and the backward tokens/s meanwhile."""
+    (from a short warm-up after the session's prefill), and the backward
+    tokens/s meanwhile. Both go on past the window until each has a few
+    measurements (a loaded machine can make single steps slow)."""
     latencies: list[float] = []
-    done: list[float] = []  # when backward calls ended, from the window's start
+    done: list[float] = []  # when backward calls ended inside the window
     meta = {"start": blocks[0], "end": blocks[1], "batch": 1, "max_length": 8192}
     bulk = {"start": blocks[0], "end": blocks[1]}
-    warmup = min(1.0, seconds / 4)
-    begin = time.perf_counter() + warmup
-    stop = begin + seconds
+    window: list[float] = []  # [begin, stop], set once the session has prefilled
+    prefilled = trio.Event()
 
     async def session(conn) -> None:
         async with conn.open_stream("inference", meta) as stream:
             await stream.receive()
             await stream.send({"position": 0}, (torch.randn(1, prompt, hidden).half(),))
             await stream.receive()
+            begin = time.perf_counter() + min(1.0, seconds / 4)
+            window.extend([begin, begin + seconds])
+            prefilled.set()
             one = torch.randn(1, 1, hidden).half()
             position = prompt
-            while time.perf_counter() < stop:
+            while time.perf_counter() < window[1] or len(latencies) < 3:
                 sent = time.perf_counter()
                 await stream.send({"position": position}, (one,))
                 await stream.receive()
@@ -120,10 +124,10 @@ async def decode_under_backward(
     async def backward(conn) -> None:
         x = torch.randn(1, tokens, hidden).half()
         g = (torch.randn(1, tokens, hidden) * 1e-3).half()
-        # Until two calls have ended in the window (a slow call may outlast it).
-        while time.perf_counter() < stop or len(done) < 2:
+        await prefilled.wait()
+        while time.perf_counter() < window[1] or len(done) < 2:
             await conn.call("backward", bulk, (x, g), timeout=600)
-            if time.perf_counter() >= begin:
+            if time.perf_counter() >= window[0]:
                 done.append(time.perf_counter())
 
     async with ConnectionPool(Security.insecure()) as pool:
