@@ -83,7 +83,10 @@ def render(snapshot: SwarmSnapshot) -> str:
         ]
         lines.append("  ".join(cells).rstrip())
     for model in snapshot.models:
-        lines += ["", f"coverage of {model.model_id} ({model.num_blocks} blocks, online servers):"]
+        size = f"{model.num_blocks} blocks"
+        if model.size_from == "spans":
+            size = f"block count unknown, {model.num_blocks} seen"
+        lines += ["", f"coverage of {model.model_id} ({size}; online servers per block):"]
         for first in range(0, model.num_blocks, BLOCKS_PER_ROW):
             blocks = range(first, min(first + BLOCKS_PER_ROW, model.num_blocks))
             lines.append("  block    " + "".join(f"{b:>6}" for b in blocks))
@@ -96,7 +99,10 @@ def render(snapshot: SwarmSnapshot) -> str:
                 )
             )
     warnings = snapshot.warnings()
-    lines += ["", "warnings:" if warnings else "no warnings: every block has failover"]
+    lines += [
+        "",
+        "warnings:" if warnings else "no warnings: every block has a second online server",
+    ]
     lines += [f"  ! {w}" for w in warnings]
     return "\n".join(lines)
 

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..net import short_peer_id
-from ..swarm import ModelCoverage, RecordState, ServerStatus, SwarmSnapshot
+from ..swarm import (
+    ModelCoverage,
+    RecordState,
+    ServerStatus,
+    SwarmSnapshot,
+    block_ranges,
+    format_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -74,11 +81,8 @@ def _changes(at: float, was: ServerStatus, now: ServerStatus) -> list[SwarmEvent
 
 
 def _coverage_changes(at: float, was: ModelCoverage | None, now: ModelCoverage) -> list[SwarmEvent]:
-    def uncovered(m: ModelCoverage) -> set[int]:
-        return {b for b, n in enumerate(m.servers) if n == 0}
-
-    lost = uncovered(now) - (uncovered(was) if was is not None else set())
-    regained = (uncovered(was) - uncovered(now)) if was is not None else set()
+    lost = now.uncovered() - (was.uncovered() if was is not None else set())
+    regained = (was.uncovered() - now.uncovered()) if was is not None else set()
     events = []
     if lost:
         events.append(
@@ -105,11 +109,4 @@ def _state(s: ServerStatus) -> str:
 
 def _blocks(blocks: set[int]) -> str:
     """``{0, 1, 2, 7}`` -> ``"0-2, 7"``."""
-    ordered = sorted(blocks)
-    runs: list[list[int]] = []
-    for b in ordered:
-        if runs and runs[-1][1] == b - 1:
-            runs[-1][1] = b
-        else:
-            runs.append([b, b])
-    return ", ".join(f"{a}" if a == z else f"{a}-{z}" for a, z in runs)
+    return ", ".join(format_blocks(r) for r in block_ranges(blocks))

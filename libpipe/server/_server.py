@@ -118,6 +118,7 @@ class BlockServer:
                     RpcTransport(router, connections, self.address),
                     model_id=model.model_id,
                     span=blocks,
+                    num_blocks=model.num_hidden_layers,
                     dtype=str(resolve_dtype(device, cfg.dtype)).removeprefix("torch."),
                     version=__version__,
                     state=RecordState.JOINING,

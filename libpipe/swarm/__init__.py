@@ -31,10 +31,12 @@ from ._rebalance import (
     server_views as server_views,
 )
 from ._record import (
+    MAX_BLOCKS as MAX_BLOCKS,
     RecordState as RecordState,
     ServerRecord as ServerRecord,
     SignedRecord as SignedRecord,
     Signer as Signer,
+    check_model_size as check_model_size,
     decode_signed as decode_signed,
     sign_record as sign_record,
     verified_records as verified_records,
@@ -46,8 +48,10 @@ from ._survey import (
     ModelCoverage as ModelCoverage,
     ServerStatus as ServerStatus,
     SwarmSnapshot as SwarmSnapshot,
+    block_ranges as block_ranges,
     coverage as coverage,
     fetch_view as fetch_view,
+    format_blocks as format_blocks,
     survey as survey,
 )
 from ._suspicion import Suspicion as Suspicion

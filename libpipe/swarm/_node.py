@@ -52,6 +52,7 @@ from ._record import (
     ServerRecord,
     SignedRecord,
     Signer,
+    check_model_size,
     decode_signed,
     is_expired,
     sign_record,
@@ -108,6 +109,7 @@ class GossipNode:
         *,
         model_id: str = "",
         span: tuple[int, int] = (0, 0),
+        num_blocks: int = 0,
         dtype: str = "float16",
         version: str = "",
         addresses: Sequence[str] | None = None,
@@ -146,6 +148,7 @@ class GossipNode:
                 ),
                 model_id=model_id,
                 span=_sequence(span, "span"),  # type: ignore[arg-type]
+                num_blocks=num_blocks,
                 dtype=dtype,
                 version=version,
                 throughput_decode=0.0,
@@ -329,6 +332,8 @@ class GossipNode:
                 ttl=self.config.record_ttl,
                 max_skew=self.config.max_clock_skew,
             )
+            own = self.local_record.record
+            check_model_size(record, own.model_id, own.num_blocks)
         except RecordError as exc:
             self._reject(exc)
             return None

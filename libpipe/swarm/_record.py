@@ -36,6 +36,11 @@ MAX_ADDRESSES = 8
 MAX_STRING = 256
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
+# No span may end past this block, whatever the record says of its model:
+# real models have a few hundred blocks, and a receiver keeps state per
+# block (coverage, placement), so a claimed end of 10**12 must never be
+# believed. Past it the record is malformed.
+MAX_BLOCKS = 4096
 
 
 class RecordState(enum.Enum):
@@ -83,6 +88,7 @@ class ServerRecord:
     state: RecordState
     incarnation: int
     timestamp: float
+    num_blocks: int = 0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.peer_id, str) and 0 < len(self.peer_id) <= MAX_STRING, "peer_id")
@@ -106,6 +112,8 @@ class ServerRecord:
             and 0 <= self.span[0] <= self.span[1],
             "span",
         )
+        _check(_is_int(self.num_blocks) and 0 <= self.num_blocks <= MAX_BLOCKS, "num_blocks")
+        _check(self.span[1] <= (self.num_blocks or MAX_BLOCKS), "span")
         for name in ("throughput_decode", "throughput_forward", "timestamp"):
             value = getattr(self, name)
             _check(_is_number(value) and math.isfinite(value) and value >= 0, name)
@@ -243,6 +251,23 @@ def verified_records(
             continue
         good.append(signed)
     return good
+
+
+def check_model_size(record: ServerRecord, model_id: str, num_blocks: int) -> None:
+    """Raise ``RecordError`` (reason ``num_blocks``) when ``record`` serves
+    ``model_id``, whose block count the caller knows to be ``num_blocks``
+    (from its own checkpoint or a server's ``info``), but announces another
+    count or a span past the last block. A signature proves who said it,
+    not that it is right: such a span would hide real gaps in coverage."""
+    if not num_blocks or record.model_id != model_id:
+        return
+    if record.num_blocks not in (0, num_blocks) or record.span[1] > num_blocks:
+        raise RecordError(
+            f"record's span {record.span[0]}:{record.span[1]} of {record.num_blocks or '?'} "
+            f"blocks does not fit {model_id} ({num_blocks} blocks)",
+            reason="num_blocks",
+            peer_id=record.peer_id,
+        )
 
 
 def is_expired(record: ServerRecord, *, now: float, ttl: float) -> bool:

@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from ..errors import ConnectionBrokenError, LibpipeError
+from ..errors import ConnectionBrokenError, LibpipeError, RecordError
 from ..net import ConnectionPool, short_peer_id
 from ._config import GossipConfig
-from ._record import RecordState, ServerRecord, verified_records
+from ._record import (
+    MAX_BLOCKS,
+    RecordState,
+    ServerRecord,
+    check_model_size,
+    verified_records,
+)
 
 # Records are checked against the most patient preset's lifetime: the node
 # that answered already dropped what its own (possibly shorter) TTL expired.
@@ -35,10 +41,6 @@ RTT_PINGS = 3
 INFO_TRIES = 3
 # Below this many servers a block is "thin": one failure leaves it uncovered.
 THIN_SERVERS = 2
-# Coverage is kept per block, and spans and block counts come from peers: a
-# claimed span end of 10**12 must not become a 10**12-entry list. Real models
-# have a few hundred blocks at most.
-MAX_SURVEY_BLOCKS = 4096
 
 
 @dataclass(frozen=True)
@@ -69,31 +71,46 @@ class ServerStatus:
 
 @dataclass(frozen=True)
 class ModelCoverage:
-    """Per block of one model: online servers and their summed decode steps/s."""
+    """Per block of one model: online servers and their summed decode steps/s.
+
+    ``size_from`` says how ``num_blocks`` is known: ``info`` (a server's
+    ``info`` reply), ``records`` (the count the records announce) or
+    ``spans`` (neither: the highest span end seen, so blocks past it may
+    exist and be uncovered, and nothing here can tell)."""
 
     model_id: str
     num_blocks: int
     servers: tuple[int, ...]
     throughput: tuple[float, ...]
+    size_from: str = "info"
 
     def ranges(self, predicate: Callable[[int], bool]) -> list[tuple[int, int]]:
         """Maximal half-open block ranges whose server count satisfies ``predicate``."""
-        found: list[tuple[int, int]] = []
-        for b, n in enumerate(self.servers):
-            if predicate(n):
-                if found and found[-1][1] == b:
-                    found[-1] = (found[-1][0], b + 1)
-                else:
-                    found.append((b, b + 1))
-        return found
+        return block_ranges(b for b, n in enumerate(self.servers) if predicate(n))
+
+    def uncovered(self) -> set[int]:
+        """Blocks no online server holds."""
+        return {b for b, n in enumerate(self.servers) if n == 0}
 
     def warnings(self) -> list[str]:
-        warnings = [
-            f"{self.model_id}: blocks {_blocks(r)} uncovered: no online server holds them"
+        warnings = []
+        if self.num_blocks == 0:
+            warnings.append(
+                f"{self.model_id}: coverage unknown: no server announces a block yet "
+                "and none answered `info` with the model's size"
+            )
+        elif self.size_from == "spans":
+            warnings.append(
+                f"{self.model_id}: block count unknown (no server answered `info`, records "
+                f"do not agree on one): coverage is shown up to block {self.num_blocks - 1} "
+                "only; later blocks may exist and be uncovered"
+            )
+        warnings += [
+            f"{self.model_id}: blocks {format_blocks(r)} uncovered: no online server holds them"
             for r in self.ranges(lambda n: n == 0)
         ]
         warnings += [
-            f"{self.model_id}: blocks {_blocks(r)} thin: one online server, no failover"
+            f"{self.model_id}: blocks {format_blocks(r)} thin: one online server, no failover"
             for r in self.ranges(lambda n: 0 < n < THIN_SERVERS)
         ]
         return warnings
@@ -102,6 +119,7 @@ class ModelCoverage:
         return {
             "model_id": self.model_id,
             "num_blocks": self.num_blocks,
+            "size_from": self.size_from,
             "servers": list(self.servers),
             "throughput_decode": list(self.throughput),
             "uncovered": [list(r) for r in self.ranges(lambda n: n == 0)],
@@ -120,7 +138,25 @@ class SwarmSnapshot:
     rejected: dict[str, int] = field(default_factory=dict)
 
     def warnings(self) -> list[str]:
+        """Everything an operator should act on, and everything this look
+        could not determine; empty only when every model is fully known and
+        every block has a second server."""
+        if not self.servers:
+            return ["the view lists no server: nothing to check"]
+        records = [s.record for s in self.servers]
         warnings = [w for m in self.models for w in m.warnings()]
+        warnings += _mixed(
+            "model", [r.model_id for r in records], "a client uses only its model's servers"
+        )
+        warnings += _mixed(
+            "version", [r.version or "?" for r in records], "an upgrade is under way, or forgotten"
+        )
+        warnings += [
+            f"server {short_peer_id(r.peer_id)} is still joining (loading blocks "
+            f"{r.span[0]}:{r.span[1]}): not counted in coverage until online"
+            for r in records
+            if r.state is RecordState.JOINING
+        ]
         warnings += [
             f"server {short_peer_id(s.record.peer_id)} at {s.record.addresses[0]} "
             "did not answer a ping from here"
@@ -129,7 +165,8 @@ class SwarmSnapshot:
         ]
         if self.rejected:
             total = sum(self.rejected.values())
-            warnings.append(f"{total} record(s) failed verification and were dropped")
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.rejected.items()))
+            warnings.append(f"{total} record(s) failed verification and were dropped ({reasons})")
         return warnings
 
     def to_json(self) -> dict[str, Any]:
@@ -146,14 +183,21 @@ class SwarmSnapshot:
 def coverage(
     records: Sequence[ServerRecord], num_blocks: dict[str, int] | None = None
 ) -> list[ModelCoverage]:
-    """Coverage per model; a model's block count is taken from ``num_blocks``
-    when known, else the highest span end seen (blocks past it are unknown)."""
+    """Coverage per model. A model's block count is taken from ``num_blocks``
+    (servers' ``info``) when known, else from what its records announce when
+    they agree, else the highest span end seen (``size_from`` says which)."""
     known = num_blocks or {}
     models = sorted({r.model_id for r in records})
     result = []
     for model_id in models:
         own = [r for r in records if r.model_id == model_id]
-        n = min(known.get(model_id, max(r.span[1] for r in own)), MAX_SURVEY_BLOCKS)
+        announced = {r.num_blocks for r in own if r.num_blocks}
+        if model_id in known:
+            n, size_from = known[model_id], "info"
+        elif len(announced) == 1:
+            n, size_from = announced.pop(), "records"
+        else:
+            n, size_from = max(r.span[1] for r in own), "spans"
         servers = [0] * n
         throughput = [0.0] * n
         for r in own:
@@ -162,8 +206,32 @@ def coverage(
             for b in range(r.span[0], min(r.span[1], n)):
                 servers[b] += 1
                 throughput[b] += r.throughput_decode
-        result.append(ModelCoverage(model_id, n, tuple(servers), tuple(throughput)))
+        result.append(ModelCoverage(model_id, n, tuple(servers), tuple(throughput), size_from))
     return result
+
+
+def block_ranges(blocks: Iterable[int]) -> list[tuple[int, int]]:
+    """Maximal half-open ranges of ``blocks``: ``{0, 1, 2, 7}`` -> ``[(0, 3), (7, 8)]``."""
+    found: list[tuple[int, int]] = []
+    for b in sorted(blocks):
+        if found and found[-1][1] == b:
+            found[-1] = (found[-1][0], b + 1)
+        else:
+            found.append((b, b + 1))
+    return found
+
+
+def format_blocks(r: tuple[int, int]) -> str:
+    """A half-open block range as people count blocks: ``(4, 8)`` -> ``"4-7"``."""
+    return f"{r[0]}" if r[1] - r[0] == 1 else f"{r[0]}-{r[1] - 1}"
+
+
+def _mixed(what: str, values: Sequence[str], why: str) -> list[str]:
+    counts = Counter(values)
+    if len(counts) < 2:
+        return []
+    listed = ", ".join(f"{v} ({n})" for v, n in sorted(counts.items()))
+    return [f"servers announce {len(counts)} different {what}s: {listed}; {why}"]
 
 
 async def fetch_view(
@@ -213,6 +281,7 @@ async def survey(
     source, records = await fetch_view(pool, peers, timeout=timeout, clock=clock, rejected=rejected)
     rtts = await _ping_all(pool, records, timeout)
     num_blocks = await _model_sizes(pool, records, timeout)
+    records = _fitting(records, num_blocks, rejected)
     return SwarmSnapshot(
         source=source,
         taken_at=clock(),
@@ -220,6 +289,23 @@ async def survey(
         models=tuple(coverage(records, num_blocks)),
         rejected=dict(rejected),
     )
+
+
+def _fitting(
+    records: Sequence[ServerRecord], num_blocks: dict[str, int], rejected: Counter[str]
+) -> list[ServerRecord]:
+    """The records whose span fits their model as its servers' ``info`` sizes
+    it; the rest are counted in ``rejected`` (a valid signature proves who
+    claims a span, not that the span exists)."""
+    fitting = []
+    for record in records:
+        try:
+            check_model_size(record, record.model_id, num_blocks.get(record.model_id, 0))
+        except RecordError as exc:
+            rejected[exc.details["reason"]] += 1
+            continue
+        fitting.append(record)
+    return fitting
 
 
 async def _ping_all(
@@ -292,14 +378,6 @@ async def _num_blocks(pool: ConnectionPool, record: ServerRecord, timeout: float
         except LibpipeError:
             return None
         n = reply.meta.get("num_blocks")
-        if (
-            isinstance(n, int)
-            and not isinstance(n, bool)
-            and max(record.span) <= n <= MAX_SURVEY_BLOCKS
-        ):
+        if isinstance(n, int) and not isinstance(n, bool) and max(record.span) <= n <= MAX_BLOCKS:
             return n
     return None
-
-
-def _blocks(r: tuple[int, int]) -> str:
-    return f"{r[0]}" if r[1] - r[0] == 1 else f"{r[0]}-{r[1] - 1}"

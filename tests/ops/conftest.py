@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from libpipe.net import ConnectionPool, Router, Security, SwarmCA, serve
+from libpipe.net import ConnectionPool, Message, Router, Security, SwarmCA, serve
 from libpipe.swarm import GossipConfig, GossipNode, RecordState, RpcTransport
 
 # Real seconds here: fast timers keep death detection within a few seconds,
@@ -49,9 +49,19 @@ class LiveSwarm:
         state: RecordState = RecordState.ONLINE,
         throughput: float = 20.0,
         model_id: str = MODEL,
+        num_blocks: int = 12,
+        info_blocks: int | None = None,
     ) -> LiveNode:
+        """A gossip node; with ``info_blocks`` it also answers ``info`` as a
+        block server does (reporting that model size)."""
         security = self.security_for(len(self.nodes))
         router = Router()
+        if info_blocks is not None:
+
+            async def info(context, message):
+                return Message({"num_blocks": info_blocks})
+
+            router.unary("info", info)
         scope = trio.CancelScope()
         holder: dict[str, GossipNode] = {}
         bootstrap = [self.nodes[0].address] if self.nodes else []
@@ -73,6 +83,7 @@ class LiveSwarm:
                         RpcTransport(router, pool, f"{host}:{port}"),
                         model_id=model_id,
                         span=span,
+                        num_blocks=num_blocks,
                         state=state,
                         config=FAST,
                         rng=random.Random(seed),

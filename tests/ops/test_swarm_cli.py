@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 import trio
 
 from libpipe.cli.main import main
-from libpipe.errors import ConnectionBrokenError
-from libpipe.net import ConnectionPool, Message, Router, Security, serve
-from libpipe.swarm import RecordState, coverage, survey
-from libpipe.swarm._survey import MAX_SURVEY_BLOCKS
+from libpipe.cli.swarm import render
+from libpipe.errors import ConnectionBrokenError, RecordError
+from libpipe.net import ConnectionPool, Identity, Message, Router, Security, serve
+from libpipe.swarm import (
+    MAX_BLOCKS,
+    RecordState,
+    ServerRecord,
+    ServerStatus,
+    SwarmSnapshot,
+    coverage,
+    sign_record,
+    survey,
+)
 
 from .conftest import MODEL, LiveSwarm
 
@@ -49,7 +59,8 @@ async def test_survey_reports_servers_rtts_and_coverage(live_swarm):
     warnings = snapshot.warnings()
     assert any("blocks 8-11 uncovered" in w for w in warnings)
     assert any("blocks 4-7 thin" in w for w in warnings)
-    assert len(warnings) == 2
+    assert any(f"{nodes[3].node.peer_id[:8]} is still joining" in w for w in warnings)
+    assert len(warnings) == 3
 
 
 @pytest.mark.slow
@@ -137,7 +148,10 @@ async def test_forged_records_from_a_relay_are_dropped_and_counted(nursery, live
         snapshot = await survey(pool, [f"{host}:{port}"])
     assert [s.record.peer_id for s in snapshot.servers] == [honest.node.peer_id]
     assert snapshot.rejected == {"bad_signature": 1, "malformed": 1}
-    assert any("2 record(s) failed verification" in w for w in snapshot.warnings())
+    assert any(
+        "2 record(s) failed verification and were dropped (bad_signature: 1, malformed: 1)" in w
+        for w in snapshot.warnings()
+    )
 
 
 async def test_tls_swarm_needs_an_identity_of_its_ca(nursery, swarm_ca, tmp_path, capsys):
@@ -152,17 +166,14 @@ async def test_tls_swarm_needs_an_identity_of_its_ca(nursery, swarm_ca, tmp_path
     assert "ConnectionBrokenError" in capsys.readouterr().err
 
 
-def test_coverage_uses_the_known_model_size():
-    from libpipe.net import Identity
-    from libpipe.swarm import ServerRecord
-
+def make_record(span, **changes) -> ServerRecord:
     identity = Identity.generate()
-    record = ServerRecord(
+    fields = dict(
         peer_id=identity.peer_id,
         public_key=identity.public_key_bytes,
         addresses=("127.0.0.1:1",),
         model_id=MODEL,
-        span=(2, 5),
+        span=span,
         dtype="float32",
         version="",
         throughput_decode=10.0,
@@ -173,15 +184,25 @@ def test_coverage_uses_the_known_model_size():
         incarnation=1,
         timestamp=1.0,
     )
+    fields.update(changes)
+    return ServerRecord(**fields)
+
+
+def test_coverage_uses_the_known_model_size():
+    record = make_record((2, 5))
     (model,) = coverage([record], {MODEL: 8})
-    assert model.servers == (0, 0, 1, 1, 1, 0, 0, 0)
+    assert model.servers == (0, 0, 1, 1, 1, 0, 0, 0) and model.size_from == "info"
     assert model.ranges(lambda n: n == 0) == [(0, 2), (5, 8)]
+    (announced,) = coverage([dataclasses.replace(record, num_blocks=6)])
+    assert (announced.num_blocks, announced.size_from) == (6, "records")
     (guessed,) = coverage([record])
-    assert guessed.num_blocks == 5
-    # A span end no model has (a forged or broken record) costs bounded memory.
-    huge = dataclasses.replace(record, span=(0, 10**12))
-    (capped,) = coverage([huge])
-    assert capped.num_blocks == MAX_SURVEY_BLOCKS and set(capped.servers) == {1}
+    assert (guessed.num_blocks, guessed.size_from) == (5, "spans")
+    # A span end no model has (a forged or broken record) is refused outright:
+    # coverage is kept per block.
+    with pytest.raises(RecordError):
+        dataclasses.replace(record, span=(0, 10**12))
+    (largest,) = coverage([dataclasses.replace(record, span=(0, MAX_BLOCKS))])
+    assert largest.num_blocks == MAX_BLOCKS
 
 
 async def test_peers_with_a_malformed_or_no_view_are_skipped(nursery, live_swarm):
@@ -213,3 +234,77 @@ async def test_peers_with_a_malformed_or_no_view_are_skipped(nursery, live_swarm
     failures = caught.value.details["failures"]
     assert "list of signed records" in failures[addresses[0]]
     assert set(failures) == set(addresses)
+
+
+async def test_forged_span_past_the_models_last_block_is_dropped_and_counted(live_swarm):
+    # The relay is a gossip-only node that knows no model size, so it keeps
+    # the record; the survey learns the size from `info` and drops it.
+    honest = await live_swarm.add((0, 12), num_blocks=0, info_blocks=12)
+    forger = Identity.generate()
+    forged = make_record(
+        (0, 40),
+        peer_id=forger.peer_id,
+        public_key=forger.public_key_bytes,
+        timestamp=time.time(),
+    )
+    assert honest.node.on_alive(sign_record(forged, forger).to_wire()) == forger.peer_id
+    async with ConnectionPool(Security.insecure()) as pool:
+        snapshot = await survey(pool, [honest.address], timeout=2.0)
+    assert [s.record.peer_id for s in snapshot.servers] == [honest.node.peer_id]
+    assert snapshot.rejected == {"num_blocks": 1}
+    (model,) = snapshot.models
+    assert (model.num_blocks, model.size_from) == (12, "info")
+
+
+def snapshot_of(*records: ServerRecord, rtt: float | None = 0.001, **sizes) -> SwarmSnapshot:
+    return SwarmSnapshot(
+        source="127.0.0.1:1",
+        taken_at=1.0,
+        servers=tuple(ServerStatus(r, rtt) for r in records),
+        models=tuple(coverage(records, sizes.get("num_blocks"))),
+    )
+
+
+def test_a_fully_known_swarm_with_failover_has_no_warnings():
+    snapshot = snapshot_of(make_record((0, 8)), make_record((0, 8)), num_blocks={MODEL: 8})
+    assert snapshot.warnings() == []
+    assert "no warnings: every block has a second online server" in render(snapshot)
+
+
+@pytest.mark.parametrize(
+    ("records", "expected"),
+    [
+        # Servers announce nothing yet: nothing to count coverage of.
+        ([(0, 0), (0, 0)], "coverage unknown: no server announces a block yet"),
+        # No `info`, no announced count: blocks past 8 cannot be judged.
+        ([(0, 8), (0, 8)], "block count unknown"),
+        ([(0, 8), (4, 8)], "blocks 0-3 thin"),
+    ],
+)
+def test_what_could_not_be_determined_is_a_warning(records, expected):
+    snapshot = snapshot_of(*(make_record(span) for span in records))
+    assert any(expected in w for w in snapshot.warnings()), snapshot.warnings()
+    text = render(snapshot)
+    assert "no warnings" not in text and expected in text
+
+
+def test_mixed_models_versions_and_joining_servers_are_warned_of():
+    snapshot = snapshot_of(
+        make_record((0, 12), num_blocks=12, version="0.1.0"),
+        make_record((0, 12), num_blocks=12, version="0.2.0"),
+        make_record((0, 12), num_blocks=12, version="0.2.0", model_id="other/model"),
+        make_record((0, 12), num_blocks=12, version="0.2.0", state=RecordState.JOINING),
+    )
+    warnings = snapshot.warnings()
+    assert f"servers announce 2 different models: other/model (1), {MODEL} (3)" in "\n".join(
+        warnings
+    )
+    assert any("2 different versions: 0.1.0 (1), 0.2.0 (3)" in w for w in warnings)
+    assert sum("is still joining" in w for w in warnings) == 1
+    assert any("other/model: blocks 0-11 thin" in w for w in warnings)
+
+
+def test_unreachable_servers_and_an_empty_view_are_warned_of():
+    unreachable = snapshot_of(make_record((0, 8)), make_record((0, 8)), rtt=None)
+    assert sum("did not answer a ping" in w for w in unreachable.warnings()) == 2
+    assert snapshot_of().warnings() == ["the view lists no server: nothing to check"]

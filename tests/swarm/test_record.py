@@ -18,7 +18,7 @@ from libpipe.swarm import (
     sign_record,
     verify_signed,
 )
-from libpipe.swarm._record import DOMAIN
+from libpipe.swarm._record import DOMAIN, MAX_BLOCKS, check_model_size
 
 NOW = 1_800_000_000.0
 TTL = 90.0
@@ -137,6 +137,12 @@ def test_only_the_named_identity_may_sign(server, attacker):
         {"active_sessions": True},
         {"public_key": b"short"},
         {"state": "online"},
+        {"num_blocks": -1},
+        {"num_blocks": MAX_BLOCKS + 1},
+        {"num_blocks": 12, "span": (8, 13)},
+        # Announcing no block count does not lift the absolute bound.
+        {"span": (0, MAX_BLOCKS + 1)},
+        {"span": (0, 10**12)},
     ],
 )
 def test_invalid_fields_are_refused(server, changes):
@@ -165,6 +171,7 @@ def _wire_with(server, mutate) -> list[bytes]:
         lambda s: _wire_with(s, lambda m: m.update(state="exploded")),
         lambda s: _wire_with(s, lambda m: m.update(addresses="10.0.0.1:1")),
         lambda s: _wire_with(s, lambda m: m.update(model_id=7)),
+        lambda s: _wire_with(s, lambda m: m.update(span=[0, 10**12])),
     ],
 )
 def test_malformed_wire_records_raise_record_error(server, wire_of):
@@ -179,3 +186,25 @@ def test_arbitrary_bytes_decode_or_raise_record_error(payload, signature):
         decode_signed([payload, signature])
     except RecordError:
         pass
+
+
+@pytest.mark.parametrize(
+    ("changes", "fits"),
+    [
+        ({"span": (8, 16), "num_blocks": 32}, True),
+        ({"span": (8, 16), "num_blocks": 0}, True),  # not announced, span inside
+        ({"span": (8, 40), "num_blocks": 0}, False),  # past the last block
+        ({"span": (8, 16), "num_blocks": 16}, False),  # another model size
+        ({"span": (8, 40), "model_id": "other/model"}, True),  # not ours to judge
+    ],
+)
+def test_span_is_checked_against_a_known_model_size(server, changes, fits):
+    record = make_record(server, **changes)
+    if fits:
+        check_model_size(record, "meta-llama/Llama-2-7b-hf", 32)
+    else:
+        with pytest.raises(RecordError) as caught:
+            check_model_size(record, "meta-llama/Llama-2-7b-hf", 32)
+        assert reason(caught) == "num_blocks"
+    # A receiver that does not know the size cannot judge, and does not.
+    check_model_size(record, "meta-llama/Llama-2-7b-hf", 0)

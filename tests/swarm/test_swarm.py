@@ -15,7 +15,7 @@ from libpipe.errors import (
     InvalidRequestError,
     RecordError,
 )
-from libpipe.swarm import MemberState, RecordState, verified_records
+from libpipe.swarm import MemberState, RecordState, sign_record, verified_records
 from libpipe.swarm._record import DOMAIN
 
 
@@ -239,6 +239,41 @@ async def test_forged_tampered_and_expired_gossip_is_dropped_and_counted(
     kept = target.members[victim.peer_id].record.record
     assert kept.public_key == victim.identity.public_key_bytes and kept.span == held.record.span
     assert attacker.peer_id not in target.members
+
+
+async def test_signed_span_past_the_models_last_block_is_dropped(
+    autojump_clock, swarm, network, config
+):
+    # The forger holds a valid identity and signs its own records: only the
+    # model's block count, known to the receiving server, shows them false.
+    (target,) = [await swarm.start(swarm.make(num_blocks=12))]
+    forger = swarm.make()  # never started: it only signs records
+    now = target._clock()
+
+    def signed(**changes):
+        record = dataclasses.replace(
+            forger.local_record.record, incarnation=2, timestamp=now, **changes
+        )
+        return sign_record(record, forger.identity).to_wire()
+
+    sender = network.endpoint("intruder")
+    for news in (
+        signed(span=(0, 40)),  # past block 12, announcing no size
+        signed(span=(0, 4), num_blocks=4000),  # another size for the same model
+    ):
+        await sender.notify(
+            target.address, "swarm.gossip", {"gossip": [{"t": "alive", "record": news}]}
+        )
+    await trio.sleep(1.0)
+    assert target.stats.records_rejected == {"num_blocks": 2}
+    assert forger.peer_id not in target.members
+    # The same identity with a span that fits is a member like any other.
+    await sender.notify(
+        target.address,
+        "swarm.gossip",
+        {"gossip": [{"t": "alive", "record": signed(span=(4, 12), num_blocks=12)}]},
+    )
+    await swarm.wait_for(lambda: forger.peer_id in target.members, limit=5.0)
 
 
 async def test_malformed_requests_get_typed_errors(autojump_clock, swarm, network):
