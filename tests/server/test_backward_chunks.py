@@ -101,6 +101,9 @@ async def test_a_decode_step_runs_between_the_jobs_of_a_backward_call(gqa, make_
     async with running_servers([make_config(gqa, (2, 6))]) as (servers, pool):
         serving = servers[0].serving
         span, executor = serving.span, serving.executor
+        # Priorities alone: on a loaded machine the call may age past
+        # max_wait before the decode job is queued, and then go first.
+        executor.max_wait = 600.0
         order: list[str] = []
         first_entered, gate = threading.Event(), threading.Event()
         forward = span.forward

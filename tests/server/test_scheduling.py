@@ -3,6 +3,7 @@ abandoned jobs, and long sessions whose prefill goes in chunks."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import AsyncExitStack
 
@@ -100,6 +101,33 @@ async def test_a_job_waiting_past_max_wait_goes_first():
                 await trio.sleep(0.005)
         nursery.cancel_scope.cancel()
     assert order == ["bulk", "decode"]
+
+
+async def test_a_later_job_of_a_request_keeps_the_requests_age():
+    """A request cut into jobs (a chunked backward) passes its arrival as
+    ``since``: its next job, queued just now, has waited past max_wait and
+    goes before a decode step queued earlier; one without it does not."""
+    executor = Executor(max_wait=30)
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        gate = await hold_worker(nursery, executor)
+        nursery.start_soon(executor.call, Priority.DECODE, lambda: order.append("decode"))
+        await wait_queued(executor, 1)
+        long_ago = trio.current_time() - 60
+        nursery.start_soon(
+            functools.partial(
+                executor.call, Priority.BULK, lambda: order.append("aged"), since=long_ago
+            )
+        )
+        nursery.start_soon(executor.call, Priority.BULK, lambda: order.append("fresh"))
+        await wait_queued(executor, 3)
+        gate.set()
+        with trio.fail_after(10):
+            while len(order) < 3:
+                await trio.sleep(0.005)
+        nursery.cancel_scope.cancel()
+    assert order == ["aged", "decode", "fresh"]
 
 
 @pytest.mark.parametrize(
