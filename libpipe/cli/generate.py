@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="do not stop at the checkpoint's eos token (--stop and --stop-ids still apply)",
     )
     parser.add_argument(
+        "--adapter",
+        metavar="NAME",
+        help="a LoRA adapter: route only through servers started with it (--adapters)",
+    )
+    parser.add_argument(
         "--stop",
         action="append",
         default=[],
@@ -117,6 +122,7 @@ async def _generate(
             seed=args.seed,
             stop_tokens=() if args.no_stop else None,
             stop=stop,
+            adapter=args.adapter,
         ):
             if first_token_s is None:
                 first_token_s = time.perf_counter() - connected

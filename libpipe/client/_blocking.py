@@ -165,9 +165,11 @@ class SyncClient:
         """``Client.forward``, blocking."""
         return self._run(self._client.forward, hidden, start=start, end=end)
 
-    def inference_session(self, *, max_length: int, batch: int = 1) -> SyncInferenceSession:
+    def inference_session(
+        self, *, max_length: int, batch: int = 1, adapter: str | None = None
+    ) -> SyncInferenceSession:
         """``with c.inference_session(max_length=64) as s: logits = s.step(ids)``."""
-        session = self._run(_make_session, self._client, max_length, batch)
+        session = self._run(_make_session, self._client, max_length, batch, adapter)
         return SyncInferenceSession(self, session)
 
     def remote_blocks(self, **options: Any) -> RemoteBlocks:
@@ -185,8 +187,10 @@ async def _remote_blocks(client: Client, **options: Any) -> RemoteBlocks:
     return client.remote_blocks(**options)
 
 
-async def _make_session(client: Client, max_length: int, batch: int) -> InferenceSession:
-    session = client.inference_session(max_length=max_length, batch=batch)
+async def _make_session(
+    client: Client, max_length: int, batch: int, adapter: str | None
+) -> InferenceSession:
+    session = client.inference_session(max_length=max_length, batch=batch, adapter=adapter)
     return await session.__aenter__()
 
 

@@ -192,14 +192,22 @@ class Client:
         """The servers known now, with their RTTs and bans."""
         return self._open()[1].view
 
-    def inference_session(self, *, max_length: int, batch: int = 1) -> InferenceSession:
-        """``async with client.inference_session(max_length=...) as s:`` then
-        ``logits = await s.step(token_ids)``."""
+    def inference_session(
+        self, *, max_length: int, batch: int = 1, adapter: str | None = None
+    ) -> InferenceSession:
+        """A session that keeps the servers' KV caches between steps::
+
+            async with client.inference_session(max_length=64) as session:
+                logits = await session.step(token_ids)  # [batch, t, vocab]
+
+        ``max_length`` bounds the positions it may hold; ``adapter`` names a
+        LoRA adapter: only servers that loaded it are routed to."""
         head, ctx = self._open()
         limit = self.config.max_position_embeddings
         if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > limit:
             raise ConfigError(f"max_length {max_length} exceeds the model's {limit} positions")
-        return InferenceSession(RemoteSession(ctx, max_length=max_length, batch=batch), head)
+        remote = RemoteSession(ctx, max_length=max_length, batch=batch, adapter=adapter)
+        return InferenceSession(remote, head)
 
     async def generate(
         self, prompt: Prompt, *, max_new_tokens: int, **options: Unpack[GenerationOptions]
@@ -227,6 +235,7 @@ class Client:
         seed: int | None = None,
         stop_tokens: Collection[int] | None = None,
         stop: str | Sequence[StopEntry] = (),
+        adapter: str | None = None,
     ) -> AsyncIterator[int]:
         """The new token ids, each yielded as soon as it is chosen::
 
@@ -243,7 +252,9 @@ class Client:
         ``stop_tokens`` (default: the checkpoint's ``eos_token_id``; ``()``
         for none) or that completes a ``stop`` entry: a token-id list, or a
         string found in the generated text (needs the tokenizer). That
-        last token is yielded. Bad arguments raise ``ConfigError`` or
+        last token is yielded. ``adapter`` runs the model with that LoRA
+        adapter, on the servers that loaded it (``libpipe-server
+        --adapters``). Bad arguments raise ``ConfigError`` or
         ``InvalidRequestError`` before any server is asked.
 
         Leaving the loop early ends the generation and closes the servers'
@@ -261,7 +272,7 @@ class Client:
         )
         total = ids.shape[1] + max_new_tokens
         async with (
-            self.inference_session(max_length=total) as session,
+            self.inference_session(max_length=total, adapter=adapter) as session,
             aclosing(
                 generate_tokens(
                     session,

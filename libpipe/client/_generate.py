@@ -101,6 +101,7 @@ class GenerationOptions(TypedDict, total=False):
     seed: int | None
     stop_tokens: Collection[int] | None
     stop: str | Sequence[StopEntry]
+    adapter: str | None
 
 
 class StopCondition:
