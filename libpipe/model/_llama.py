@@ -215,6 +215,35 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h), adapter)
 
 
+# Short name of each linear projection of a block -> its path inside the
+# block (the Hugging Face names).
+PROJECTION_PATHS: dict[str, str] = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of each linear projection of one block, by short name."""
+    d, f = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return {
+        "q_proj": (q, d),
+        "k_proj": (kv, d),
+        "v_proj": (kv, d),
+        "o_proj": (d, q),
+        "gate_proj": (f, d),
+        "up_proj": (f, d),
+        "down_proj": (d, f),
+    }
+
+
 def block_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of one block, by its name inside the block (HF names)."""
     d, f = config.hidden_size, config.intermediate_size
@@ -225,14 +254,8 @@ def block_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {
         "input_layernorm.weight": (d,),
         "post_attention_layernorm.weight": (d,),
-        "self_attn.q_proj.weight": (q, d),
-        "self_attn.k_proj.weight": (kv, d),
-        "self_attn.v_proj.weight": (kv, d),
-        "self_attn.o_proj.weight": (d, q),
-        "mlp.gate_proj.weight": (f, d),
-        "mlp.up_proj.weight": (f, d),
-        "mlp.down_proj.weight": (d, f),
     }
+    shapes |= {f"{PROJECTION_PATHS[n]}.weight": s for n, s in projection_shapes(config).items()}
     if config.q_bias:
         shapes |= {
             "self_attn.q_proj.bias": (q,),

@@ -36,39 +36,16 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, UnsupportedModelError
 from ._config import ModelConfig
+from ._llama import PROJECTION_PATHS, projection_shapes
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-# Short module name -> its path inside a block (the Hugging Face names).
-TARGET_PATHS: dict[str, str] = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "gate_proj": "mlp.gate_proj",
-    "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
+# Every projection of a block can take an adapter: short name -> its path.
+TARGET_PATHS = PROJECTION_PATHS
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
 )
-
-
-def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """``(out, in)`` of each adaptable projection of one block."""
-    d, f = config.hidden_size, config.intermediate_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    return {
-        "q_proj": (q, d),
-        "k_proj": (kv, d),
-        "v_proj": (kv, d),
-        "o_proj": (d, q),
-        "gate_proj": (f, d),
-        "up_proj": (f, d),
-        "down_proj": (d, f),
-    }
 
 
 @dataclass(frozen=True)
