@@ -37,7 +37,9 @@ class Run:
 
 
 def describe_route(route: Sequence[tuple[str, int, int]]) -> str:
-    return " -> ".join(f"{short_peer_id(peer)} [{start}:{end})" for peer, start, end in route)
+    return " -> ".join(
+        f"{short_peer_id(peer)} (blocks {start}:{end})" for peer, start, end in route
+    )
 
 
 def route_key(hops: Sequence[PlannedHop]) -> list[tuple[str, int, int]]:
@@ -234,9 +236,8 @@ def summary(run: Run) -> list[str]:
     cut = run.killed_at if run.killed_at is not None else len(run.latencies)
     before = run.latencies[1:cut]
     if before:
-        lines.append(
-            f"  decode before the kill: median {statistics.median(before) * 1e3:.1f} ms/token"
-        )
+        when = "decode before the kill" if run.killed is not None else "decode"
+        lines.append(f"  {when}: median {statistics.median(before) * 1e3:.1f} ms/token")
     if run.killed is not None and run.killed_at is not None and run.killed_at < len(run.latencies):
         lines.append(
             f"  the token after the kill (detect, re-route, replay {len(run.prompt_ids) + run.killed_at}"

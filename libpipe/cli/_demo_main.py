@@ -22,18 +22,29 @@ DISCOVERY_REFRESH = 0.5
 
 
 def run_swarm_demo(
-    model_dir: Path, *, servers: int, prompt: str, tokens: int, kill_after: int | None
+    model_dir: Path,
+    *,
+    servers: int,
+    prompt: str,
+    tokens: int,
+    kill_after: int | None,
+    bundled: bool = False,
 ) -> int:
     screen = Screen()
     config = ModelConfig.from_file(model_dir)
     # Half the model each: two hops per token, and with three or more
     # servers some blocks held twice, so one server can die.
     num_blocks = max(1, config.num_hidden_layers // 2)
+    about = " (the bundled model: tiny, trained on Genesis, which it mostly recites)"
+    plan = "then a client streams text through them"
+    if kill_after is not None:
+        plan += f"; after {kill_after} tokens a server on its route is killed, and it carries on"
     screen.note(
-        f"model {config.model_id}: {config.num_hidden_layers} blocks, hidden "
-        f"{config.hidden_size}, vocabulary {config.vocab_size}\n"
-        f"starting a private swarm: fresh CA, {servers} libpipe-server processes on "
-        f"127.0.0.1, mutual TLS 1.3, each choosing {num_blocks} blocks by gossip\n"
+        f"model {config.model_id}: {config.num_hidden_layers} transformer blocks, hidden "
+        f"size {config.hidden_size}, vocabulary {config.vocab_size}{about if bundled else ''}\n"
+        f"starting a private swarm: a fresh CA, {servers} libpipe-server processes on "
+        f"127.0.0.1 talking mutual TLS 1.3, each holding {num_blocks} of the "
+        f"{config.num_hidden_layers} blocks (which ones, they agree by gossip)\n{plan}\n"
     )
     began = time.perf_counter()
     with LocalSwarm.start(model_dir, servers, num_blocks) as swarm:
@@ -55,6 +66,8 @@ def run_swarm_demo(
         for stopped in swarm.stop():
             status = "exited 0" if stopped.returncode == 0 else f"exit status {stopped.returncode}"
             screen.note(f"  server {short_peer_id(stopped.peer_id)}: {status}\n")
+        if run.killed is not None:
+            screen.note(f"  server {short_peer_id(run.killed[0])}: killed earlier (SIGKILL)\n")
     screen.note(f"done in {time.perf_counter() - began:.1f} s\n")
     return 0 if same else 1
 
@@ -77,13 +90,15 @@ async def _client_side(
         await _wait_for_swarm(client, len(swarm.servers))
         screen.note(
             f"client: told of one peer ({seed}), learned all {len(client.view.servers)} "
-            "servers by gossip:\n"
+            "servers from it (the swarm view gossip keeps):\n"
+            "  server    blocks  decode speed the server measured  round trip from the client\n"
         )
         view = client.view
         for entry in sorted(view.servers.values(), key=lambda e: (e.span, e.peer_id)):
             screen.note(
-                f"  {short_peer_id(entry.peer_id)}  blocks {entry.span[0]}:{entry.span[1]}  "
-                f"{entry.throughput_decode:7.1f} steps/s  rtt {view.rtt_of(entry.peer_id) * 1e3:.1f} ms\n"
+                f"  {short_peer_id(entry.peer_id)}  {entry.span[0]}:{entry.span[1]}     "
+                f"{entry.throughput_decode:7.1f} tokens/s{'':>24}"
+                f"{view.rtt_of(entry.peer_id) * 1e3:5.1f} ms\n"
             )
 
         return await generate(client, prompt, tokens, kill_after, swarm.kill, screen)

@@ -86,4 +86,5 @@ def _run(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         tokens=args.tokens,
         kill_after=kill_after or None,
+        bundled=args.model is None,
     )

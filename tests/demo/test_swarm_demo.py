@@ -29,7 +29,7 @@ def test_demo_runs_a_swarm_survives_a_kill_and_shuts_down(tmp_path: Path) -> Non
     )  # fmt: skip
     out = done.stdout
     assert done.returncode == 0, done.stderr + out
-    assert "learned all 3 servers by gossip" in out
+    assert "learned all 3 servers from it" in out
     assert "[route: " in out
     assert "with SIGKILL, mid-generation" in out
     assert "[new route: " in out
@@ -37,6 +37,7 @@ def test_demo_runs_a_swarm_survives_a_kill_and_shuts_down(tmp_path: Path) -> Non
     assert "failover lost nothing" in out
     # the two survivors drained and exited cleanly
     assert out.count(": exited 0") == 2
+    assert out.count("killed earlier (SIGKILL)") == 1
 
 
 def test_a_model_without_tokenizer_is_refused_before_any_server_starts(
