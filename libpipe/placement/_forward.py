@@ -21,8 +21,9 @@ as one numpy minimum; within a server the running minimum of
 ``_route.py``. 500 servers x 80 blocks route in tens of milliseconds.
 
 Server-to-server RTTs are asked of ``Forwarding.server_rtt`` once per pair
-of sites that can be adjacent, and kept in a sites x sites matrix, so that a
-swarm of 500 servers in 50 places asks at most 2,500 times.
+of sites for the life of the ``Forwarding`` and kept in a sites x sites
+matrix (``trip_matrix``): a swarm of 500 servers in 50 places asks 2,500
+times, once, and every later route indexes the matrix.
 """
 
 from __future__ import annotations
@@ -40,140 +41,157 @@ if TYPE_CHECKING:
     from ._route import _Edges
 
 
+# Hand-overs at one boundary (servers that can hand over x servers that can
+# take over) above which numpy's vector minimum beats a Python loop; below
+# it numpy's per-call cost dominates (small swarms, route after route in
+# the simulator).
+VECTOR_PAIRS = 256
+
+
 def forwarded_hops(
     edges: Sequence[_Edges],
     rank: Mapping[str, int],
     start: int,
     end: int,
     forwarding: Forwarding,
-) -> tuple[list[Hop], Trips]:
+) -> tuple[list[Hop], np.ndarray, dict[str, int]]:
     """The cheapest chain of hops over [start, end) with forwarding (ties go
-    to the lower ``rank``), and the trips asked on the way, for costing it.
-    ``edges`` must cover every block of the range."""
+    to the lower ``rank``); with the one-way trip matrix and each peer's row
+    in it, for costing the route. ``edges`` must cover every block of the
+    range."""
     order = sorted(edges, key=lambda e: rank[e.view.peer_id])
     n = len(order)
     ids = [e.view.peer_id for e in order]
     size = end - start + 1
-    per_block = np.array([e.per_block for e in order])
-    dist = np.full((size, n), math.inf)
-    came_from = np.full((size, n), -1, dtype=np.int64)  # previous server at entry
-    entered = np.full((size, n), -1, dtype=np.int64)  # entry boundary of the last hop
-    covering = [[] for _ in range(size - 1)]  # servers holding block b, in rank order
+    per_block = [e.per_block for e in order]
+    dist = [[math.inf] * n for _ in range(size)]
+    came_from = [[-1] * n for _ in range(size)]  # previous server at entry
+    entered = [[-1] * n for _ in range(size)]  # entry boundary of the last hop
+    covering: list[list[int]] = [[] for _ in range(size - 1)]  # holders of block b, by rank
     for j, e in enumerate(order):
         for b in range(max(e.view.start, start), min(e.view.end, end)):
             covering[b - start].append(j)
-    cover = [np.array(js, dtype=np.int64) for js in covering]
-    first = np.array([forwarding.client_one_way(e.view) for e in order])
-    site_names: dict[str, int] = {}
-    site = np.array(
-        [site_names.setdefault(forwarding.site_of(peer), len(site_names)) for peer in ids],
-        dtype=np.int64,
-    )
-    trips = Trips(forwarding, site_names, site)
+    client = [forwarding.client_one_way(e.view) for e in order]
+    trip = trip_matrix(forwarding, ids)
+    trip_rows = trip.tolist()
 
     # Servers without a penalty keep their best (key, entry); others every entry.
-    best_key = np.full(n, math.inf)
-    best_entry = np.full(n, -1, dtype=np.int64)
+    best_key = [math.inf] * n
+    best_entry = [-1] * n
     entries: dict[int, list[tuple[int, float]]] = {}
-    penalised = [e.penalty is not None for e in order]
 
     for i in range(start, end):
-        takers = cover[i - start]
+        takers = covering[i - start]
         if i == start:
-            enter = first[takers]
-            source = np.full(len(takers), -1, dtype=np.int64)
+            enter = [client[j] for j in takers]
         else:
-            givers = np.flatnonzero(np.isfinite(dist[i - start]))
-            enter, source = _hand_over(givers, takers, dist[i - start], trips)
-        came_from[i - start, takers] = source
-        key = enter - i * per_block[takers]
-        for t, j in enumerate(takers.tolist()):
-            if penalised[j]:
-                if enter[t] < math.inf:
-                    entries.setdefault(j, []).append((i, float(enter[t])))
-            elif key[t] < best_key[j]:
-                best_key[j] = key[t]
-                best_entry[j] = i
+            givers = covering[i - 1 - start]
+            enter, source = _hand_over(dist[i - start], givers, takers, trip, trip_rows)
+            for j, p in zip(takers, source, strict=True):
+                came_from[i - start][j] = p
         k = i + 1
-        dist[k - start, takers] = best_key[takers] + k * per_block[takers]
-        entered[k - start, takers] = best_entry[takers]
-        for j in takers.tolist():
-            if penalised[j] and entries.get(j):
-                cost, entry = min(
-                    (value + order[j].cost(k - at, fixed=False), at) for at, value in entries[j]
-                )
-                dist[k - start, j] = cost
-                entered[k - start, j] = entry
+        reach = dist[k - start]
+        reach_entry = entered[k - start]
+        for j, value in zip(takers, enter, strict=True):
+            edge = order[j]
+            if edge.penalty is None:
+                key = value - i * per_block[j]
+                if key < best_key[j]:
+                    best_key[j], best_entry[j] = key, i
+                reach[j] = best_key[j] + k * per_block[j]
+                reach_entry[j] = best_entry[j]
+                continue
+            # Its penalty is not linear in the blocks used: every entry counts.
+            if value < math.inf:
+                entries.setdefault(j, []).append((i, value))
+            reach[j], reach_entry[j] = min(
+                ((v + edge.cost(k - at, fixed=False), at) for at, v in entries.get(j, ())),
+                default=(math.inf, -1),
+            )
 
-    last = np.array([forwarding.client_one_way(e.view) for e in order])
-    total = dist[size - 1] + last
-    j = int(np.argmin(total))
+    last = dist[size - 1]
+    j = min(range(n), key=lambda m: (last[m] + client[m], m))
     hops: list[Hop] = []
     k = end
     while k != start:
-        i = int(entered[k - start, j])
+        i = entered[k - start][j]
         hops.append(Hop(ids[j], i, k))
-        j, k = int(came_from[i - start, j]), i
+        j, k = came_from[i - start][j], i
     hops.reverse()
-    return hops, trips
-
-
-class Trips:
-    """One-way trip times between servers, asked of ``server_rtt`` once per
-    pair of sites (NaN in ``by_site``: not asked yet)."""
-
-    def __init__(self, forwarding: Forwarding, sites: dict[str, int], site: np.ndarray) -> None:
-        self.forwarding = forwarding
-        self.sites = sites
-        self.names = list(sites)
-        self.site = site
-        self.by_site = np.full((len(sites), len(sites)), math.nan)
-
-    def one_way(self, a: str, b: str) -> float:
-        """Seconds for one message from server ``a`` to server ``b``."""
-        s = self.sites[self.forwarding.site_of(a)]
-        t = self.sites[self.forwarding.site_of(b)]
-        return self._ask(s, t)
-
-    def _ask(self, s: int, t: int) -> float:
-        if math.isnan(self.by_site[s, t]):
-            self.by_site[s, t] = self.forwarding.site_one_way(self.names[s], self.names[t])
-        return float(self.by_site[s, t])
-
-    def between(self, givers: np.ndarray, takers: np.ndarray) -> np.ndarray:
-        """givers x takers one-way times; a server to itself is inf
-        (consecutive hops on one server are one hop)."""
-        a, b = self.site[givers], self.site[takers]
-        trip = self.by_site[np.ix_(a, b)]
-        for x, y in np.argwhere(np.isnan(trip)).tolist():
-            trip[x, y] = self._ask(int(a[x]), int(b[y]))
-        trip[givers[:, None] == takers[None, :]] = math.inf
-        return trip
+    return hops, trip, {peer: n for n, peer in enumerate(ids)}
 
 
 def _hand_over(
-    givers: np.ndarray, takers: np.ndarray, dist_here: np.ndarray, trips: Trips
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each taker j: the cheapest dist[p] + one_way(p, j) over givers p
-    != j, and that p (-1 and inf when there is none)."""
-    if len(givers) == 0:
-        return np.full(len(takers), math.inf), np.full(len(takers), -1, dtype=np.int64)
-    total = dist_here[givers][:, None] + trips.between(givers, takers)
-    pick = np.argmin(total, axis=0)
-    enter = total[pick, np.arange(len(takers))]
-    source = np.where(np.isfinite(enter), givers[pick], -1)
+    dist_here: list[float],
+    givers: list[int],
+    takers: list[int],
+    trip: np.ndarray,
+    trip_rows: list[list[float]],
+) -> tuple[list[float], list[int]]:
+    """For each taker j: min over givers p of dist[p] + one_way(p, j) (inf
+    on p == j), and the first p reaching it."""
+    if len(givers) * len(takers) > VECTOR_PAIRS:
+        g = np.array(givers, dtype=np.int64)
+        t = np.array(takers, dtype=np.int64)
+        total = np.array([dist_here[p] for p in givers])[:, None] + trip[g[:, None], t]
+        pick = total.argmin(axis=0)
+        return total[pick, np.arange(len(takers))].tolist(), g[pick].tolist()
+    enter, source = [], []
+    for j in takers:
+        best, best_p = math.inf, givers[0]
+        for p in givers:
+            value = dist_here[p] + trip_rows[p][j]
+            if value < best:
+                best, best_p = value, p
+        enter.append(best)
+        source.append(best_p)
     return enter, source
 
 
-def forwarded_cost(hops: Sequence[Hop], edges: Mapping[str, _Edges], trips: Trips) -> float:
+def trip_matrix(forwarding: Forwarding, ids: Sequence[str]) -> np.ndarray:
+    """One-way seconds from server ids[a] to ids[b] (inf on the diagonal:
+    consecutive hops on one server are one hop).
+
+    Answers of ``server_rtt`` are kept in the ``Forwarding`` (a sites x
+    sites matrix that grows as new sites appear), so each pair of sites is
+    asked once for the life of that ``Forwarding``."""
+    memo = forwarding._memo
+    names: dict[str, int] = memo.setdefault("names", {})
+    site_names = [forwarding.site_of(peer) for peer in ids]
+    new = [name for name in dict.fromkeys(site_names) if name not in names]
+    if new:
+        old = len(names)
+        listed = [*names, *new]
+        grown = np.empty((len(listed), len(listed)))
+        if old:
+            grown[:old, :old] = memo["matrix"]
+        for a, name_a in enumerate(listed):
+            for b, name_b in enumerate(listed):
+                if a >= old or b >= old:
+                    grown[a, b] = forwarding.site_one_way(name_a, name_b)
+        # Only once every answer is in: a bad one leaves the memo as it was.
+        names.update((name, old + n) for n, name in enumerate(new))
+        memo["matrix"] = grown
+    site = np.array([names[name] for name in site_names], dtype=np.int64)
+    trip = memo["matrix"][site[:, None], site]
+    np.fill_diagonal(trip, math.inf)
+    return trip
+
+
+def forwarded_cost(
+    hops: Sequence[Hop],
+    edges: Mapping[str, _Edges],
+    forwarding: Forwarding,
+    trip: np.ndarray,
+    row: Mapping[str, int],
+) -> float:
     """A route's expected per-token time with forwarding (see ``Forwarding``)."""
-    fwd = trips.forwarding
     if not hops:
         return 0.0
-    cost = fwd.client_one_way(edges[hops[0].peer_id].view)
-    cost += fwd.client_one_way(edges[hops[-1].peer_id].view)
+    cost = forwarding.client_one_way(edges[hops[0].peer_id].view)
+    cost += forwarding.client_one_way(edges[hops[-1].peer_id].view)
     for before, after in itertools.pairwise(hops):
-        cost += trips.one_way(before.peer_id, after.peer_id)
+        cost += float(trip[row[before.peer_id], row[after.peer_id]])
     for hop in hops:
         cost += edges[hop.peer_id].cost(hop.end - hop.start, reported=True, fixed=False)
     return cost

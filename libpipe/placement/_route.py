@@ -118,9 +118,10 @@ def route(
         rank = {v.peer_id: order[n] for n, v in enumerate(views)}
     by_id = {e.view.peer_id: e for e in edges}
     if forwarding is not None:
-        found, trips = forwarded_hops(edges, rank, start, end, forwarding)
+        found, trip, row = forwarded_hops(edges, rank, start, end, forwarding)
         hops = _merge_revisits(found)
-        return Route(tuple(hops), forwarded_cost(hops, by_id, trips), forwarded=True)
+        cost = forwarded_cost(hops, by_id, forwarding, trip, row)
+        return Route(tuple(hops), cost, forwarded=True)
     hops = _merge_revisits(_shortest_hops(edges, rank, start, end))
     cost = sum(by_id[h.peer_id].cost(h.end - h.start, reported=True) for h in hops)
     return Route(tuple(hops), cost)

@@ -110,8 +110,9 @@ class Forwarding:
 
     - ``server_rtt(a, b)``: round trip in seconds between the sites of two
       servers (the caller's best estimate; it must answer for every pair
-      routing asks about, with a finite number >= 0). Routing asks it once
-      per pair of sites per call, never for a server with itself.
+      routing asks about, with a finite number >= 0). It is asked once per
+      pair of sites among the servers routed over, for the life of this
+      Forwarding (answers are kept: build a new one when RTTs change).
     - ``client_rtt``: the client's round trip to each server by peer id; a
       server not in it uses its view's ``rtt``.
     - ``message_overhead``: seconds charged per message on the critical path
@@ -127,6 +128,8 @@ class Forwarding:
     client_rtt: Mapping[str, float] = field(default_factory=dict)
     message_overhead: float = 0.0
     site: Mapping[str, str] = field(default_factory=dict)
+    # Trip times asked so far, kept by _forward.trip_matrix.
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not callable(self.server_rtt):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from unittest.mock import patch
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from libpipe.errors import ConfigError, NoRouteError
-from libpipe.placement import Forwarding, Hop, ServerView, route
+from libpipe.placement import Forwarding, Hop, ServerView, _forward, route
 
 
 def view(peer, start, end, tau=0.01, rtt=0.05, **kw):
@@ -100,6 +101,10 @@ def test_forwarded_route_is_the_cheapest_chain(case):
         assert found.cost == pytest.approx(plain)
     else:  # the DP found a revisit and merged it: still a valid route
         assert found.cost >= revisiting - 1e-12
+    # The vector hand-over (large boundaries) finds the same route.
+    with patch.object(_forward, "VECTOR_PAIRS", 0):
+        vector = route(views, num_blocks, start=start, end=end, forwarding=fwd)
+    assert vector == found
 
 
 def test_forwarding_prefers_servers_close_to_each_other():
