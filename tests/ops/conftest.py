@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from libpipe.net import ConnectionPool, Message, Router, Security, SwarmCA, serve
-from libpipe.swarm import GossipConfig, GossipNode, RecordState, RpcTransport
+from libpipe.net import ConnectionPool, Identity, Message, Router, Security, SwarmCA, serve
+from libpipe.swarm import GossipConfig, GossipNode, RecordState, RpcTransport, ServerRecord
 
 # Real seconds here: fast timers keep death detection within a few seconds,
 # yet a probe gets 250 ms, so that a machine busy with Chromium and other
@@ -19,6 +19,29 @@ FAST = GossipConfig.local().replace(
     probe_interval=0.5, probe_timeout=0.25, gossip_interval=0.05, request_timeout=1.0
 )
 MODEL = "test/llama-12"
+
+
+def make_record(span: tuple[int, int], identity: Identity | None = None, **changes) -> ServerRecord:
+    """A record of ``MODEL`` for tests that need no node behind it."""
+    identity = identity if identity is not None else Identity.generate()
+    fields = dict(
+        peer_id=identity.peer_id,
+        public_key=identity.public_key_bytes,
+        addresses=("127.0.0.1:9",),
+        model_id=MODEL,
+        span=span,
+        dtype="float32",
+        version="",
+        throughput_decode=10.0,
+        throughput_forward=100.0,
+        free_cache_bytes=0,
+        active_sessions=0,
+        state=RecordState.ONLINE,
+        incarnation=1,
+        timestamp=1.0,
+    )
+    fields.update(changes)
+    return ServerRecord(**fields)
 
 
 @dataclass

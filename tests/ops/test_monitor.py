@@ -15,29 +15,13 @@ from libpipe.errors import ConfigError
 from libpipe.monitor import Monitor, diff
 from libpipe.monitor._http import MAX_HEAD_BYTES, BadRequest, parse_request_line
 from libpipe.net import ConnectionPool, Identity, Security
-from libpipe.swarm import RecordState, ServerRecord, ServerStatus, SwarmSnapshot, coverage
+from libpipe.swarm import RecordState, ServerStatus, SwarmSnapshot, coverage
 
-from .conftest import MODEL
+from .conftest import MODEL, make_record
 
 
 def status(identity: Identity, span, *, state=RecordState.ONLINE, rtt=0.001) -> ServerStatus:
-    record = ServerRecord(
-        peer_id=identity.peer_id,
-        public_key=identity.public_key_bytes,
-        addresses=("127.0.0.1:9",),
-        model_id=MODEL,
-        span=span,
-        dtype="float32",
-        version="",
-        throughput_decode=10.0,
-        throughput_forward=100.0,
-        free_cache_bytes=0,
-        active_sessions=0,
-        state=state,
-        incarnation=1,
-        timestamp=1.0,
-    )
-    return ServerStatus(record, rtt)
+    return ServerStatus(make_record(span, identity, state=state), rtt)
 
 
 def snapshot(*servers: ServerStatus, at: float = 100.0) -> SwarmSnapshot:

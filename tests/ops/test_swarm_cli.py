@@ -24,7 +24,7 @@ from libpipe.swarm import (
     survey,
 )
 
-from .conftest import MODEL, LiveSwarm
+from .conftest import MODEL, LiveSwarm, make_record
 
 
 async def four_servers(live_swarm: LiveSwarm):
@@ -164,28 +164,6 @@ async def test_tls_swarm_needs_an_identity_of_its_ca(nursery, swarm_ca, tmp_path
     # Plaintext against a TLS swarm is refused, with a typed error.
     assert await run_cli("swarm", "--peers", node.address, "--insecure", "--timeout", "2") == 2
     assert "ConnectionBrokenError" in capsys.readouterr().err
-
-
-def make_record(span, **changes) -> ServerRecord:
-    identity = Identity.generate()
-    fields = dict(
-        peer_id=identity.peer_id,
-        public_key=identity.public_key_bytes,
-        addresses=("127.0.0.1:1",),
-        model_id=MODEL,
-        span=span,
-        dtype="float32",
-        version="",
-        throughput_decode=10.0,
-        throughput_forward=100.0,
-        free_cache_bytes=0,
-        active_sessions=0,
-        state=RecordState.ONLINE,
-        incarnation=1,
-        timestamp=1.0,
-    )
-    fields.update(changes)
-    return ServerRecord(**fields)
 
 
 def test_coverage_uses_the_known_model_size():
