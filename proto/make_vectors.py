@@ -8,7 +8,9 @@ which is the point: the bytes are the protocol.
 
 Each vector is a small scenario between a dialer and an acceptor: ``setup``
 lists events sent before (each side's Hello first), then ``hex`` is one frame
-sent by ``sender``. ``event`` is what the other side decodes, or ``error`` the
+sent by ``sender`` (with ``slice_bytes``: a continued message, its head frame
+and CONTINUATION frames of at most that many payload bytes, back to back).
+``event`` is what the other side decodes, or ``error`` the
 ``libpipe.errors`` kind it raises. Tensors are given as dtype, shape and the
 hex of their raw little-endian bytes. Compressed vectors are decode-only
 (``reencode: false``): zstd's output may change between library versions.
@@ -84,8 +86,8 @@ def event_from_json(d: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def hellos(zstd: bool = True) -> list[list[Any]]:
-    features = ["zstd"] if zstd else []
+def hellos(zstd: bool = True, continuation: bool = False) -> list[list[Any]]:
+    features = (["zstd"] if zstd else []) + (["continuation"] if continuation else [])
     return [
         ["dialer", event_to_json(wire.Hello(1, "dialer-peer", "dialer", "llama-test", features))],
         [
@@ -145,6 +147,25 @@ def valid(
         "setup": setup,
         "sender": sender,
         "hex": data.hex(),
+        "event": event_to_json(event),
+        "reencode": True,
+    }
+
+
+def continued(
+    name: str, description: str, event: Any, setup: list[list[Any]], slice_bytes: int
+) -> dict[str, Any]:
+    """A message the dialer cuts into a head frame and CONTINUATION frames."""
+    conns = play(setup)
+    frames = conns["dialer"].send_frames(event, slice_bytes)
+    assert len(frames) > 1, "the setup must offer continuation and the payload exceed a slice"
+    return {
+        "name": name,
+        "description": description,
+        "setup": setup,
+        "sender": "dialer",
+        "slice_bytes": slice_bytes,
+        "hex": b"".join(bytes(b) for frame in frames for b in frame).hex(),
         "event": event_to_json(event),
         "reencode": True,
     }
@@ -284,6 +305,44 @@ def build() -> dict[str, Any]:
             [],
         ),
     ]
+    # Continued messages: 40 payload bytes in slices of 16.
+    hc = hellos(continuation=True)
+    opened_c = ["dialer", event_to_json(wire.StreamOpen(1, "inference", {}))]
+    step = (torch.randn(1, 2, 10, generator=gen) * 3).half()
+    vectors.append(
+        continued(
+            "stream_data_continued",
+            "a STREAM_DATA head frame (CONTINUED) and three CONTINUATION frames",
+            wire.StreamData(1, {"step": 2}, (step,)),
+            [*hc, opened_c],
+            16,
+        )
+    )
+    head = raw_frame(
+        5,
+        {"meta": {}, "tensors": [["f16", [4], "raw", 8]]},
+        stream_id=1,
+        flags=2,
+        payload_len=8,
+    )
+    vectors.append(
+        invalid(
+            "continuation_without_message",
+            "a CONTINUATION frame that continues nothing",
+            raw_frame(13, b"", b"\x00" * 8, stream_id=1),
+            "protocol.stream_state",
+            [*hc, opened_c],
+        )
+    )
+    vectors.append(
+        invalid(
+            "continuation_overrun",
+            "a head frame declaring 8 payload bytes, then a CONTINUATION of 16",
+            head + raw_frame(13, b"", b"\x00" * 16, stream_id=1),
+            "protocol.payload_size",
+            [*hc, opened_c],
+        )
+    )
     # A compressed frame: decode-only, since zstd's exact bytes are not ours.
     plain = torch.zeros(1024, dtype=torch.float16)
     plain[::7] = 1.5

@@ -5,7 +5,10 @@ prefill frame holds the connection for its whole transfer (tens of ms on
 loopback, seconds on a slow link). What can be chosen is the order of the
 frames waiting: a small frame (a decode step, a Cancel, a reply) overtakes
 bulk frames queued ahead of it on other streams, so it waits for at most
-the one bulk frame in progress, not for every one queued.
+the one bulk frame in progress, not for every one queued. A bulk payload
+sent as a continued message (head frame, then CONTINUATION slices) pauses
+between slices (``pause``): the small frames waiting then go, and a small
+frame waits for one slice, not the whole payload.
 
 Overtaking is bounded: after ``MAX_OVERTAKES`` turns in a row went past
 the oldest waiter, the oldest goes, so a steady flow of small frames (many
@@ -73,13 +76,34 @@ class SendTurn:
         if not self._waiting:
             self._busy = False
             return
+        waiter = self._waiting.pop(self._pick())
+        trio.lowlevel.reschedule(waiter.task)
+
+    async def pause(self, stream_id: int) -> None:
+        """Between two frames of one continued message, holding the turn:
+        let the small frames now waiting go (as ``release`` picks them,
+        overtakes counted), then take the turn back ahead of every other
+        waiter, bulk ones included: one continued message ends before
+        another begins. Not cancellable, as the message must be finished:
+        a cancel lands at the writer's next wait for the kernel."""
+        if not self._waiting:
+            return
+        self._waiting.insert(0, _Waiter(trio.lowlevel.current_task(), stream_id, True))
+        i = self._pick()
+        waiter = self._waiting.pop(i)
+        if i == 0:
+            return
+        trio.lowlevel.reschedule(waiter.task)
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def _pick(self) -> int:
+        """The index of the waiter that goes next, overtakes bounded."""
         i = self._next()
         if i and self._overtakes < MAX_OVERTAKES:
             self._overtakes += 1
         else:
             i, self._overtakes = 0, 0
-        waiter = self._waiting.pop(i)
-        trio.lowlevel.reschedule(waiter.task)
+        return i
 
     def _next(self) -> int:
         """The first small frame on a stream with no bulk frame ahead of it;

@@ -5,6 +5,7 @@ so ``net/`` drives it over sockets and tests drive it over plain bytes.
 """
 
 from ._connection import (
+    FEATURE_CONTINUATION as FEATURE_CONTINUATION,
     FEATURE_ZSTD as FEATURE_ZSTD,
     NEED_DATA as NEED_DATA,
     Sentinel as Sentinel,

@@ -7,7 +7,10 @@ a small staging buffer. A frame found whole in staging is decoded from it
 (its payload copied out, since staging is reused). Otherwise, once its header
 is parsed and every declared length checked against ``Limits``, the frame's
 body gets a buffer of its own, exactly its size: the rest of the frame lands
-there, and the tensors of the event view that buffer.
+there, and the tensors of the event view that buffer. A continued message
+(head frame, then CONTINUATION slices, other streams' frames between them)
+gets such a buffer for its whole payload at the head frame, each slice's
+bytes land in it, and the event comes out with the last one.
 
 Every frame, sent or received, goes through the one stream table in
 ``_state``. Frames racing a stream's end are expected and dropped, not
@@ -62,6 +65,7 @@ from ._events import (
 )
 from ._frame import (
     FLAG_COMPRESSED,
+    FLAG_CONTINUED,
     HEADER,
     HEADER_SIZE,
     KNOWN_FLAGS,
@@ -89,10 +93,13 @@ NEED_DATA = Sentinel("NEED_DATA")
 
 # The feature a Hello lists to offer zstd payloads.
 FEATURE_ZSTD = "zstd"
+# The feature a Hello lists to take payloads cut into CONTINUATION frames.
+FEATURE_CONTINUATION = "continuation"
 
 _TENSOR_KINDS = frozenset(
     {FrameKind.REQUEST, FrameKind.RESPONSE, FrameKind.STREAM_OPEN, FrameKind.STREAM_DATA}
 )
+_PAYLOAD_KINDS = _TENSOR_KINDS | {FrameKind.CONTINUATION}
 _KINDS = {int(k): k for k in FrameKind}
 _PADDING = bytes(8)
 # Staging holds headers and small frames; it grows only if asked for more.
@@ -213,6 +220,8 @@ class WireConnection:
         self.peer_hello: Hello | None = None
         self._compress_out = False
         self._accept_compressed = False
+        self._continue_out = False  # both Hellos list "continuation"
+        self._accept_continued = False  # ours does
         self._goaway_sent: int | None = None
         self._goaway_received: int | None = None
         self._error: ProtocolError | None = None
@@ -225,9 +234,19 @@ class WireConnection:
         self._staging = bytearray(_STAGING_SIZE)
         self._start = 0
         self._end = 0
+        # A frame too large for staging: its own buffer, filled up to
+        # _body_filled; the frame ends at _body_end (the buffer's end, or,
+        # for a CONTINUATION frame, where its slice of _message ends).
         self._body: np.ndarray | None = None
         self._body_filled = 0
+        self._body_end = 0
         self._body_header: tuple[FrameKind, int, int, int, int, _Verdict] | None = None
+        # The continued message in progress (at most one): its stream, its
+        # head's header, and a buffer for its metadata and whole payload.
+        self._continued: int | None = None
+        self._message: np.ndarray | None = None
+        self._message_filled = 0
+        self._message_header: tuple[FrameKind, int, int, int, int, _Verdict] | None = None
         self._eof = False
 
     # --- public state ----------------------------------------------------------
@@ -256,6 +275,23 @@ class WireConnection:
     def send(self, event: Event) -> list[bytes | memoryview]:
         """The buffers that put ``event`` on the wire, in order. Tensor payloads
         are memoryviews of the tensors' storage, not copies."""
+        return self._encode(event, None)[0]
+
+    def send_frames(self, event: Event, slice_bytes: int) -> list[list[bytes | memoryview]]:
+        """The frames that put ``event`` on the wire, each as its buffers.
+
+        One frame, as ``send`` makes, unless the peer takes continuation
+        frames and the payload exceeds ``slice_bytes``: then a head frame
+        (metadata only) and CONTINUATION frames of at most ``slice_bytes``
+        payload each. Frames of other streams may be sent between them, so
+        a small frame need not wait for a whole bulk payload; nothing else
+        of this stream, and no other continued message, may (the stream
+        state has moved already, as for one frame)."""
+        if slice_bytes < 1:
+            raise ValueError(f"slice_bytes must be positive, not {slice_bytes}")
+        return self._encode(event, slice_bytes)
+
+    def _encode(self, event: Event, slice_bytes: int | None) -> list[list[bytes | memoryview]]:
         kind = getattr(type(event), "frame_kind", None)
         if kind is None:
             raise InvalidMessageError(f"{type(event).__name__} is not a wire event")
@@ -283,14 +319,28 @@ class WireConnection:
                 limit=self.limits.max_metadata_bytes,
             )
         flags = FLAG_COMPRESSED if compressed else 0
-        head = HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, flags, stream_id, len(meta), payload_len)
-        if payload_len:
-            head = b"".join((head, meta, _PADDING[: -len(meta) % 8]))
-            buffers: list[bytes | memoryview] = [head, *payload]
+        if slice_bytes is not None and payload_len > slice_bytes and self._continue_out:
+            flags |= FLAG_CONTINUED
+            head = HEADER.pack(
+                MAGIC, PROTOCOL_VERSION, kind, flags, stream_id, len(meta), payload_len
+            )
+            frames: list[list[bytes | memoryview]] = [[head + meta]]
+            for piece, size in _cut(payload, slice_bytes):
+                header = HEADER.pack(
+                    MAGIC, PROTOCOL_VERSION, FrameKind.CONTINUATION, 0, stream_id, 0, size
+                )
+                frames.append([header, *piece])
         else:
-            buffers = [head + meta]
+            head = HEADER.pack(
+                MAGIC, PROTOCOL_VERSION, kind, flags, stream_id, len(meta), payload_len
+            )
+            if payload_len:
+                head = b"".join((head, meta, _PADDING[: -len(meta) % 8]))
+                frames = [[head, *payload]]
+            else:
+                frames = [[head + meta]]
         self._apply_send(event, kind, stream_id, transition)
-        return buffers
+        return frames
 
     def _check_send(self, event: Event, kind: FrameKind, stream_id: int) -> StreamState | None:
         """The stream's next state, or raise for a frame this side may not send."""
@@ -334,6 +384,7 @@ class WireConnection:
             assert isinstance(event, Hello)
             self.local_hello = event
             self._accept_compressed = self.compression and FEATURE_ZSTD in event.features
+            self._accept_continued = FEATURE_CONTINUATION in event.features
             self._update_compression()
         elif kind is FrameKind.GO_AWAY:
             assert isinstance(event, GoAway)
@@ -349,6 +400,11 @@ class WireConnection:
             self._accept_compressed
             and self.peer_hello is not None
             and FEATURE_ZSTD in self.peer_hello.features
+        )
+        self._continue_out = (
+            self._accept_continued
+            and self.peer_hello is not None
+            and FEATURE_CONTINUATION in self.peer_hello.features
         )
 
     def _move(self, stream_id: int, state: StreamState, *, by_us: bool) -> None:
@@ -377,8 +433,8 @@ class WireConnection:
         if n == 0:
             self._eof = True
             return
-        if self._body is not None:
-            room = len(self._body) - self._body_filled
+        if self._body is not None and self._body_filled < self._body_end:
+            room = self._body_end - self._body_filled
             take = min(room, n)
             memoryview(self._body)[self._body_filled : self._body_filled + take] = data[:take]
             self._body_filled += take
@@ -396,19 +452,20 @@ class WireConnection:
         rest of that frame's own buffer, whatever ``min_size`` says."""
         if self._eof:
             raise ConnectionClosedError("get_buffer after EOF")
-        if self._body is not None:
-            return memoryview(self._body)[self._body_filled :]
+        if self._body is not None and self._body_filled < self._body_end:
+            return memoryview(self._body)[self._body_filled : self._body_end]
         self._make_room(max(min_size, 1))
         return memoryview(self._staging)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._body is not None:
-            room = len(self._body) - self._body_filled
+        in_body = self._body is not None and self._body_filled < self._body_end
+        if in_body:
+            room = self._body_end - self._body_filled
         else:
             room = len(self._staging) - self._end
         if not 0 < nbytes <= room:
             raise ValueError(f"buffer_updated({nbytes}) but the buffer offered {room} bytes")
-        if self._body is not None:
+        if in_body:
             self._body_filled += nbytes
         else:
             self._end += nbytes
@@ -443,13 +500,17 @@ class WireConnection:
 
     def _next_frame(self) -> Event | ConnectionEnded | Sentinel:
         if self._body is not None:
-            if self._body_filled < len(self._body):
+            if self._body_filled < self._body_end:
                 if self._eof:
                     raise TruncatedFrameError(
-                        f"connection ended {len(self._body) - self._body_filled} bytes "
+                        f"connection ended {self._body_end - self._body_filled} bytes "
                         "before the end of a frame"
                     )
                 return NEED_DATA
+            if self._body is self._message:
+                # a CONTINUATION frame is in
+                self._body, self._message_filled = None, self._body_filled
+                return self._finish_message()
             assert self._body_header is not None
             body, header = self._body, self._body_header
             self._body, self._body_header = None, None
@@ -466,13 +527,21 @@ class WireConnection:
                 if not MAGIC.startswith(start):
                     raise BadMagicError(f"frame starts with {start.hex()}, not {MAGIC.hex()}")
             if self._eof:
-                if available == 0:
+                if available == 0 and self._continued is None:
                     return ConnectionEnded()
+                if available == 0:
+                    raise TruncatedFrameError(
+                        f"connection ended inside the continued message of stream {self._continued}"
+                    )
                 raise TruncatedFrameError(
                     f"connection ended inside a frame header ({available} bytes)"
                 )
             return NEED_DATA
         header = self._parse_header()
+        if header[0] is FrameKind.CONTINUATION:
+            return self._take_slice(header[3])
+        if header[1] & FLAG_CONTINUED:
+            return self._start_continued(header)
         meta_len, payload_len = header[2], header[3]
         body_len = meta_len + (payload_len and (-meta_len % 8) + payload_len)
         frame_end = self._start + HEADER_SIZE + body_len
@@ -492,11 +561,64 @@ class WireConnection:
         memoryview(body)[:have] = self._staging[self._start + HEADER_SIZE : self._end]
         self._start = self._end = 0
         self._body, self._body_filled, self._body_header = body, have, header
+        self._body_end = body_len
         if self._eof:
             raise TruncatedFrameError(
                 f"connection ended {body_len - have} bytes before the end of a frame"
             )
         return NEED_DATA
+
+    def _start_continued(self, header: tuple[FrameKind, int, int, int, int, _Verdict]) -> Sentinel:
+        """A continued message's head frame: its metadata now, a buffer for
+        the whole declared payload (checked against the limits already)."""
+        meta_len, payload_len, stream_id = header[2], header[3], header[4]
+        frame_end = self._start + HEADER_SIZE + meta_len
+        if frame_end > self._end:
+            if self._eof:
+                raise TruncatedFrameError("connection ended inside a frame's metadata")
+            return NEED_DATA  # staging grows to hold the metadata
+        filled = meta_len + (-meta_len % 8)
+        message = np.empty(filled + payload_len, dtype=np.uint8)
+        memoryview(message)[:meta_len] = self._staging[self._start + HEADER_SIZE : frame_end]
+        self._start = frame_end
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._message, self._message_filled = message, filled
+        self._message_header, self._continued = header, stream_id
+        return _DISCARDED  # nothing to deliver until the payload is whole
+
+    def _take_slice(self, size: int) -> Event | Sentinel:
+        """A CONTINUATION frame: what has arrived of it goes to the message's
+        buffer now, the rest straight from the socket (``get_buffer``)."""
+        assert self._message is not None
+        start = self._start + HEADER_SIZE
+        have = min(self._end - start, size)
+        filled = self._message_filled
+        memoryview(self._message)[filled : filled + have] = self._staging[start : start + have]
+        self._message_filled = filled + have
+        self._start = start + have
+        if self._start == self._end:
+            self._start = self._end = 0
+        if have < size:
+            self._body, self._body_header = self._message, None
+            self._body_filled, self._body_end = filled + have, filled + size
+            return NEED_DATA
+        return self._finish_message()
+
+    def _finish_message(self) -> Event | Sentinel:
+        """Deliver the continued message once its payload is whole; until
+        then the loop goes on to the next frame."""
+        message, header = self._message, self._message_header
+        assert message is not None and header is not None
+        if self._message_filled < len(message):
+            return _DISCARDED
+        self._message, self._message_header, self._continued = None, None, None
+        # The stream's state was judged at the head; frames this side sent
+        # since (Cancel, ErrorReply, GoAway) may have ended it.
+        kind, flags, meta_len, payload_len, stream_id, _ = header
+        verdict = self._check_receive(kind, stream_id)
+        header = (kind, flags, meta_len, payload_len, stream_id, verdict)
+        return self._decode(header, memoryview(message), copy_payload=False)
 
     def _parse_header(self) -> tuple[FrameKind, int, int, int, int, _Verdict]:
         """Check a header before anything is allocated for its frame."""
@@ -527,8 +649,26 @@ class WireConnection:
                 size=payload_len,
                 limit=self.limits.max_payload_bytes,
             )
-        if payload_len and kind not in _TENSOR_KINDS:
+        if payload_len and kind not in _PAYLOAD_KINDS:
             raise PayloadMismatchError(f"{kind.name} carries no payload, got {payload_len} bytes")
+        if self._continued is not None and stream_id == self._continued:
+            if kind is not FrameKind.CONTINUATION:
+                raise StreamStateError(
+                    f"{kind.name} on stream {stream_id}, whose continued message is incomplete"
+                )
+            return self._check_slice(flags, meta_len, payload_len, stream_id)
+        if kind is FrameKind.CONTINUATION:
+            raise StreamStateError(f"CONTINUATION on stream {stream_id}, which continues nothing")
+        if flags & FLAG_CONTINUED:
+            if kind not in _TENSOR_KINDS or not payload_len:
+                raise InvalidMessageError(f"CONTINUED flag on a {kind.name} without payload")
+            if not self._accept_continued:
+                raise InvalidMessageError("continued payload, but this side did not offer it")
+            if self._continued is not None:
+                raise StreamStateError(
+                    f"a continued message on stream {stream_id} while the one on stream "
+                    f"{self._continued} is incomplete"
+                )
         if flags & FLAG_COMPRESSED:
             if kind not in _TENSOR_KINDS or not payload_len:
                 raise InvalidMessageError(f"COMPRESSED flag on a {kind.name} without payload")
@@ -536,6 +676,24 @@ class WireConnection:
                 raise DecompressionError("compressed payload, but this side did not offer zstd")
         verdict = self._check_receive(kind, stream_id)
         return kind, flags, meta_len, payload_len, stream_id, verdict
+
+    def _check_slice(
+        self, flags: int, meta_len: int, payload_len: int, stream_id: int
+    ) -> tuple[FrameKind, int, int, int, int, _Verdict]:
+        """A CONTINUATION frame of the message in progress: payload only, no
+        more than the message still lacks. Its stream's state was judged at
+        the head frame and is judged again when the message is whole."""
+        assert self._message is not None
+        if flags or meta_len or not payload_len:
+            raise InvalidMessageError(
+                "CONTINUATION frames carry payload only: no flags, no metadata, not empty"
+            )
+        missing = len(self._message) - self._message_filled
+        if payload_len > missing:
+            raise PayloadMismatchError(
+                f"CONTINUATION of {payload_len} bytes, the message lacks only {missing}"
+            )
+        return FrameKind.CONTINUATION, flags, meta_len, payload_len, stream_id, _Verdict.ACCEPT
 
     def _check_receive(self, kind: FrameKind, stream_id: int) -> _Verdict:
         """May the peer send this frame now? Nothing changes until it is decoded."""
@@ -655,3 +813,24 @@ class WireConnection:
 
 
 _DISCARDED = Sentinel("DISCARDED")
+
+
+def _cut(buffers: list[Any], size: int) -> list[tuple[list[bytes | memoryview], int]]:
+    """``buffers`` as consecutive pieces of ``size`` bytes (the last may be
+    shorter), each a list of views of the same memory and its length."""
+    pieces: list[tuple[list[bytes | memoryview], int]] = []
+    piece: list[bytes | memoryview] = []
+    room = size
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        while view.nbytes:
+            take = view[:room]
+            piece.append(take)
+            room -= take.nbytes
+            view = view[take.nbytes :]
+            if not room:
+                pieces.append((piece, size))
+                piece, room = [], size
+    if piece:
+        pieces.append((piece, size - room))
+    return pieces

@@ -50,13 +50,18 @@ class FrameKind(enum.IntEnum):
     PING = 10
     PONG = 11
     GO_AWAY = 12
+    CONTINUATION = 13
 
 
 # At least one tensor of the payload is zstd-compressed; a receiver that did
 # not offer "zstd" rejects the frame from the header alone. Plain ints: flags
 # are tested on every frame.
 FLAG_COMPRESSED = 0x0001
-KNOWN_FLAGS = FLAG_COMPRESSED
+# The frame's payload follows in CONTINUATION frames (it carries only its
+# metadata); payload_len is the whole payload's. Only to a peer whose Hello
+# lists "continuation".
+FLAG_CONTINUED = 0x0002
+KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_CONTINUED
 
 
 class Role(enum.Enum):

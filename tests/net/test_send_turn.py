@@ -158,3 +158,62 @@ async def test_the_overtake_count_restarts_when_the_oldest_goes() -> None:
     order = await _order([(1, True), (3, True), *small])
     n = MAX_OVERTAKES
     assert order == [*range(2, n + 2), 0, *range(n + 2, 2 * n + 2), 1, 2 * n + 2]
+
+
+async def test_pause_lets_waiting_small_frames_go_then_resumes_before_bulk_ones() -> None:
+    turn = SendTurn()
+    assert turn.take_now()
+    order: list[str] = []
+
+    async def wait(name: str, stream_id: int, bulk: bool) -> None:
+        await turn.wait(stream_id, bulk)
+        order.append(name)
+        turn.release()
+
+    async with trio.open_nursery() as nursery:
+        for name, stream_id, bulk in (
+            ("bulk3", 3, True),
+            ("small5", 5, False),
+            ("small1", 1, False),
+        ):
+            nursery.start_soon(wait, name, stream_id, bulk)
+            await trio.testing.wait_all_tasks_blocked()
+        # the holder is between two slices of a message on stream 1
+        await turn.pause(1)
+        order.append("slice")
+        turn.release()
+    # stream 1's own small frame keeps its place behind the message
+    assert order == ["small5", "slice", "small1", "bulk3"]
+
+
+async def test_pause_without_waiters_keeps_the_turn() -> None:
+    turn = SendTurn()
+    assert turn.take_now()
+    await turn.pause(1)
+    assert turn.busy
+    turn.release()
+    assert not turn.busy
+
+
+async def test_a_cancelled_pause_still_resumes_the_message() -> None:
+    turn = SendTurn()
+    assert turn.take_now()
+    resumed: list[bool] = []
+
+    async def small() -> None:
+        await turn.wait(3, False)
+        await trio.testing.wait_all_tasks_blocked()
+        turn.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(small)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await turn.pause(1)
+            resumed.append(True)
+            await trio.sleep(0)  # the cancel lands here
+            resumed.append(False)
+        turn.release()
+    assert resumed == [True]
+    assert not turn.busy

@@ -36,9 +36,11 @@ class ConnectionPair:
         compression: tuple[bool, bool] = (True, True),
         limits: Limits | None = None,
         handshake: bool = True,
+        continuation: tuple[bool, bool] = (True, True),
     ) -> None:
         self.dialer = WireConnection(Role.DIALER, limits, compression=compression[0])
         self.acceptor = WireConnection(Role.ACCEPTOR, limits, compression=compression[1])
+        self.continuation = continuation
         if handshake:
             self.handshake(features=(compression[0], compression[1]))
 
@@ -46,13 +48,15 @@ class ConnectionPair:
         return self.acceptor if conn is self.dialer else self.dialer
 
     def handshake(self, features: tuple[bool, bool] = (True, True)) -> None:
-        for conn, offer in ((self.dialer, features[0]), (self.acceptor, features[1])):
+        sides = zip((self.dialer, self.acceptor), features, self.continuation, strict=True)
+        for conn, offer, continued in sides:
+            offered = ({"zstd"} if offer else set()) | ({"continuation"} if continued else set())
             hello = Hello(
                 1,
                 f"peer-{conn.role.value}",
                 conn.role.value,
                 "test-model",
-                frozenset({"zstd"}) if offer else frozenset(),
+                frozenset(offered),
                 {"max_open_streams": 256},
             )
             assert self.deliver(conn, hello) == hello

@@ -66,7 +66,11 @@ def test_vector(vector):
         assert info.value.kind == vector["error"]
         return
     expected = make_vectors.event_from_json(vector["event"])
-    if vector["reencode"]:
+    if "slice_bytes" in vector:
+        frames = sender.send_frames(expected, vector["slice_bytes"])
+        assert len(frames) > 1
+        assert b"".join(bytes(b) for frame in frames for b in frame).hex() == vector["hex"]
+    elif vector["reencode"]:
         assert b"".join(bytes(b) for b in sender.send(expected)).hex() == vector["hex"]
     got = _receive(receiver, data)
     assert make_vectors.event_to_json(got) == vector["event"]
