@@ -165,9 +165,14 @@ def trip_matrix(forwarding: Forwarding, ids: Sequence[str]) -> np.ndarray:
         grown = np.empty((len(listed), len(listed)))
         if old:
             grown[:old, :old] = memo["matrix"]
+        shared = set(forwarding.site.values())  # sites that may hold several servers
         for a, name_a in enumerate(listed):
             for b, name_b in enumerate(listed):
-                if a >= old or b >= old:
+                if a < old and b < old:
+                    continue
+                if a == b and name_a not in shared:
+                    grown[a, b] = math.inf  # a server's own site: never a hand-over
+                else:
                     grown[a, b] = forwarding.site_one_way(name_a, name_b)
         # Only once every answer is in: a bad one leaves the memo as it was.
         names.update((name, old + n) for n, name in enumerate(new))

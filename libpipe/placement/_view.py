@@ -112,7 +112,8 @@ class Forwarding:
       servers (the caller's best estimate; it must answer for every pair
       routing asks about, with a finite number >= 0). It is asked once per
       pair of sites among the servers routed over, for the life of this
-      Forwarding (answers are kept: build a new one when RTTs change).
+      Forwarding (answers are kept: build a new one when RTTs change);
+      never for a server with itself.
     - ``client_rtt``: the client's round trip to each server by peer id; a
       server not in it uses its view's ``rtt``.
     - ``message_overhead``: seconds charged per message on the critical path

@@ -203,8 +203,10 @@ def test_server_rtt_is_asked_once_per_pair():
         return 0.01
 
     views = [view(f"s{n}", 0, 8) for n in range(4)]
-    route(views, 8, forwarding=Forwarding(rtt))
-    assert len(asked) == len(set(asked))
+    fwd = Forwarding(rtt)
+    route(views, 8, forwarding=fwd)
+    route(views, 8, forwarding=fwd)
+    assert len(asked) == len(set(asked)) == 4 * 3  # every ordered pair, once, none with itself
 
 
 def test_server_rtt_is_asked_about_sites():
@@ -241,3 +243,18 @@ def test_a_problem_forwards_between_its_servers_locations(problem):
     assert found.cost == pytest.approx(0.05 + 0.0025 + 0.05 + 3 * 0.05 + 6 * 0.003)
     # The client-centric cost of the same hops: two round trips plus two overheads.
     assert route(views, 6).cost == pytest.approx(2 * (0.1 + 0.1) + 6 * 0.003)
+
+
+def test_wire_time_of_a_chain():
+    fwd = Forwarding(table({("a", "b"): 0.01}), {"a": 0.1, "b": 0.2}, message_overhead=0.05)
+    assert fwd.wire_time(["a", "b"]) == pytest.approx(0.05 + 0.005 + 0.1 + 3 * 0.05)
+    assert fwd.wire_time(["a"], message_overhead=0.0) == pytest.approx(0.1)
+    assert fwd.wire_time([]) == 0.0
+
+
+def test_wire_time_needs_every_end_in_client_rtt():
+    fwd = Forwarding(table({}), {"a": 0.1})
+    with pytest.raises(ConfigError, match="no client RTT for b"):
+        fwd.wire_time(["a", "b"])
+    with pytest.raises(ConfigError, match="message_overhead"):
+        fwd.wire_time(["a"], message_overhead=-1.0)
