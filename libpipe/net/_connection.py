@@ -11,8 +11,9 @@ inbox.
 Writers take the send turn (``_send_turn``: one frame at a time, small
 frames before queued bulk ones) so a frame's buffers are written back to
 back. A payload over ``SLICE_BYTES`` goes as a continued message whose
-writer pauses between slices for the small frames waiting. A frame the kernel takes whole is written without waiting (the common
-case, and the fast one: no cancel scope, no scheduler trip). A frame whose
+writer pauses between slices for the small frames waiting. A frame the
+kernel takes whole is written without waiting (the common case, and the
+fast one: no cancel scope, no scheduler trip). A frame whose
 sender is cancelled while it waits for the kernel is never left half
 written, which would break the connection for every stream: a task of its
 own (``_finish_frame``) writes the rest, holding the turn, and the stream is
