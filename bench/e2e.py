@@ -5,13 +5,19 @@ one process (the baseline, measured in the same run).
 Rows: local; 1, 2, 4 hops direct; the same through a ``DelayProxy`` per hop
 adding ``--delay-ms`` per round trip; and time to first token for a
 ``--prompt``-token prompt (session open + prefill + the first token).
+Each multi-hop row twice: with server-to-server forwarding (the library's
+default: client -> s1 -> ... -> sk -> client) and without (the client
+carries every hop's input).
 
 Local and swarm decode steps are taken in turns, token by token, so that
 load from other processes hits both alike; ``overhead_ms_per_hop`` is the
 median of (swarm step - local step), less the emulated delay, divided by
-the hops. ``hop_overhead_ms`` is its median over the loopback rows (target
-<= 1 ms); ``extra_hop_ms`` the slope from 1 to 4 hops, the cost of
-splitting the same blocks over more servers.
+the hops. ``hop_overhead_ms`` is its median over the loopback rows with
+the default (forwarding on; target <= 1 ms); ``extra_hop_ms`` the slope
+from 1 to 4 hops, the cost of splitting the same blocks over more
+servers. With forwarding, a step through the delay proxies pays one
+proxied round trip split over the hops rather than one per hop, so its
+``overhead/hop`` (which subtracts a full delay per hop) goes negative.
 
     .venv/bin/python bench/e2e.py [--quick] [--json] [--hidden 512]
 
@@ -92,7 +98,13 @@ def start_servers(model: Path, hops: int, cache: Path, threads: int) -> list[Ser
 
 
 async def paired_latency(
-    model: Path, local: LocalModel, addresses: list[str], tokens: int, prompt: int, delay: float
+    model: Path,
+    local: LocalModel,
+    addresses: list[str],
+    tokens: int,
+    prompt: int,
+    delay: float,
+    forwarding: bool,
 ) -> dict[str, float]:
     """Decode steps and time to first token, the swarm's and the local
     model's taken in turns so that load from elsewhere hits both alike."""
@@ -103,6 +115,8 @@ async def paired_latency(
             ]
             addresses = [p.address for p in proxies]
         client = await stack.enter_async_context(Client(model, addresses, insecure=True))
+        # No Client option yet: the sessions' shared context says it.
+        client._open()[1].forwarding = forwarding
         ids = torch.randint(0, 1000, (1, prompt))
         for _ in range(2):  # warm connections and the servers' first steps
             await client.generate(ids, max_new_tokens=2, stop_tokens=())
@@ -159,18 +173,30 @@ def main() -> int:
             try:
                 addresses = [s.address for s in servers]
                 for delay in (0.0, args.delay_ms / 1e3):
-                    m = trio.run(
-                        paired_latency, model, local, addresses, args.tokens, args.prompt, delay
-                    )
-                    m.update(hops=hops, delay_ms=1e3 * delay)
-                    # What each hop adds beyond its compute and the emulated delay.
-                    m["overhead_ms_per_hop"] = (m["extra_ms"] - m["delay_ms"] * hops) / hops
-                    m["ratio_to_local"] = m["swarm_ms"] / m["local_ms"]
-                    rows.append(m)
+                    for forwarding in (True, False) if hops > 1 else (True,):
+                        m = trio.run(
+                            paired_latency,
+                            model,
+                            local,
+                            addresses,
+                            args.tokens,
+                            args.prompt,
+                            delay,
+                            forwarding,
+                        )
+                        m.update(hops=hops, delay_ms=1e3 * delay, forwarding=forwarding)
+                        # What each hop adds beyond its compute and the emulated delay.
+                        m["overhead_ms_per_hop"] = (m["extra_ms"] - m["delay_ms"] * hops) / hops
+                        m["ratio_to_local"] = m["swarm_ms"] / m["local_ms"]
+                        rows.append(m)
             finally:
                 for s in servers:
                     s.close()
-    loopback = {r["hops"]: r for r in rows if r["delay_ms"] == 0}
+    loopback = {r["hops"]: r for r in rows if r["delay_ms"] == 0 and r["forwarding"]}
+    # One hop forwards nothing: its row is both paths' 1-hop row.
+    carried = {
+        r["hops"]: r for r in rows if r["delay_ms"] == 0 and (not r["forwarding"] or r["hops"] == 1)
+    }
     result = {
         "bench": "e2e",
         "hidden": args.hidden,
@@ -182,6 +208,10 @@ def main() -> int:
         "hop_overhead_ms": statistics.median(r["overhead_ms_per_hop"] for r in loopback.values()),
         "rows": rows,
     }
+    if len(carried) > 1:  # the same hops, the client carrying every input (the old path)
+        result["hop_overhead_ms_without_forwarding"] = statistics.median(
+            r["overhead_ms_per_hop"] for r in carried.values()
+        )
     if 1 in loopback and 4 in loopback:
         result["extra_hop_ms"] = (loopback[4]["extra_ms"] - loopback[1]["extra_ms"]) / 3
     if args.json:
@@ -189,14 +219,17 @@ def main() -> int:
         return 0
     print(f"end to end decode, {BLOCKS} blocks, hidden {args.hidden}, {args.tokens} tokens/row "
           f"(local and swarm steps in turns), time to first token for {args.prompt} tokens")  # fmt: skip
-    print(f"{'hops':>4} {'+RTT/hop':>9} {'local ms':>9} {'swarm ms':>9} {'x local':>8} "
+    print(f"{'hops':>4} {'fwd':>4} {'+RTT/hop':>9} {'local ms':>9} {'swarm ms':>9} {'x local':>8} "
           f"{'overhead/hop':>13} {'local TTFT':>11} {'TTFT ms':>8}")  # fmt: skip
     for r in rows:
-        print(f"{r['hops']:>4} {r['delay_ms']:>7.1f}ms {r['local_ms']:>9.2f} {r['swarm_ms']:>9.2f} "
+        print(f"{r['hops']:>4} {'on' if r['forwarding'] else 'off':>4} {r['delay_ms']:>7.1f}ms {r['local_ms']:>9.2f} {r['swarm_ms']:>9.2f} "
               f"{r['ratio_to_local']:>8.2f} {r['overhead_ms_per_hop']:>11.2f}ms "
               f"{r['local_ttft_ms']:>11.1f} {r['ttft_ms']:>8.1f}")  # fmt: skip
-    print(f"hop_overhead_ms (median over loopback rows): {result['hop_overhead_ms']:.2f} "
-          f"(target <= 1.0)")  # fmt: skip
+    print(f"hop_overhead_ms (median over loopback rows, forwarding on): "
+          f"{result['hop_overhead_ms']:.2f} (target <= 1.0)")  # fmt: skip
+    if "hop_overhead_ms_without_forwarding" in result:
+        print(f"hop_overhead_ms without forwarding: "
+              f"{result['hop_overhead_ms_without_forwarding']:.2f}")  # fmt: skip
     if "extra_hop_ms" in result:
         print(f"extra_hop_ms (slope 1 -> 4 hops): {result['extra_hop_ms']:.2f}")
     return 0

@@ -35,6 +35,8 @@ class SwarmContext:
     num_blocks: int
     hidden_size: int
     rng: random.Random = field(default_factory=random.Random)
+    # Sessions run steps server to server (client/_session.py) when true.
+    forwarding: bool = True
     # Bulk calls in flight per server, for throughput spreading.
     load: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     _refresh_lock: trio.Lock = field(default_factory=trio.Lock)

@@ -47,7 +47,7 @@ from ..errors import (
     RemoteError,
     SessionError,
 )
-from ..net import Stream
+from ..net import Message, Stream
 from ..wire import cast_for_wire
 from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
@@ -66,11 +66,25 @@ WHY_ENDED_WAIT = 0.1
 
 
 class _HopFailed(Exception):
-    """Hop ``index`` of the session failed with ``error`` (internal)."""
+    """Hop ``index`` of the session failed with ``error`` (internal).
 
-    def __init__(self, index: int, hop: PlannedHop, error: LibpipeError) -> None:
+    ``resume``: the hop's input for the step that failed, when the step
+    got past earlier hops by forwarding (the caller resumes there).
+    ``stale``: the error answered a step already given up (a cancelled
+    one): the stream is gone, but the server is not to blame."""
+
+    def __init__(
+        self,
+        index: int,
+        hop: PlannedHop,
+        error: LibpipeError,
+        *,
+        resume: Tensor | None = None,
+        stale: bool = False,
+    ) -> None:
         super().__init__(str(error))
         self.index, self.hop, self.error = index, hop, error
+        self.resume, self.stale = resume, stale
 
 
 @dataclass
@@ -81,6 +95,8 @@ class _Hop:
     stream: Stream
     exits: contextlib.AsyncExitStack
     chunks: list[tuple[int, Tensor]]  # (position, input [B, t, H]), in order
+    # The server's push token (RPC.md, "Forwarding"); None: it takes no pushes.
+    token: str | None = None
 
     @property
     def start(self) -> int:
@@ -141,6 +157,12 @@ class RemoteSession:
         # which they have, once per session: only adapter sessions pay it).
         self.adapter = adapter
         self._adapters = AdapterDirectory()
+        # Steps go server to server where every later hop takes pushes
+        # (RPC.md, "Forwarding"); False: the client carries every input.
+        self.forwarding = ctx.forwarding
+        # Hop inputs that reached their server by push (none: forwarding
+        # is off, or no hop could take pushes).
+        self.forwarded = 0
         self._hops: list[_Hop] = []
         self._position = 0
         # Input at block `_covered()` for positions [0, position) while the
@@ -180,9 +202,7 @@ class RemoteSession:
     async def aclose(self) -> None:
         self._closed = True
         hops, self._hops = self._hops, []
-        with trio.CancelScope(shield=True):
-            for hop in hops:
-                await _close_hop(hop)
+        await _close_hops(hops)
 
     async def step(self, hidden: Tensor) -> Tensor:
         """Send ``hidden: [batch, t, H]`` (positions ``position ..``) through
@@ -235,9 +255,14 @@ class RemoteSession:
                         return x
                     await self._complete_chain(ledger)
                     continue
+                if self._forwards_from(i):
+                    x, i = await self._step_forwarded(i, x), len(self._hops)
+                    continue
                 x_next = await self._step_hop(i, x)
             except _HopFailed as failure:
                 await self._fail(failure, ledger)
+                if failure.resume is not None:
+                    x, i = failure.resume, failure.index
                 i = min(i, len(self._hops))
                 continue
             x, i = x_next, i + 1
@@ -277,7 +302,8 @@ class RemoteSession:
         """Ban the server, drop hops from the failed one on, keep its input."""
         self.failovers += 1
         entry = failure.hop.server
-        self._ctx.view.ban(entry.peer_id, str(failure.error))
+        if not failure.stale:
+            self._ctx.view.ban(entry.peer_id, str(failure.error))
         logger.warning(
             "hop %s failed (%s: %s); routing blocks %d.. again",
             failure.hop.describe(),
@@ -289,9 +315,7 @@ class RemoteSession:
             dropped = self._hops[failure.index :]
             del self._hops[failure.index :]
             self._replay = dropped[0].history(self._position)
-            with trio.CancelScope(shield=True):
-                for hop in dropped:
-                    await _close_hop(hop)
+            await _close_hops(dropped)
         await ledger.record(failure.hop.describe(), failure.error)
 
     async def _open_all(self, plan: list[PlannedHop]) -> None:
@@ -347,7 +371,8 @@ class RemoteSession:
             _note_cache_full(self._ctx, planned.server, error)
             raise _HopFailed(index, planned, error) from None
         self._ctx.view.answered(planned.peer_id)
-        return _Hop(planned, stream, exits, [])
+        token = opened.meta.get("push_token")
+        return _Hop(planned, stream, exits, [], token if isinstance(token, str) else None)
 
     async def _replay_into(self, index: int) -> Tensor:
         """Give hop ``index`` the replay input (positions ``[0, position)``)."""
@@ -361,25 +386,111 @@ class RemoteSession:
         hop = self._hops[index]
         hop.remember(position, x)
         step = next(self._steps)
-        t = x.shape[1]
+        try:
+            await self._post(hop, {"position": position, "step": step}, (x,))
+            return await self._answer(hop, position, step, x)
+        except BaseException as exc:
+            raise _as_hop_failure(exc, index, hop, step) from None
+
+    def _forwards_from(self, index: int) -> bool:
+        """Whether hops ``index..`` can run a step by forwarding: the
+        session forwards, and every hop after the first takes pushes."""
+        later = self._hops[index + 1 :]
+        return self.forwarding and bool(later) and all(h.token is not None for h in later)
+
+    async def _step_forwarded(self, first: int, x: Tensor) -> Tensor:
+        """Hops ``first..`` run the step server to server: hop ``first``
+        gets ``x``, each later one an announcement of its pushed input,
+        all at once; each hop pushes its output to the next and answers us
+        too, so every hop's input history stays here for failover. A hop
+        whose push did not go through (``pushed`` not true) gets its input
+        from us. On a failure, ``_HopFailed.resume`` is the failed hop's
+        input (earlier hops' outputs arrive before it is raised)."""
+        position, hops = self._position, self._hops[first:]
+        steps = [next(self._steps) for _ in hops]
+        hops[0].remember(position, x)
+        posted, failure = 0, None
+        for j, hop in enumerate(hops):
+            meta: dict[str, Any] = {"position": position, "step": steps[j]}
+            if j + 1 < len(hops):
+                meta["push_to"] = _push_target(hops[j + 1], steps[j + 1])
+            if j:
+                meta["pushed"] = True
+            try:
+                await self._post(hop, meta, () if j else (x,))
+            except BaseException as exc:
+                failure = _as_hop_failure(exc, first + j, hop, steps[j])
+                break
+            posted += 1
+        inputs = x
+        for j in range(posted):
+            hop = hops[j]
+            try:
+                reply = await self._reply(hop, steps[j])
+                out = _check_reply(reply.meta, reply.tensors, position + x.shape[1], steps[j], x)
+            except BaseException as exc:
+                raise _as_hop_failure(exc, first + j, hop, steps[j], inputs) from None
+            if j + 1 < len(hops):
+                hops[j + 1].remember(position, out)
+                if reply.meta.get("pushed") is True:
+                    self.forwarded += 1
+                elif j + 1 < posted:
+                    try:
+                        await self._post(
+                            hops[j + 1], {"position": position, "step": steps[j + 1]}, (out,)
+                        )
+                    except BaseException as exc:
+                        raise _as_hop_failure(
+                            exc, first + j + 1, hops[j + 1], steps[j + 1], out
+                        ) from None
+            inputs = out
+        if failure is not None:
+            failure.resume = inputs
+            raise failure
+        return inputs
+
+    async def _post(self, hop: _Hop, meta: dict[str, Any], tensors: tuple[Tensor, ...]) -> None:
         try:
             with trio.fail_after(self._ctx.policy.step_timeout):
-                try:
-                    await hop.stream.send({"position": position, "step": step}, (x,))
-                except LibpipeError as exc:
-                    raise await _why_ended(hop.stream, exc) from None
+                await hop.stream.send(meta, tensors)
+        except LibpipeError as exc:
+            raise await _why_ended(hop.stream, exc) from None
+
+    async def _reply(self, hop: _Hop, step: int) -> Message:
+        """The hop's answer to ``step``, skipping answers to earlier steps."""
+        with trio.fail_after(self._ctx.policy.step_timeout):
+            reply = await hop.stream.receive()
+            while _is_stale(reply.meta, step):
                 reply = await hop.stream.receive()
-                while _is_stale(reply.meta, step):
-                    reply = await hop.stream.receive()
-            out = _check_reply(reply.meta, reply.tensors, position + t, step, x)
-        except BaseException as exc:
-            error = hop_error(exc)
-            if error is None:
-                raise
-            if same_on_every_server(error):
-                raise error from None
-            raise _HopFailed(index, hop.planned, error) from None
-        return out
+        return reply
+
+    async def _answer(self, hop: _Hop, position: int, step: int, x: Tensor) -> Tensor:
+        reply = await self._reply(hop, step)
+        return _check_reply(reply.meta, reply.tensors, position + x.shape[1], step, x)
+
+
+def _push_target(hop: _Hop, step: int) -> dict[str, Any]:
+    return {
+        "address": hop.planned.server.address,
+        "peer_id": hop.planned.peer_id,
+        "token": hop.token,
+        "step": step,
+    }
+
+
+def _as_hop_failure(
+    exc: BaseException, index: int, hop: _Hop, step: int, resume: Tensor | None = None
+) -> BaseException:
+    """What to raise for ``exc`` met by hop ``index`` during ``step``:
+    the exception itself when it is no hop's fault, the error itself when
+    any server would refuse the request alike, else a ``_HopFailed``."""
+    error = hop_error(exc)
+    if error is None:
+        return exc
+    stale = _is_stale(error.details, step) if error.remote else False
+    if same_on_every_server(error) and not stale:
+        return error
+    return _HopFailed(index, hop.planned, error, resume=resume, stale=stale)
 
 
 def _opening(
@@ -436,6 +547,14 @@ async def _why_ended(stream: Stream, send_error: LibpipeError) -> LibpipeError:
         except (trio.EndOfChannel, trio.BrokenResourceError):
             pass
     return send_error
+
+
+async def _close_hops(hops: list[_Hop]) -> None:
+    """Close every hop at once: a close waits up to ``CLOSE_GRACE`` each."""
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            for hop in hops:
+                nursery.start_soon(_close_hop, hop)
 
 
 async def _close_hop(hop: _Hop) -> None:

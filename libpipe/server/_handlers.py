@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..errors import InvalidRequestError
-from ..net import CallContext, Message, Router
+from ..net import CallContext, ConnectionPool, Message, Router
 from ..wire import PROTOCOL_VERSION
 from . import _compute, _validate
 from ._executor import Priority
@@ -34,15 +34,17 @@ WIRE_DTYPE = "float16"
 class RpcHandlers:
     """The RPCs of one server; the inference stream lives in ``_inference``."""
 
-    def __init__(self, serving: Serving) -> None:
+    def __init__(self, serving: Serving, connections: ConnectionPool | None = None) -> None:
         self.s = serving
+        # The server's pool: the inference handler pushes outputs through it.
+        self.connections = connections
 
     def register(self, router: Router) -> None:
         router.unary("info", self.info)
         router.unary("ping", self.ping)
         router.unary("forward", self.forward)
         router.unary("backward", self.backward)
-        router.stream("inference", InferenceHandler(self.s).inference)
+        InferenceHandler(self.s, self.connections).register(router)
 
     # --- unary -----------------------------------------------------------------------
 

@@ -15,19 +15,32 @@ import torch
 import trio
 from torch import Tensor
 
-from ..errors import InvalidRequestError, SessionError
+from ..errors import InvalidRequestError, LibpipeError, SessionError, sole_error
 from ..model import InferenceSession
-from ..net import CallContext, Message, Stream, short_peer_id
+from ..net import CallContext, ConnectionPool, Message, Router, Stream, short_peer_id
 from . import _compute, _validate
 from ._executor import Priority
+from ._push import PushTable, PushTarget, StepInputs, push
 from ._serving import Serving
 
 logger = logging.getLogger("libpipe.server")
 
 
 class InferenceHandler:
-    def __init__(self, serving: Serving) -> None:
+    """The ``inference`` stream and the ``push`` RPC that feeds it.
+
+    ``connections``: the server's pool, for pushing outputs to the next
+    hop's server (None: this server never pushes; the client then sends
+    every input itself)."""
+
+    def __init__(self, serving: Serving, connections: ConnectionPool | None = None) -> None:
         self.s = serving
+        self.connections = connections
+        self.pushes = PushTable()
+
+    def register(self, router: Router) -> None:
+        router.stream("inference", self.inference)
+        router.unary_inline("push", self.pushes.push)
 
     async def inference(self, ctx: CallContext, stream: Stream) -> None:
         s = self.s
@@ -52,26 +65,73 @@ class InferenceHandler:
                 "session %d opened by %s: blocks %d:%d batch %d max_length %d",
                 entry.id, entry.peer, start, end, batch, max_length,
             )  # fmt: skip
+            inputs = StepInputs(batch, s.hidden_size)
+            token = self.pushes.open(inputs)
             try:
-                await stream.send({"position": 0})
-                while True:
-                    with trio.move_on_after(s.config.idle_timeout) as idle:
-                        try:
-                            request = await stream.receive()
-                        except trio.EndOfChannel:
-                            return
-                    if idle.cancelled_caught:
-                        raise SessionError(
-                            f"session idle for {s.config.idle_timeout:g} s; its cache is freed",
-                            idle_timeout=s.config.idle_timeout,
-                        )
-                    reply = await self._step(session, request)
-                    await stream.send(reply.meta, reply.tensors)
+                await self._reply(stream, Message({"position": 0, "push_token": token}))
+                await self._serve(session, stream, inputs)
             finally:
+                self.pushes.close(token)
                 session.close()
                 logger.info(
                     "session %d of %s closed at position %d", entry.id, entry.peer, session.position
                 )
+
+    async def _serve(self, session: InferenceSession, stream: Stream, inputs: StepInputs) -> None:
+        """Run steps as their inputs arrive, until the client half-closes."""
+        idle_timeout = self.s.config.idle_timeout
+        held: Message | None = None  # read in the turn a push came: runs after it
+        while True:
+            request = inputs.take_ready()
+            if request is None:
+                if held is not None:
+                    item: object = held
+                    held = None
+                else:
+                    with trio.move_on_after(idle_timeout) as idle:
+                        item = await _next_arrival(stream, inputs)
+                    if idle.cancelled_caught:
+                        raise SessionError(
+                            f"session idle for {idle_timeout:g} s; its cache is freed",
+                            idle_timeout=idle_timeout,
+                        )
+                if item is _CLIENT_CLOSED:
+                    return
+                if item is _PUSH_ARRIVED:
+                    continue
+                assert isinstance(item, Message)
+                if inputs.ready is not None:
+                    held = item
+                    continue
+                request = inputs.arrive(item)
+                if request is None:
+                    continue
+            step = _validate.optional_int(request.meta, "step")
+            try:
+                target = PushTarget.from_meta(request.meta)
+                reply = await self._step(session, request)
+            except LibpipeError as exc:
+                # The client tells a failed step from a stale one (a step
+                # it gave up) by this id.
+                if step is not None:
+                    exc.details.setdefault("step", step)
+                raise
+            if target is not None:
+                reply.meta["pushed"] = await push(self.connections, target, reply.tensors[0])
+            await self._reply(stream, reply)
+
+    async def _reply(self, stream: Stream, reply: Message) -> None:
+        """Send within the idle timeout: a client that stops reading must
+        not hold its cache forever (the send would wait on TCP for ever)."""
+        deadline = self.s.config.idle_timeout
+        try:
+            with trio.fail_after(deadline):
+                await stream.send(reply.meta, reply.tensors)
+        except trio.TooSlowError:
+            raise SessionError(
+                f"the client took no reply for {deadline:g} s; the session's cache is freed",
+                idle_timeout=deadline,
+            ) from None
 
     async def _step(self, session: InferenceSession, msg: Message) -> Message:
         s = self.s
@@ -114,6 +174,44 @@ class InferenceHandler:
             job = functools.partial(_prefill_job, session, hidden[:, c : c + chunk])
             outs.append(await self.s.executor.call(Priority.PREFILL, job))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+_CLIENT_CLOSED = object()
+_PUSH_ARRIVED = object()
+
+
+async def _next_arrival(stream: Stream, inputs: StepInputs) -> object:
+    """The client's next message, ``_CLIENT_CLOSED``, or, while a step waits
+    for its push, ``_PUSH_ARRIVED`` if the push comes first. Reading the
+    stream directly when no push is awaited keeps a half-close as prompt
+    as a plain session's."""
+    if inputs.awaiting is None:
+        try:
+            return await stream.receive()
+        except trio.EndOfChannel:
+            return _CLIENT_CLOSED
+    got: list[object] = []
+    arrived = inputs.arrived
+
+    async def read(cancel: trio.CancelScope) -> None:
+        try:
+            got.append(await stream.receive())
+        except trio.EndOfChannel:
+            got.append(_CLIENT_CLOSED)
+        cancel.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, nursery.cancel_scope)
+            await arrived.wait()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        sole = sole_error(group)
+        if sole is group:
+            raise
+        raise sole from None
+    # A message taken in the same turn as the push is kept, not lost.
+    return got[0] if got else _PUSH_ARRIVED
 
 
 def _prefill_job(session: InferenceSession, hidden: Tensor) -> Tensor:

@@ -129,7 +129,7 @@ class BlockServer:
                 )
                 await nursery.start(supervise_gossip, self.node, cfg.peers)
                 serving = await self._load(blocks, pool)
-                RpcHandlers(serving).register(router)
+                RpcHandlers(serving, connections).register(router)
                 await nursery.start(serving.executor.run)
                 serving.state = RecordState.ONLINE
                 self._publisher = RecordPublisher(self.node, serving, cfg.record_interval)

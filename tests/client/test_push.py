@@ -1,0 +1,52 @@
+"""Server-to-server forwarding from the client's side: sessions forward by
+default and compute exactly what they compute without it; killing the
+hop that pushes mid-generation still gives the tokens of a fault-free run
+(killing the hop pushed to is ``test_failover``'s kill, forwarding on)."""
+
+from __future__ import annotations
+
+import libpipe
+
+from .conftest import LocalModel
+
+PROMPT = [7, 3, 9, 1, 4]
+NEW_TOKENS = 24
+FAIL_AFTER = 8
+
+
+async def test_forwarded_steps_equal_client_carried_steps(
+    model_dir, chain, local_model: LocalModel
+):
+    async with libpipe.Client(model_dir, chain, insecure=True) as client:
+        outs = {}
+        for forwarding in (True, False):
+            async with client.inference_session(max_length=32) as session:
+                remote = session._remote
+                remote.forwarding = forwarding
+                first = await session.step(PROMPT)
+                second = await session.step([2])
+                outs[forwarding] = (first, second, remote.forwarded)
+    expected = local_model.logits([*PROMPT, 2])
+    for forwarding, (first, second, forwarded) in outs.items():
+        assert (first[0, -1] - expected[len(PROMPT) - 1]).abs().max() < 1e-4
+        assert (second[0, 0] - expected[-1]).abs().max() < 1e-4
+        # Three hops: two inputs per step come by push, when forwarding.
+        assert forwarded == (4 if forwarding else 0)
+
+
+async def test_killing_the_pushing_hop_mid_generation(model_dir, spawn, local_model: LocalModel):
+    """Two replicas of [0:4), one server of [4:8): kill -9 the replica that
+    pushes to [4:8) after a few tokens."""
+    servers = spawn([((0, 4), ()), ((0, 4), ()), ((4, 8), ())])
+    expected = local_model.greedy(PROMPT, NEW_TOKENS)
+    by_peer = {s.peer_id: s for s in servers}
+    async with libpipe.Client(model_dir, [s.address for s in servers], insecure=True) as client:
+        tokens, killed = [], ""
+        async for token in client.stream(PROMPT, max_new_tokens=NEW_TOKENS, stop_tokens=()):
+            tokens.append(token)
+            if len(tokens) == FAIL_AFTER:
+                killed = client.last_route[0].peer_id
+                by_peer[killed].kill()
+        assert client.view.ban_reason(killed) is not None
+        assert client.last_route[0].peer_id != killed
+    assert tokens == expected

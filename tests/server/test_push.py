@@ -1,0 +1,134 @@
+"""Server-to-server forwarding (RPC.md, "Forwarding") between two in-process
+servers, [2:4) and [4:6): a step runs exactly once whichever of push and
+client copy comes first, and every bad push gets its typed error and
+leaves the session intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trio
+
+from libpipe.errors import BusyError, InvalidRequestError, SessionError
+from libpipe.net import ConnectionPool, Stream
+from libpipe.server import BlockServer
+from libpipe.server._push import MAX_QUEUED_PUSHES
+
+from .conftest import running_servers
+
+H = 64  # hidden size of the test presets
+BATCH = 2
+
+
+def x(t: int = 1) -> torch.Tensor:
+    return torch.randn(BATCH, t, H)
+
+
+def opening(start: int, end: int) -> dict[str, int]:
+    return {"start": start, "end": end, "batch": BATCH, "max_length": 16}
+
+
+def push_to(server: BlockServer, token: str, step: int) -> dict[str, object]:
+    return {"address": server.address, "peer_id": server.peer_id, "token": token, "step": step}
+
+
+async def reference(
+    pool: ConnectionPool, server: BlockServer, hidden: torch.Tensor
+) -> torch.Tensor:
+    reply = await (await pool.get(server.address)).call(
+        "forward", {"start": server.serving.blocks[0], "end": server.serving.blocks[1]}, (hidden,)
+    )
+    return reply.tensors[0]
+
+
+async def open_session(pool: ConnectionPool, server: BlockServer, stream: Stream) -> str:
+    opened = await stream.receive()
+    assert opened.meta["position"] == 0
+    return opened.meta["push_token"]
+
+
+async def test_a_pushed_step_runs_once_on_the_pushed_input(gqa, make_config):
+    configs = [make_config(gqa, (2, 4)), make_config(gqa, (4, 6))]
+    async with running_servers(configs) as ((first, second), pool):
+        a, b = await pool.get(first.address), await pool.get(second.address)
+        async with (
+            a.open_stream("inference", opening(2, 4)) as hop1,
+            b.open_stream("inference", opening(4, 6)) as hop2,
+        ):
+            await open_session(pool, first, hop1)
+            token = await open_session(pool, second, hop2)
+            prompt = x(3)
+            await hop2.send({"position": 0, "step": 1, "pushed": True})
+            await hop1.send(
+                {"position": 0, "step": 0, "push_to": push_to(second, token, 1)}, (prompt,)
+            )
+            reply1 = await hop1.receive()
+            assert reply1.meta == {"position": 3, "step": 0, "pushed": True}
+            reply2 = await hop2.receive()
+            assert reply2.meta == {"position": 3, "step": 1}
+            expected = await reference(pool, second, reply1.tensors[0])
+            assert torch.allclose(reply2.tensors[0], expected, atol=1e-5)
+
+            # The client's own copy after the push is a duplicate: dropped.
+            await hop2.send({"position": 0, "step": 1}, (reply1.tensors[0],))
+            # A push that comes before its announcement waits for it.
+            token_call = {"token": token, "step": 2}
+            step = x()
+            await b.call("push", token_call, (step,))
+            await hop2.send({"position": 3, "step": 2, "pushed": True})
+            reply = await hop2.receive()
+            assert reply.meta == {"position": 4, "step": 2}
+
+            # A push that never comes: the client sends the input itself.
+            await hop2.send({"position": 4, "step": 3, "pushed": True})
+            await hop2.send({"position": 4, "step": 3}, (step,))
+            assert (await hop2.receive()).meta == {"position": 5, "step": 3}
+            await hop1.close_send()
+            await hop2.close_send()
+
+
+async def test_bad_pushes_get_typed_errors_and_leave_the_session_intact(gqa, make_config):
+    async with running_servers([make_config(gqa, (4, 6))]) as ((server,), pool):
+        conn = await pool.get(server.address)
+        async with conn.open_stream("inference", opening(4, 6)) as stream:
+            token = await open_session(pool, server, stream)
+            with pytest.raises(SessionError, match="push token"):
+                await conn.call("push", {"token": "0" * 32, "step": 0}, (x(),))
+            with pytest.raises(InvalidRequestError, match="shape"):
+                await conn.call("push", {"token": token, "step": 0}, (torch.randn(BATCH, 1, 8),))
+            with pytest.raises(InvalidRequestError, match="token"):
+                await conn.call("push", {"step": 0}, (x(),))
+            with pytest.raises(InvalidRequestError, match="tensor"):
+                await conn.call("push", {"token": token, "step": 0})
+            for step in range(MAX_QUEUED_PUSHES):  # a flood: pushes nobody announced
+                await conn.call("push", {"token": token, "step": 10 + step}, (x(),))
+            with pytest.raises(BusyError):
+                await conn.call("push", {"token": token, "step": 99}, (x(),))
+            # The session is intact: its next step runs.
+            await stream.send({"position": 0, "step": 0}, (x(),))
+            assert (await stream.receive()).meta == {"position": 1, "step": 0}
+            await stream.close_send()
+            with pytest.raises(trio.EndOfChannel):
+                await stream.receive()
+        with pytest.raises(SessionError, match="push token"):  # a closed session's token
+            await conn.call("push", {"token": token, "step": 1}, (x(),))
+
+
+async def test_a_push_the_next_hop_refuses_falls_back_to_the_client(gqa, make_config):
+    """A wrong token given by the client: the pusher says ``pushed: false``
+    and carries on; its own session is unharmed."""
+    async with running_servers([make_config(gqa, (2, 4)), make_config(gqa, (4, 6))]) as (
+        (first, second),
+        pool,
+    ):
+        conn = await pool.get(first.address)
+        async with conn.open_stream("inference", opening(2, 4)) as stream:
+            await open_session(pool, first, stream)
+            meta = {"position": 0, "step": 0, "push_to": push_to(second, "f" * 32, 1)}
+            await stream.send(meta, (x(),))
+            assert (await stream.receive()).meta == {"position": 1, "step": 0, "pushed": False}
+            bad_target = {"position": 1, "step": 1, "push_to": {"address": 5}}
+            await stream.send(bad_target, (x(),))
+            with pytest.raises(InvalidRequestError, match="push_to") as caught:
+                await stream.receive()
+            assert caught.value.details["step"] == 1  # the failed step, for the client
