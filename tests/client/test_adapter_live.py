@@ -14,6 +14,7 @@ import libpipe
 from libpipe.client import RetryPolicy
 from libpipe.errors import ConfigError, NoRouteError
 from libpipe.model import ModelConfig, write_random_lora_adapter
+from libpipe.model._llama import PROJECTION_PATHS
 
 PROMPT = [3, 1, 4, 1, 5, 9]
 NEW = 10
@@ -27,15 +28,7 @@ def adapter(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         ModelConfig.from_file(model_dir),
         rank=4,
         alpha=8.0,
-        target_modules=(
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ),
+        target_modules=tuple(PROJECTION_PATHS),
         seed=11,
     )
 
