@@ -19,13 +19,15 @@ In one run, on 127.0.0.1:
 Measures (a) ping-pong of a small message (median and p99 microseconds),
 (b) a decode-step RPC: a (1, 1, 4096) fp16 tensor each way (median us),
 (c) one-way throughput of 16 MiB messages (MB/s), and the small call again
-while four streams push 16 MiB frames on its connection (head-of-line
-blocking; ``rpc_during_bulk_vs_idle``). Ratios are libpipe over raw (or
-over idle), measured in the same run. Targets: ``tls_stream_vs_raw_tls`` >= 0.70
-(libpipe TLS streaming over raw blocking TLS); ``rpc_rtt_vs_raw`` <= 2.0
-(libpipe's small-RPC round trip over raw trio ping-pong). ``tls_rpc_rtt_vs_raw``
-holds the TLS call to the same plaintext baseline, encryption included;
-``tls_rpc_rtt_vs_raw_trio_tls`` to trio's own TLS.
+while four streams push 16 MiB messages on its connection (head-of-line
+blocking; ``rpc_during_bulk_vs_idle``; the ``_whole`` row turns continued
+messages off, each message one frame: ``rpc_during_bulk_sliced_vs_whole``).
+Ratios are libpipe over raw (or over idle), measured in the same run.
+Targets: ``tls_stream_vs_raw_tls`` >= 0.70 (libpipe TLS streaming over raw
+blocking TLS); ``rpc_rtt_vs_raw`` <= 2.0 (libpipe's small-RPC round trip
+over raw trio ping-pong). ``tls_rpc_rtt_vs_raw`` holds the TLS call to the
+same plaintext baseline, encryption included; ``tls_rpc_rtt_vs_raw_trio_tls``
+to trio's own TLS.
 
     .venv/bin/python bench/transport.py [--rounds 2000 --messages 24 --json --quick]
 """
@@ -342,15 +344,16 @@ async def session_pingpong(
 
 
 async def rpc_during_bulk(
-    security: Security, streams: int, frames: int, rounds: int
+    security: Security, streams: int, frames: int, rounds: int, continuation: bool = True
 ) -> dict[str, float]:
     """Small-RPC round trips on a connection that ``streams`` streams are
-    filling with 16 MiB frames at the same time (head-of-line blocking)."""
+    filling with 16 MiB messages at the same time (head-of-line blocking);
+    without ``continuation`` each message goes as one frame."""
     import torch
 
     from libpipe.net import ConnectionConfig, Message, Router, connect, serve
 
-    config = ConnectionConfig(compression=False)
+    config = ConnectionConfig(compression=False, continuation=continuation)
     router = Router()
 
     async def echo(ctx, request: Message) -> Message:
@@ -497,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     results["small"]["libpipe_rpc_plain_during_bulk"] = run(
         rpc_during_bulk, plain, 4, max(2, messages // 2), rounds
     )
+    results["small"]["libpipe_rpc_plain_during_bulk_whole"] = run(
+        rpc_during_bulk, plain, 4, max(2, messages // 2), rounds, False
+    )
     tp = results["throughput_mb_s"]
     tp["libpipe_rpc_plain"] = run(rpc_throughput, plain, messages)
     tp["libpipe_rpc_tls"] = run(rpc_throughput, tls, messages)
@@ -522,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         / step["raw_trio"]["median_us"],
         "rpc_during_bulk_vs_idle": small["libpipe_rpc_plain_during_bulk"]["median_us"]
         / small["libpipe_rpc_plain"]["median_us"],
+        "rpc_during_bulk_sliced_vs_whole": small["libpipe_rpc_plain_during_bulk"]["median_us"]
+        / small["libpipe_rpc_plain_during_bulk_whole"]["median_us"],
     }
     if args.json:
         print(json.dumps({"results": results, **ratios}, indent=1))

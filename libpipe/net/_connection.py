@@ -119,6 +119,9 @@ class ConnectionConfig:
 
     limits: Limits = field(default_factory=Limits)
     compression: bool = True
+    # Offer continued messages (bulk payloads in SLICE_BYTES slices, small
+    # frames between them); used when both Hellos offer them.
+    continuation: bool = True
     # A NAT forgets an idle TCP flow after ~30-120 s; a ping every 15 s keeps
     # it alive and measures RTT on the way.
     keepalive_interval: float = 15.0
@@ -513,9 +516,14 @@ class Connection:
             self._wire.receive_data(data)
 
     async def _exchange_hello(self) -> None:
-        # Continued messages are always offered: unused, they cost nothing.
-        zstd = {FEATURE_ZSTD} if self.config.compression else set()
-        features = frozenset({FEATURE_CONTINUATION, *zstd})
+        features = frozenset(
+            name
+            for name, offered in (
+                (FEATURE_ZSTD, self.config.compression),
+                (FEATURE_CONTINUATION, self.config.continuation),
+            )
+            if offered
+        )
         hello = Hello(
             version=PROTOCOL_VERSION,
             peer_id=self._local_peer_id,

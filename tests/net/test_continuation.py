@@ -63,3 +63,34 @@ async def test_a_small_call_goes_between_the_slices_of_a_large_message() -> None
             await stream.close_send()
         nursery.cancel_scope.cancel()
     assert seen == ["call", f"message of {big.nbytes} bytes"]
+
+
+async def test_a_peer_that_turns_continuation_off_gets_whole_frames() -> None:
+    security = Security.insecure()
+    router = Router()
+    got: list[int] = []
+
+    async def sink(ctx: CallContext, stream: Stream) -> None:
+        async for message in stream:
+            got.append(message.tensors[0].nbytes)
+
+    router.stream("sink", sink)
+    big = torch.randn(2 * SLICE_BYTES // 4)
+    config = ConnectionConfig(compression=False, continuation=False)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            functools.partial(serve, router, host="127.0.0.1", port=0, security=security)
+        )
+        async with connect(host, port, security=security, config=config) as conn:
+            assert conn._wire.local_hello is not None
+            assert "continuation" not in conn._wire.local_hello.features
+            assert "continuation" in conn.peer_hello.features  # the server's default
+            assert not conn._wire._continue_out
+            async with conn.open_stream("sink") as stream:
+                await stream.send({}, (big,))
+                await stream.close_send()
+                with trio.fail_after(20):
+                    while not got:
+                        await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert got == [big.nbytes]
