@@ -161,9 +161,11 @@ class SyncClient:
             if self._token is not None:
                 self._run(tokens.aclose)
 
-    def forward(self, hidden: Tensor, *, start: int = 0, end: int | None = None) -> Tensor:
+    def forward(
+        self, hidden: Tensor, *, start: int = 0, end: int | None = None, adapter: str | None = None
+    ) -> Tensor:
         """``Client.forward``, blocking."""
-        return self._run(self._client.forward, hidden, start=start, end=end)
+        return self._run(self._client.forward, hidden, start=start, end=end, adapter=adapter)
 
     def inference_session(
         self, *, max_length: int, batch: int = 1, adapter: str | None = None

@@ -19,13 +19,14 @@ from typing import Any
 import trio
 from torch import Tensor
 
-from ..errors import InvalidRequestError, RemoteError
+from ..errors import ConfigError, InvalidRequestError, RemoteError
 from ..net import Message
 from ..wire import cast_for_wire
 from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
 from ._hidden import check_hidden
 from ._routing import PlannedHop
+from ._train_routing import AdapterDirectory, plan_training_route
 
 
 async def call_hop(
@@ -57,9 +58,14 @@ async def call_hop(
     return reply
 
 
-async def forward_hop(ctx: SwarmContext, hop: PlannedHop, x: Tensor) -> Tensor:
-    """``x`` through one hop's blocks, the reply's shape checked."""
-    reply = await call_hop(ctx, hop, "forward", {"start": hop.start, "end": hop.end}, (x,))
+async def forward_hop(
+    ctx: SwarmContext, hop: PlannedHop, x: Tensor, adapter: str | None = None
+) -> Tensor:
+    """``x`` through one hop's blocks (with ``adapter``), the reply's shape checked."""
+    meta: dict[str, Any] = {"start": hop.start, "end": hop.end}
+    if adapter is not None:
+        meta["adapter"] = adapter
+    reply = await call_hop(ctx, hop, "forward", meta, (x,))
     if not reply.tensors or reply.tensors[0].shape != x.shape:
         raise RemoteError(
             f"forward on {hop.describe()} answered {[list(t.shape) for t in reply.tensors]}, "
@@ -70,26 +76,41 @@ async def forward_hop(ctx: SwarmContext, hop: PlannedHop, x: Tensor) -> Tensor:
 
 
 async def forward_span(
-    ctx: SwarmContext, hidden: Tensor, *, start: int = 0, end: int | None = None
+    ctx: SwarmContext,
+    hidden: Tensor,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    adapter: str | None = None,
 ) -> Tensor:
     """``hidden: [B, T, H]`` through blocks ``[start, end)`` (default: to
-    the last block), spread over replicas, failed hops recomputed elsewhere."""
+    the last block), spread over replicas, failed hops recomputed elsewhere.
+    With ``adapter``, only over servers that loaded that LoRA adapter."""
     end = ctx.num_blocks if end is None else end
     if not 0 <= start < end <= ctx.num_blocks:
         raise InvalidRequestError(
             f"blocks [{start}, {end}) are not within the model's {ctx.num_blocks}"
         )
+    if adapter is not None and (not isinstance(adapter, str) or not adapter):
+        raise ConfigError(f"adapter must be a non-empty string or None, got {adapter!r}")
     check_hidden(hidden, ctx.hidden_size)
     x = cast_for_wire(hidden, ctx.wire_dtype).contiguous()
     ledger = FailureLedger(ctx.policy, f"forward over blocks [{start}, {end})")
+    adapters = AdapterDirectory()
     block = start
     while block < end:
-        plan = await ctx.plan(
-            ledger, start=block, end=end, objective="throughput", tokens=x.shape[0] * x.shape[1]
+        plan = await plan_training_route(
+            ctx,
+            ledger,
+            adapters,
+            start=block,
+            end=end,
+            adapter=adapter,
+            tokens=x.shape[0] * x.shape[1],
         )
         for hop in plan:
             try:
-                x = await forward_hop(ctx, hop, x)
+                x = await forward_hop(ctx, hop, x, adapter)
             except Exception as exc:
                 error = hop_error(exc)
                 if error is None:

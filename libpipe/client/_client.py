@@ -287,11 +287,14 @@ class Client:
                 self.last_route = session.route
                 yield token
 
-    async def forward(self, hidden: Tensor, *, start: int = 0, end: int | None = None) -> Tensor:
+    async def forward(
+        self, hidden: Tensor, *, start: int = 0, end: int | None = None, adapter: str | None = None
+    ) -> Tensor:
         """``hidden: [B, T, H]`` through blocks ``[start, end)`` (default:
-        all), bulk mode: no cache, spread over replicas, retried on failure."""
+        all), bulk mode: no cache, spread over replicas, retried on failure;
+        ``adapter``: a LoRA adapter, as for ``stream``."""
         _, ctx = self._open()
-        return await forward_span(ctx, hidden, start=start, end=end)
+        return await forward_span(ctx, hidden, start=start, end=end, adapter=adapter)
 
     def remote_blocks(
         self,

@@ -1,6 +1,6 @@
-"""Generation with a LoRA adapter through real servers started with
-``--adapters``: the tokens are those of the local model with the adapter
-merged by PEFT, and routes use only servers that loaded it."""
+"""Generation and bulk forward with a LoRA adapter through real servers
+started with ``--adapters``: the tokens are those of the local model with
+the adapter merged by PEFT, and routes use only servers that loaded it."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import torch
 import libpipe
 from libpipe.client import RetryPolicy
 from libpipe.errors import ConfigError, NoRouteError
-from libpipe.model import ModelConfig, write_random_lora_adapter
+from libpipe.model import ModelConfig, load_span, write_random_lora_adapter
 from libpipe.model._llama import PROJECTION_PATHS
 
 PROMPT = [3, 1, 4, 1, 5, 9]
 NEW = 10
+TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +113,24 @@ def test_the_blocking_client_and_the_cli_take_an_adapter(
     assert json.loads(capsys.readouterr().out)["token_ids"] == merged_greedy
 
 
+async def test_bulk_forward_with_an_adapter(model_dir, adapter_swarm, adapter):
+    hidden = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(2))
+    blocks = load_span(model_dir, 0, 8, progress=False, adapters=[adapter])
+    with torch.no_grad():
+        tuned, base = blocks(hidden, adapter="tuned"), blocks(hidden)
+    async with libpipe.Client(model_dir, adapter_swarm, insecure=True) as c:
+        torch.testing.assert_close(await c.forward(hidden, adapter="tuned"), tuned, **TOL)
+        torch.testing.assert_close(await c.forward(hidden), base, **TOL)
+    assert not torch.allclose(tuned, base, **TOL)
+
+
 async def test_an_adapter_no_server_has_is_no_route_naming_it(model_dir, adapter_swarm):
     policy = RetryPolicy(max_failures=1, backoff_base=0.01, backoff_max=0.01)
     async with libpipe.Client(model_dir, adapter_swarm, insecure=True, retry=policy) as c:
         with pytest.raises(NoRouteError, match="'missing-adapter'"):
             await c.generate(PROMPT, max_new_tokens=2, adapter="missing-adapter")
+        with pytest.raises(NoRouteError, match="'missing-adapter'"):
+            await c.forward(torch.zeros(1, 2, 64), adapter="missing-adapter")
 
 
 async def test_a_bad_adapter_argument_is_refused_before_any_server(model_dir):
@@ -126,3 +140,5 @@ async def test_a_bad_adapter_argument_is_refused_before_any_server(model_dir):
                 await c.generate(PROMPT, max_new_tokens=2, adapter=bad)
             with pytest.raises(ConfigError):
                 c.inference_session(max_length=8, adapter=bad)
+            with pytest.raises(ConfigError):
+                await c.forward(torch.zeros(1, 2, 64), adapter=bad)
