@@ -46,6 +46,7 @@ from ..errors import (
     LibpipeError,
     RemoteError,
     SessionError,
+    sole_error,
 )
 from ..net import Message, Stream
 from ..wire import cast_for_wire
@@ -403,9 +404,9 @@ class RemoteSession:
         gets ``x``, each later one an announcement of its pushed input,
         all at once; each hop pushes its output to the next and answers us
         too, so every hop's input history stays here for failover. A hop
-        whose push did not go through (``pushed`` not true) gets its input
-        from us. On a failure, ``_HopFailed.resume`` is the failed hop's
-        input (earlier hops' outputs arrive before it is raised)."""
+        whose pusher says the push failed gets its input from us
+        (``_reply_watching``). On a failure, ``_HopFailed.resume`` is the
+        failed hop's input (earlier hops' outputs arrive before it is raised)."""
         position, hops = self._position, self._hops[first:]
         steps = [next(self._steps) for _ in hops]
         hops[0].remember(position, x)
@@ -426,28 +427,59 @@ class RemoteSession:
         for j in range(posted):
             hop = hops[j]
             try:
-                reply = await self._reply(hop, steps[j])
+                if j:
+                    reply = await self._reply_watching(
+                        hop, steps[j], hops[j - 1], steps[j - 1], inputs
+                    )
+                else:
+                    reply = await self._reply(hop, steps[j])
                 out = _check_reply(reply.meta, reply.tensors, position + x.shape[1], steps[j], x)
             except BaseException as exc:
                 raise _as_hop_failure(exc, first + j, hop, steps[j], inputs) from None
             if j + 1 < len(hops):
                 hops[j + 1].remember(position, out)
-                if reply.meta.get("pushed") is True:
-                    self.forwarded += 1
-                elif j + 1 < posted:
-                    try:
-                        await self._post(
-                            hops[j + 1], {"position": position, "step": steps[j + 1]}, (out,)
-                        )
-                    except BaseException as exc:
-                        raise _as_hop_failure(
-                            exc, first + j + 1, hops[j + 1], steps[j + 1], out
-                        ) from None
             inputs = out
         if failure is not None:
             failure.resume = inputs
             raise failure
         return inputs
+
+    async def _reply_watching(
+        self, hop: _Hop, step: int, pusher: _Hop, pusher_step: int, pushed: Tensor
+    ) -> Message:
+        """``hop``'s answer to ``step``, whose input ``pusher`` pushes. If the
+        pusher says its push failed (or its stream ends), we send ``hop``
+        that input ourselves; the hop runs the step on whichever comes first."""
+        answers: list[Message] = []
+        fell_back = False
+
+        async def watch_pusher() -> None:
+            nonlocal fell_back
+            try:
+                while True:
+                    notice = await pusher.stream.receive()
+                    if (
+                        notice.meta.get("step") == pusher_step
+                        and notice.meta.get("pushed") is False
+                    ):
+                        break
+            except (LibpipeError, trio.EndOfChannel, trio.BrokenResourceError, OSError):
+                pass  # the pusher is gone: whether its push went out is unknown
+            fell_back = True
+            await self._post(hop, {"position": self._position, "step": step}, (pushed,))
+
+        async def answer(done: trio.CancelScope) -> None:
+            answers.append(await self._reply(hop, step))
+            done.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_pusher)
+                nursery.start_soon(answer, nursery.cancel_scope)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        self.forwarded += not fell_back
+        return answers[0]
 
     async def _post(self, hop: _Hop, meta: dict[str, Any], tensors: tuple[Tensor, ...]) -> None:
         try:
@@ -467,6 +499,12 @@ class RemoteSession:
     async def _answer(self, hop: _Hop, position: int, step: int, x: Tensor) -> Tensor:
         reply = await self._reply(hop, step)
         return _check_reply(reply.meta, reply.tensors, position + x.shape[1], step, x)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """One error out of a nursery's group: the first that is not a cancel."""
+    leaves = [sole_error(e) for e in group.exceptions]
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
 
 
 def _push_target(hop: _Hop, step: int) -> dict[str, Any]:

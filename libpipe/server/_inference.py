@@ -116,9 +116,39 @@ class InferenceHandler:
                 if step is not None:
                     exc.details.setdefault("step", step)
                 raise
-            if target is not None:
-                reply.meta["pushed"] = await push(self.connections, target, reply.tensors[0])
-            await self._reply(stream, reply)
+            if target is None:
+                await self._reply(stream, reply)
+            else:
+                await self._reply_and_push(stream, reply, target, step)
+
+    async def _reply_and_push(
+        self, stream: Stream, reply: Message, target: PushTarget, step: int | None
+    ) -> None:
+        """Push the output on (the next hop waits for it) and answer the
+        client at once; the client hears more only if the push failed
+        (``{"step", "pushed": false}``), and then sends the input itself.
+        Answering before the push is acknowledged keeps the server-to-
+        server round trip off the client's path."""
+        outcome: list[bool] = []
+
+        async def push_on() -> None:
+            outcome.append(await push(self.connections, target, reply.tensors[0]))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(push_on)
+                await trio.lowlevel.checkpoint()  # the push's frame goes out first
+                await self._reply(stream, reply)
+        except BaseExceptionGroup as group:
+            sole = sole_error(group)
+            if sole is group:
+                raise
+            raise sole from None
+        if not outcome[0]:
+            notice: dict[str, object] = {"pushed": False}
+            if step is not None:
+                notice["step"] = step
+            await self._reply(stream, Message(notice))
 
     async def _reply(self, stream: Stream, reply: Message) -> None:
         """Send within the idle timeout: a client that stops reading must

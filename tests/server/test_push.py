@@ -63,7 +63,7 @@ async def test_a_pushed_step_runs_once_on_the_pushed_input(gqa, make_config):
                 {"position": 0, "step": 0, "push_to": push_to(second, token, 1)}, (prompt,)
             )
             reply1 = await hop1.receive()
-            assert reply1.meta == {"position": 3, "step": 0, "pushed": True}
+            assert reply1.meta == {"position": 3, "step": 0}
             reply2 = await hop2.receive()
             assert reply2.meta == {"position": 3, "step": 1}
             expected = await reference(pool, second, reply1.tensors[0])
@@ -84,6 +84,8 @@ async def test_a_pushed_step_runs_once_on_the_pushed_input(gqa, make_config):
             await hop2.send({"position": 4, "step": 3}, (step,))
             assert (await hop2.receive()).meta == {"position": 5, "step": 3}
             await hop1.close_send()
+            with pytest.raises(trio.EndOfChannel):  # the push went through: no notice
+                await hop1.receive()
             await hop2.close_send()
 
 
@@ -115,8 +117,8 @@ async def test_bad_pushes_get_typed_errors_and_leave_the_session_intact(gqa, mak
 
 
 async def test_a_push_the_next_hop_refuses_falls_back_to_the_client(gqa, make_config):
-    """A wrong token given by the client: the pusher says ``pushed: false``
-    and carries on; its own session is unharmed."""
+    """A wrong token given by the client: the pusher answers, then says
+    ``pushed: false``, and carries on; its own session is unharmed."""
     async with running_servers([make_config(gqa, (2, 4)), make_config(gqa, (4, 6))]) as (
         (first, second),
         pool,
@@ -126,7 +128,8 @@ async def test_a_push_the_next_hop_refuses_falls_back_to_the_client(gqa, make_co
             await open_session(pool, first, stream)
             meta = {"position": 0, "step": 0, "push_to": push_to(second, "f" * 32, 1)}
             await stream.send(meta, (x(),))
-            assert (await stream.receive()).meta == {"position": 1, "step": 0, "pushed": False}
+            assert (await stream.receive()).meta == {"position": 1, "step": 0}
+            assert (await stream.receive()).meta == {"step": 0, "pushed": False}
             bad_target = {"position": 1, "step": 1, "push_to": {"address": 5}}
             await stream.send(bad_target, (x(),))
             with pytest.raises(InvalidRequestError, match="push_to") as caught:
