@@ -22,6 +22,14 @@ fails (connection lost, timeout, an error, draining), the session:
 A failure during 3 is handled the same way from the hop that failed. The
 servers compute the same blocks on the same inputs, so the outputs, and
 the tokens chosen from them, are exactly those of a run without failures.
+
+Forwarding (on by default, RPC.md "Forwarding"): when every later hop
+took a push token, a step goes server to server. Hop 1 gets the input,
+the others an announcement, all at once; each server pushes its output
+to the next and answers us too, so the histories above are kept as
+before, and a hop whose push failed gets its input from us. A failure
+at hop ``i`` resumes from hop ``i``'s input, which we hold by then, so
+failover is the same as without forwarding.
 Rolling back (``rollback(p)``) only moves ``position``: the next step is
 sent at ``p`` and each server rolls its cache back itself (RPC.md).
 """

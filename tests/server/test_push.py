@@ -1,7 +1,8 @@
 """Server-to-server forwarding (RPC.md, "Forwarding") between two in-process
 servers, [2:4) and [4:6): a step runs exactly once whichever of push and
 client copy comes first, and every bad push gets its typed error and
-leaves the session intact."""
+leaves the session intact. And the session's reply deadline, which keeps
+a client that stops reading from holding its cache."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 import trio
 
 from libpipe.errors import BusyError, InvalidRequestError, SessionError
-from libpipe.net import ConnectionPool, Stream
+from libpipe.net import ConnectionPool, Message, Stream
 from libpipe.server import BlockServer
+from libpipe.server._inference import InferenceHandler
 from libpipe.server._push import MAX_QUEUED_PUSHES
 
 from .conftest import running_servers
@@ -135,3 +137,20 @@ async def test_a_push_the_next_hop_refuses_falls_back_to_the_client(gqa, make_co
             with pytest.raises(InvalidRequestError, match="push_to") as caught:
                 await stream.receive()
             assert caught.value.details["step"] == 1  # the failed step, for the client
+
+
+class _NeverRead:
+    """A stream whose peer stopped reading: every send waits for ever."""
+
+    async def send(self, meta: dict, tensors: tuple = ()) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_reply_the_client_never_takes_ends_the_session(gqa, make_config):
+    """The handler's reply send is bounded by the idle timeout, and ends
+    with ``SessionError`` (which frees the session's cache on the way out,
+    as an idle session's does)."""
+    async with running_servers([make_config(gqa, (2, 6), idle_timeout=0.2)]) as ((server,), _):
+        handler = InferenceHandler(server.serving)
+        with trio.fail_after(30), pytest.raises(SessionError, match=r"took no reply for 0\.2 s"):
+            await handler._reply(_NeverRead(), Message({"position": 1}))  # type: ignore[arg-type]
