@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="do not stop at the checkpoint's eos token (--stop and --stop-ids still apply)",
     )
     parser.add_argument(
+        "--no-forwarding",
+        action="store_true",
+        help="carry each hop's output to the next hop from here; servers do not push "
+        "to each other (for servers that cannot reach each other)",
+    )
+    parser.add_argument(
         "--adapter",
         metavar="NAME",
         help="a LoRA adapter: route only through servers started with it (--adapters)",
@@ -90,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         peers,
         security=security,
         retry=RetryPolicy(connect_timeout=args.timeout),
+        forwarding=not args.no_forwarding,
     )
     if isinstance(prompt, str) and not client.has_tokenizer:
         raise ConfigError(f"--prompt needs {args.model}/tokenizer.json; use --prompt-ids")

@@ -58,7 +58,10 @@ class Client:
     optionally tokenizer.json). Security: ``identity`` (a directory made by
     ``libpipe ca issue``) and optionally ``ca``, or ``insecure=True`` for
     local development. ``wire_dtype`` is the dtype of activations on the
-    wire (default: the head's compute dtype, so fp32 on CPU: exact)."""
+    wire (default: the head's compute dtype, so fp32 on CPU: exact).
+    ``forwarding=False`` makes the client carry every hop's output to the
+    next hop itself instead of the servers pushing it to each other (for
+    servers that cannot reach each other)."""
 
     def __init__(
         self,
@@ -76,6 +79,7 @@ class Client:
         retry: RetryPolicy | None = None,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         gossip: GossipConfig | None = None,
+        forwarding: bool = True,
     ) -> None:
         if isinstance(peers, str) or not peers:
             raise ConfigError("peers must be a non-empty list of 'host:port' addresses")
@@ -90,6 +94,8 @@ class Client:
                 raise ConfigError(f"{name} must be a {cls.__name__}, got {value!r}")
         if security is not None and (insecure or identity is not None or ca is not None):
             raise ConfigError("give either security or identity/ca/insecure, not both")
+        if not isinstance(forwarding, bool):
+            raise ConfigError(f"forwarding must be True or False, got {forwarding!r}")
         if not refresh_interval > 0:
             raise ConfigError(f"refresh_interval must be positive, got {refresh_interval!r}")
         unknown = set(server_dtypes) - set(KNOWN_DTYPES)
@@ -114,6 +120,7 @@ class Client:
         self._policy = retry or RetryPolicy()
         self._refresh_interval = refresh_interval
         self._gossip = gossip or GossipConfig()
+        self._forwarding = forwarding
         self.stop_tokens = self.config.eos_token_ids
         self._head: ClientHead | None = None
         self._ctx: SwarmContext | None = None
@@ -165,6 +172,7 @@ class Client:
                 wire_dtype=self._wire_dtype or head.dtype,
                 num_blocks=self.config.num_hidden_layers,
                 hidden_size=self.config.hidden_size,
+                forwarding=self._forwarding,
             )
             await ctx.refresh()
             self._head, self._ctx = head, ctx

@@ -36,6 +36,7 @@ def bare_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (NOWHERE, {"insecure": True, "identity": "/nonexistent"}),
         (NOWHERE, {"insecure": True, "security": Security.insecure()}),
         (NOWHERE, {"insecure": True, "refresh_interval": 0}),
+        (NOWHERE, {"insecure": True, "forwarding": "no"}),
         (NOWHERE, {"insecure": True, "server_dtypes": ("int8",)}),
         (NOWHERE, {"insecure": True, "server_dtypes": ()}),
         (NOWHERE, {"insecure": True, "wire_dtype": torch.int8}),
