@@ -90,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--backward-chunk",
         type=int,
-        help="blocks per compute job of a backward call; decode steps run between jobs (default 1)",
+        help="blocks per compute job of a backward call (default 1): decode steps run between "
+        "jobs; every chunk but the last is computed once more, so the whole span (one job) "
+        "gives backward throughput priority over decode latency",
     )
     add(
         "--bulk-bytes",
