@@ -20,6 +20,10 @@ that puts it in a cluster as seen from the client (near: 10 ms RTT, far:
    minus its modelled prefill). Measured before the first run and after
    each; a run's prediction uses the two around it (the load of a shared
    machine drifts over minutes).
+   With ``--forwarding on`` (the client's default) a step is k + 1 one-way
+   messages, each through the receiver's proxy, each paying half the
+   per-hop overhead (the simulator's forwarded model, docs/placement.md);
+   with ``off`` the client calls each hop.
 4. ``--runs`` validation runs: Poisson sessions drawn from seed, seed+1...,
    each generating through the client at its arrival time, concurrently;
    and ``libpipe.sim`` fed the same tau, RTTs and constants, the same
@@ -31,13 +35,15 @@ prediction error (the paper's own simulator was off by 13% on average);
 then the mean absolute error over the runs. ``--json`` prints one JSON
 object; ``--quick`` a short run.
 
-    .venv/bin/python bench/sim_vs_live.py [--quick] [--seed 0] [--runs 3] [--json]
+    .venv/bin/python bench/sim_vs_live.py [--quick] [--seed 0] [--runs 3] [--forwarding on|off]
+        [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -91,6 +97,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a short run (fewer, shorter sessions)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the Poisson sessions")
     ap.add_argument("--runs", type=int, default=3, help="validation runs (seeds seed, seed+1...)")
+    ap.add_argument(
+        "--forwarding",
+        choices=("on", "off"),
+        default="on",
+        help="the live client forwards from server to server (its default) or not",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.runs < 1:
@@ -109,7 +121,15 @@ def main() -> int:
         )
         servers = _start_servers(model_dir, Path(tmp) / "cache")
         try:
-            report = trio.run(_measure_and_predict, model_dir, servers, plan, args.seed, args.runs)
+            report = trio.run(
+                _measure_and_predict,
+                model_dir,
+                servers,
+                plan,
+                args.seed,
+                args.runs,
+                args.forwarding == "on",
+            )
         finally:
             for server in servers.values():
                 server.close()
@@ -135,7 +155,7 @@ def _start_servers(model_dir: Path, cache_dir: Path) -> dict[str, ServerProcess]
     return started
 
 
-async def _measure_and_predict(model_dir, servers, plan, seed, runs) -> dict:
+async def _measure_and_predict(model_dir, servers, plan, seed, runs, forwarded) -> dict:
     names = [name for name, _, _ in DEPLOYMENT]
     delay_rtt = {name: NEAR_RTT if c == "near" else FAR_RTT for name, _, c in DEPLOYMENT}
     async with AsyncExitStack() as stack:
@@ -151,11 +171,16 @@ async def _measure_and_predict(model_dir, servers, plan, seed, runs) -> dict:
             [p.address for p in proxies.values()],
             insecure=True,
             refresh_interval=REFRESH_S,
+            # Forwarding is the client's default; only "off" needs the option.
+            **({} if forwarded else {"forwarding": False}),
         ) as client:
             rtts = _feed_rtts(client, servers, pings)
             tau = _announced_tau(client, servers)
             tau_forward = _announced_tau(client, servers, forward=True)
-            calibrations = [await _calibrate(client, proxies, plan, tau, tau_forward, delay_rtt)]
+            calibrate = functools.partial(
+                _calibrate, client, proxies, plan, tau, tau_forward, delay_rtt, forwarded
+            )
+            calibrations = [await calibrate()]
             lives = []
             for run in range(runs):
                 raw, placement = _scenario(model_dir, tau, tau_forward, delay_rtt, plan, 0.0, 0.0)
@@ -163,9 +188,7 @@ async def _measure_and_predict(model_dir, servers, plan, seed, runs) -> dict:
                 load_before = os.getloadavg()
                 live = await _run_live(client, proxies, sessions)
                 lives.append((sessions, live, load_before, os.getloadavg()))
-                calibrations.append(
-                    await _calibrate(client, proxies, plan, tau, tau_forward, delay_rtt)
-                )
+                calibrations.append(await calibrate())
 
     reports = []
     for run, (sessions, live, load_before, load_after) in enumerate(lives):
@@ -184,8 +207,8 @@ async def _measure_and_predict(model_dir, servers, plan, seed, runs) -> dict:
             "ttft_s": statistics.fmean(s["ttft"] for s in live),
         }
         predictions = {
-            "measured_inputs": _predict(raw, placement, sessions, plan, rtts),
-            "calibrated": _predict(calibrated, placement, sessions, plan, rtts),
+            "measured_inputs": _predict(raw, placement, sessions, plan, rtts, forwarded),
+            "calibrated": _predict(calibrated, placement, sessions, plan, rtts, forwarded),
         }
         rows = {
             key: {
@@ -201,7 +224,9 @@ async def _measure_and_predict(model_dir, servers, plan, seed, runs) -> dict:
         reports.append(
             {
                 "seed": seed + run,
-                "overlap": _overlap_split(live, calibrated, placement, sessions, plan, rtts),
+                "overlap": _overlap_split(
+                    live, calibrated, placement, sessions, plan, rtts, forwarded
+                ),
                 "sessions": len(live),
                 "load_average_before": load_before,
                 "load_average_after": load_after,
@@ -215,6 +240,7 @@ async def _measure_and_predict(model_dir, servers, plan, seed, runs) -> dict:
     errors = [r["results"]["mean_token_s"]["error_calibrated"] for r in reports]
     return {
         "plan": plan,
+        "forwarding": forwarded,
         "cpus": os.cpu_count(),
         "tau_decode_ms": {n: 1000 * tau[n] for n in names},
         "ping_rtt_ms": {n: 1000 * rtts[n] for n in names},
@@ -225,12 +251,14 @@ async def _measure_and_predict(model_dir, servers, plan, seed, runs) -> dict:
     }
 
 
-def _overlap_split(live, scenario, placement, sessions, plan, rtts) -> dict:
+def _overlap_split(live, scenario, placement, sessions, plan, rtts, forwarded) -> dict:
     """Measured and predicted (calibrated) decode step for the sessions that
     ran alone and those that overlapped another: the simulator's servers do
     not share compute between sessions; on a loaded 2-core machine the live
     ones do."""
-    outcomes = Simulation(scenario, placement, _router(scenario, plan, rtts)).run(sessions)
+    outcomes = Simulation(scenario, placement, _router(scenario, plan, rtts, forwarded)).run(
+        sessions
+    )
     predicted = [o.token_time for o in outcomes]  # by position, as ``live``'s index
     out = {}
     for group in ("alone", "overlapped"):
@@ -252,27 +280,34 @@ def _overlaps(session: dict, live: list[dict]) -> bool:
     return any(o is not session and o["span"][0] < b and a < o["span"][1] for o in live)
 
 
-def _router(scenario, plan, rtts):
+def _router(scenario, plan, rtts, forwarded):
     """Routing as the live client routes: the same function over the same
     RTT estimates (the pings), whatever the simulator's timing model adds
-    per hop, so that both pick the same routes."""
+    per hop, so that both pick the same routes. The live client routes
+    client-centric and then forwards along the route when ``forwarded``:
+    the simulator runs that route as forwarded."""
     max_length = plan["l_in"] + plan["l_max"]
     num_blocks = scenario.model.num_blocks
 
     def router(views, request):
         seen = [dataclasses.replace(v, rtt=rtts[v.peer_id]) for v in views]
-        return route(seen, num_blocks, session_tokens=max_length)
+        chosen = route(seen, num_blocks, session_tokens=max_length)
+        return dataclasses.replace(chosen, forwarded=forwarded)
 
     return router
 
 
-def _predict(scenario, placement, sessions, plan, rtts):
+def _predict(scenario, placement, sessions, plan, rtts, forwarded):
     """The simulator's summary of the same sessions, routed as the live client routes."""
-    outcomes = Simulation(scenario, placement, _router(scenario, plan, rtts)).run(sessions)
+    outcomes = Simulation(scenario, placement, _router(scenario, plan, rtts, forwarded)).run(
+        sessions
+    )
     return summarize(outcomes, scenario.duration)
 
 
-async def _calibrate(client, proxies, plan, tau, tau_forward, delay_rtt) -> dict[str, float]:
+async def _calibrate(
+    client, proxies, plan, tau, tau_forward, delay_rtt, forwarded
+) -> dict[str, float]:
     """The performance model's two constants for this software, as the paper
     calibrated PETALS': a per-hop overhead (a decode step measured, minus the
     proxies' set round trips + k * tau, per hop: the client's and server's
@@ -291,9 +326,20 @@ async def _calibrate(client, proxies, plan, tau, tau_forward, delay_rtt) -> dict
         if n < WARMUP_SESSIONS:
             continue
         hops = [(by_address[address], b - a) for address, a, b in run["route"]]
-        step = sum(delay_rtt[n] + k * tau[n] for n, k in hops)
-        overhead = (run["decode"] - step) / len(hops)
-        first = sum(delay_rtt[n] + overhead + k * tau_forward[n] * plan["l_in"] for n, k in hops)
+        compute = sum(k * tau[n] for n, k in hops)
+        prefill = sum(k * tau_forward[n] * plan["l_in"] for n, k in hops)
+        if forwarded:
+            # k + 1 one-way messages, each through the receiver's proxy (the
+            # client's to the first, each server's to the next, the last's
+            # back), each paying half a hop's overhead, as the simulator has it.
+            wire = (sum(delay_rtt[n] for n, _ in hops) + delay_rtt[hops[-1][0]]) / 2
+            messages = len(hops) + 1
+            overhead = 2 * (run["decode"] - wire - compute) / messages
+            first = wire + messages * overhead / 2 + prefill
+        else:
+            wire = sum(delay_rtt[n] for n, _ in hops)
+            overhead = (run["decode"] - wire - compute) / len(hops)
+            first = wire + len(hops) * overhead + prefill
         steps.append(overhead)
         firsts.append(run["ttft"] - first)
     return {
@@ -395,6 +441,11 @@ def _scenario(
     matrix = [[0.0] * len(locations) for _ in locations]
     for i, name in enumerate(names, start=1):
         matrix[0][i] = matrix[i][0] = rtts[name]
+        # A server pushes to the next one's proxy address (the client's
+        # view): that proxy's delay is the trip.
+        for j in range(1, len(locations)):
+            if j != i:
+                matrix[j][i] = rtts[name]
     specs = tuple(
         ServerSpec(
             name=name,
@@ -436,7 +487,8 @@ def _print(report: dict) -> None:
     print(
         f"live loopback swarm vs libpipe.sim: lambda {plan['rate']}/s over"
         f" {plan['duration']:g} s, l_in {plan['l_in']}, l_max {plan['l_max']},"
-        f" {len(report['runs'])} run(s), {report['cpus']} CPUs"
+        f" {len(report['runs'])} run(s), {report['cpus']} CPUs,"
+        f" forwarding {'on' if report['forwarding'] else 'off'}"
     )
     print(
         "  tau ms/block (announced) "
