@@ -10,8 +10,9 @@ the server, the swarm and the simulator all call the same code (see
   (``route(..., forwarding=...)``); None keeps the client-centric cost.
 - ``ModelSpec``, ``ServerSpec``, ``Workload``, ``Network``,
   ``PlacementProblem``: a scenario's inputs to the performance model.
-- ``get_algorithm(name)`` / ``ALGORITHMS``: petals, cg-bp, libpipe, milp,
-  each an ``Algorithm`` with ``place(problem)`` and ``route(...)``.
+- ``get_algorithm(name)`` / ``ALGORITHMS``: petals, cg-bp, libpipe (with
+  forwarding), libpipe-direct (without), milp, each an ``Algorithm`` with
+  ``place(problem)`` and ``route(...)``.
 - ``predict`` (libpipe's objective, waiting included), ``evaluate`` (the
   MILP's objective), ``solve_milp`` (the yardstick with its bound).
 - ``span_blocks``, ``choose_span``, ``should_move``: a live server's span.

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from libpipe.errors import ConfigError
 from libpipe.placement import get_algorithm
 from libpipe.sim import (
+    SessionRequest,
     compare,
     comparison_json,
     comparison_table,
     load_scenario,
+    router_for,
     scenario_from_dict,
 )
 
@@ -71,3 +75,23 @@ def test_cg_bp_beats_petals_when_petals_runs_out_of_cache():
     petals, cg_bp = result["petals"].summary, result["cg-bp"].summary
     assert petals.wait_s > 0 and cg_bp.wait_s == 0
     assert cg_bp.mean_token_s < petals.mean_token_s
+
+
+def test_only_libpipe_routes_with_forwarding(tiny):
+    # Two slow hops in "dc", the client 100 ms away: the router of an
+    # algorithm that forwards costs the chain forwarded, the others do not.
+    scenario = scenario_from_dict(tiny)
+    placement = {"slow-0": (0, 2), "slow-1": (2, 4)}
+    views = scenario.problem.views(placement, "home")
+    request = SessionRequest(0, 0.0, "home", prompt_tokens=4, new_tokens=6)
+    rng = random.Random(0)
+    forwarded = {
+        name: router_for(get_algorithm(name), scenario, rng)(views, request).forwarded
+        for name in ("petals", "cg-bp", "libpipe", "libpipe-direct")
+    }
+    assert forwarded == {
+        "petals": False,
+        "cg-bp": False,
+        "libpipe": True,
+        "libpipe-direct": False,
+    }
