@@ -315,3 +315,16 @@ def test_predict_uncovered_placement():
     with pytest.raises(NoRouteError) as info:
         predict(tiny_problem(), {"a": (0, 3)})
     assert info.value.details["missing_blocks"] == [[3, 6]]
+
+
+def test_forwarding_beats_cg_bp_where_routes_need_two_hops():
+    # The fast pair holds at most 4 of 6 blocks each: every route has two
+    # hops. Client-centric: 2 x (100 ms RTT + 100 ms overhead) + 6 x 3 ms;
+    # forwarded: 50 + 2.5 + 50 ms and three half-overheads + 6 x 3 ms.
+    # A light load: the cache never binds, so the times are the routes'.
+    problem = tiny_problem(fast_memory=4 * GB, kv_bytes=10**4, arrival_rate=0.02)
+    cg_bp = predict(problem, get_algorithm("cg-bp").place(problem)).token_time
+    ours = predict(problem, get_algorithm("libpipe").place(problem), forwarding=True).token_time
+    assert cg_bp == pytest.approx(0.4 + 0.018, rel=0.01)
+    assert ours == pytest.approx(0.1025 + 0.15 + 0.018, rel=0.01)
+    assert ours <= 0.9 * cg_bp
