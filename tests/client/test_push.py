@@ -6,6 +6,8 @@ hop that pushes mid-generation still gives the tokens of a fault-free run
 from __future__ import annotations
 
 import libpipe
+from libpipe.net import SwarmCA
+from libpipe.server import ServerProcess
 
 from .conftest import LocalModel
 
@@ -50,3 +52,32 @@ async def test_killing_the_pushing_hop_mid_generation(model_dir, spawn, local_mo
         assert client.view.ban_reason(killed) is not None
         assert client.last_route[0].peer_id != killed
     assert tokens == expected
+
+
+async def test_tls_servers_push_to_each_other(model_dir, cache_dir, tmp_path, local_model):
+    """In a private swarm the pushing server dials the next one with its
+    own identity and checks the next one's: forwarding works there too."""
+    ca = SwarmCA.create()
+    for name in ("a", "b", "client"):
+        ca.issue(name).save(tmp_path / name)
+    common = ["--throughput", "200,4000", "--cache-dir", str(cache_dir), "--log-level", "WARNING"]
+    servers = [
+        ServerProcess.start(
+            model_dir,
+            blocks=blocks,
+            insecure=False,
+            extra_args=["--identity", str(tmp_path / name), *common],
+        )
+        for blocks, name in (((0, 4), "a"), ((4, 8), "b"))
+    ]
+    try:
+        peers = [s.address for s in servers]
+        async with libpipe.Client(model_dir, peers, identity=tmp_path / "client") as client:
+            async with client.inference_session(max_length=32) as session:
+                logits = await session.step(PROMPT)
+                forwarded = session._remote.forwarded
+    finally:
+        for server in servers:
+            server.close()
+    assert forwarded == 1
+    assert (logits[0, -1] - local_model.logits(PROMPT)[-1]).abs().max() < 1e-4
