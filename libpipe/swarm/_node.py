@@ -11,10 +11,14 @@ news, which apply the merge rules of _state.py:
 A handler that learns something new queues it in the broadcast queue, from
 where it rides on pings, acks and gossip rounds to the rest of the swarm.
 News about ourselves is never believed: it is refuted by re-signing our
-record at a higher incarnation. The scheduler is four loops (probe, gossip,
-push-pull, record refresh) calling the plain round functions of _probe.py,
-_gossip.py and _pushpull.py, plus one task per open suspicion whose cancel
-scope deadline *is* the suspicion's deadline.
+record at a higher incarnation, or, when it names an incarnation already
+refuted, by sending the same record again (the refutation missed its
+sender). A ping to a member we suspect carries the suspicion, so the
+suspect hears of it at once (Lifeguard's buddy system), and confirmations
+count only for the incarnation suspected. The scheduler is four loops
+(probe, gossip, push-pull, record refresh) calling the plain round
+functions of _probe.py, _gossip.py and _pushpull.py, plus one task per
+open suspicion whose cancel scope deadline *is* the suspicion's deadline.
 
 Two clocks: trio's (monotonic, virtual in tests) for every timer, and a
 wall clock (``clock``, Unix seconds) only to stamp and age records, since
@@ -265,10 +269,18 @@ class GossipNode:
         return is_expired(member.record.record, now=self._clock(), ttl=self.config.record_ttl)
 
     async def call(
-        self, address: str, method: str, body: dict[str, Any], *, timeout: float
+        self,
+        address: str,
+        method: str,
+        body: dict[str, Any],
+        *,
+        timeout: float,
+        first: Sequence[dict[str, Any]] = (),
     ) -> dict[str, Any] | None:
-        """A request carrying piggybacked news; None when it fails or times out."""
-        body = dict(body, gossip=self.broadcasts.take(self.config.max_piggyback_bytes))
+        """A request carrying piggybacked news (``first`` ahead of the queue's);
+        None when it fails or times out."""
+        budget = self.config.max_piggyback_bytes - sum(_size(m) for m in first)
+        body = dict(body, gossip=[*first, *self.broadcasts.take(budget)])
         with trio.move_on_after(timeout):
             try:
                 reply = await self.transport.request(address, method, body)
@@ -281,7 +293,17 @@ class GossipNode:
         return None
 
     async def ping(self, address: str, peer_id: str, timeout: float) -> bool:
-        reply = await self.call(address, "swarm.ping", {"target": peer_id}, timeout=timeout)
+        # Lifeguard's buddy system: a ping to a member we suspect tells it so,
+        # whatever the queue holds. The suspect refutes at once and its ack
+        # carries the refutation back, instead of both waiting on gossip that
+        # a lossy link may drop.
+        member = self.members.get(peer_id)
+        first: list[dict[str, Any]] = []
+        if member is not None and member.state is MemberState.SUSPECT:
+            first.append(_suspect_news(peer_id, member.incarnation, self.peer_id))
+        reply = await self.call(
+            address, "swarm.ping", {"target": peer_id}, timeout=timeout, first=first
+        )
         return reply is not None and reply.get("ack") is True
 
     def send_notify(self, address: str, method: str, body: dict[str, Any]) -> None:
@@ -355,20 +377,27 @@ class GossipNode:
 
     def on_suspect(self, peer_id: str, incarnation: int, accuser: str) -> None:
         member = self.members.get(peer_id)
-        if member is None or incarnation < member.incarnation:
+        if member is None:
             return
         if peer_id == self.peer_id:
-            if not self._leaving:
-                self._refute(incarnation)
+            self._answer_accusation(incarnation)
             return
-        if member.state is MemberState.SUSPECT:
+        if incarnation < member.incarnation:
+            return
+        if member.state is MemberState.SUSPECT and incarnation == member.incarnation:
             entry = self._suspicions.get(peer_id)
             if entry is not None and entry[0].confirm(accuser):
                 entry[1].deadline = entry[0].deadline
                 self._queue_suspect(peer_id, member.incarnation, accuser)
             return
-        if member.state is not MemberState.ALIVE:
+        if member.state not in (MemberState.ALIVE, MemberState.SUSPECT):
             return
+        # A suspicion of a newer incarnation than the one we suspect means the
+        # member refuted ours (we missed its news): ours is void, and only
+        # accusers of the new incarnation count towards the new one. Counting
+        # them against the old timer declared members behind lossy links dead
+        # while they were refuting every suspicion they heard of.
+        self._clear_suspicion(peer_id)
         member.incarnation = incarnation
         self._set_state(member, MemberState.SUSPECT)
         self.stats.suspicions += 1
@@ -377,13 +406,15 @@ class GossipNode:
 
     def on_dead(self, peer_id: str, incarnation: int, accuser: str) -> None:
         member = self.members.get(peer_id)
-        if member is None or incarnation < member.incarnation:
-            return
-        if member.state in (MemberState.DEAD, MemberState.LEFT):
+        if member is None:
             return
         if peer_id == self.peer_id:
-            if not self._leaving:
-                self._refute(incarnation)
+            self._answer_accusation(incarnation)
+            return
+        if incarnation < member.incarnation or member.state in (
+            MemberState.DEAD,
+            MemberState.LEFT,
+        ):
             return
         member.incarnation = incarnation
         self._clear_suspicion(peer_id)
@@ -432,6 +463,21 @@ class GossipNode:
         self._queue_alive(signed)
         return signed
 
+    def _answer_accusation(self, accused: int) -> None:
+        """Answer news that we are suspect or dead (unless we are leaving).
+
+        An accusation of an incarnation we already refuted means our
+        refutation missed its sender: it is sent a bounded number of times,
+        over links that may drop every one of them. So the same record goes
+        out again, with a fresh transmit count, rather than staying silent
+        while the accusation spreads and its timers run out."""
+        if self._leaving:
+            return
+        if accused < self.members[self.peer_id].incarnation:
+            self._queue_alive(self.local_record)
+        else:
+            self._refute(accused)
+
     def _refute(self, accused: int) -> None:
         self.stats.refutations += 1
         own = self.members[self.peer_id].incarnation
@@ -472,14 +518,13 @@ class GossipNode:
             entry[1].cancel()
 
     def _queue(self, key: str, message: dict[str, Any]) -> None:
-        size = len(msgpack.packb(message, use_bin_type=True))
-        self.broadcasts.queue(key, message, size)
+        self.broadcasts.queue(key, message, _size(message))
 
     def _queue_alive(self, signed: SignedRecord) -> None:
         self._queue(signed.record.peer_id, {"t": "alive", "record": signed.to_wire()})
 
     def _queue_suspect(self, peer_id: str, incarnation: int, accuser: str) -> None:
-        self._queue(peer_id, {"t": "suspect", "peer": peer_id, "inc": incarnation, "from": accuser})
+        self._queue(peer_id, _suspect_news(peer_id, incarnation, accuser))
 
     def _queue_dead(self, peer_id: str, incarnation: int, accuser: str) -> None:
         self._queue(peer_id, {"t": "dead", "peer": peer_id, "inc": incarnation, "from": accuser})
@@ -599,6 +644,14 @@ class GossipNode:
         while True:
             self._resign(self.members[self.peer_id].incarnation + 1, {})
             await trio.sleep(interval * self._rng.uniform(0.5, 1.0))
+
+
+def _suspect_news(peer_id: str, incarnation: int, accuser: str) -> dict[str, Any]:
+    return {"t": "suspect", "peer": peer_id, "inc": incarnation, "from": accuser}
+
+
+def _size(message: dict[str, Any]) -> int:
+    return len(msgpack.packb(message, use_bin_type=True))
 
 
 def _sequence(value: Any, name: str) -> tuple[Any, ...]:
