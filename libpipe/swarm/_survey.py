@@ -101,9 +101,9 @@ class ModelCoverage:
             )
         elif self.size_from == "spans":
             warnings.append(
-                f"{self.model_id}: block count unknown (no server answered `info`, records "
-                f"do not agree on one): coverage is shown up to block {self.num_blocks - 1} "
-                "only; later blocks may exist and be uncovered"
+                f"{self.model_id}: block count unknown (no server answered `info`, and the "
+                f"records announce no single count): coverage is shown up to block "
+                f"{self.num_blocks - 1} only; later blocks may exist with no server"
             )
         warnings += [
             f"{self.model_id}: blocks {format_blocks(r)} uncovered: no online server holds them"
@@ -141,10 +141,9 @@ class SwarmSnapshot:
         """Everything an operator should act on, and everything this look
         could not determine; empty only when every model is fully known and
         every block has a second server."""
-        if not self.servers:
-            return ["the view lists no server: nothing to check"]
         records = [s.record for s in self.servers]
-        warnings = [w for m in self.models for w in m.warnings()]
+        warnings = [] if records else ["the view lists no server: nothing to check"]
+        warnings += [w for m in self.models for w in m.warnings()]
         warnings += _mixed(
             "model", [r.model_id for r in records], "a client uses only its model's servers"
         )

@@ -286,3 +286,8 @@ def test_unreachable_servers_and_an_empty_view_are_warned_of():
     unreachable = snapshot_of(make_record((0, 8)), make_record((0, 8)), rtt=None)
     assert sum("did not answer a ping" in w for w in unreachable.warnings()) == 2
     assert snapshot_of().warnings() == ["the view lists no server: nothing to check"]
+    all_dropped = dataclasses.replace(snapshot_of(), rejected={"expired": 2})
+    assert all_dropped.warnings() == [
+        "the view lists no server: nothing to check",
+        "2 record(s) failed verification and were dropped (expired: 2)",
+    ]
