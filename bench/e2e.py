@@ -114,9 +114,9 @@ async def paired_latency(
                 await stack.enter_async_context(DelayProxy(a, delay=delay / 2)) for a in addresses
             ]
             addresses = [p.address for p in proxies]
-        client = await stack.enter_async_context(Client(model, addresses, insecure=True))
-        # No Client option yet: the sessions' shared context says it.
-        client._open()[1].forwarding = forwarding
+        client = await stack.enter_async_context(
+            Client(model, addresses, insecure=True, forwarding=forwarding)
+        )
         ids = torch.randint(0, 1000, (1, prompt))
         for _ in range(2):  # warm connections and the servers' first steps
             await client.generate(ids, max_new_tokens=2, stop_tokens=())
