@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/libpipe demo
 
 bench: $(STAMP)
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/[!_]*.py; do $(BIN)/python $$b || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check libpipe tests bench examples

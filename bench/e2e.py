@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import trio
+from _shapes import llama_overrides
 
 from libpipe import Client
 from libpipe.model import KVCachePool, load_client_head, load_span, write_random_checkpoint
@@ -51,16 +52,9 @@ BLOCKS = 8
 
 
 def write_model(root: Path, hidden: int) -> Path:
-    heads = max(1, hidden // 64)
-    overrides = {
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 11 // 4,
-        "num_hidden_layers": BLOCKS,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 4),
-        "vocab_size": 1000,
-    }
-    return write_random_checkpoint(root / "model", "llama", overrides=overrides, seed=0)
+    return write_random_checkpoint(
+        root / "model", "llama", overrides=llama_overrides(hidden, BLOCKS), seed=0
+    )
 
 
 class LocalModel:

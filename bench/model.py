@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import torch
+from _shapes import llama_overrides
 
 from libpipe.model import KVCachePool, load_span, write_random_checkpoint
 
@@ -75,15 +76,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    heads = max(1, args.hidden // 64)
-    overrides = {
-        "hidden_size": args.hidden,
-        "intermediate_size": args.hidden * 11 // 4,
-        "num_hidden_layers": args.blocks,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 4),
-        "vocab_size": 1000,
-    }
+    overrides = llama_overrides(args.hidden, args.blocks)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(tmp, "llama", overrides=overrides)
         span = load_span(path, 0, args.blocks, progress=False)

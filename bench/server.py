@@ -36,6 +36,7 @@ import time
 
 import torch
 import trio
+from _shapes import llama_overrides
 
 from libpipe.model import write_random_checkpoint
 from libpipe.net import ConnectionPool, Security
@@ -142,18 +143,6 @@ async def decode_under_backward(
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
-
-def model_overrides(hidden: int, blocks: int) -> dict[str, int]:
-    heads = max(1, hidden // 64)
-    return {
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 11 // 4,
-        "num_hidden_layers": blocks,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 4),
-        "vocab_size": 1000,
-    }
 
 
 def decode_part(args: argparse.Namespace, model, common: list[str]) -> dict[str, object]:
@@ -302,7 +291,7 @@ def main() -> int:
         )
     with tempfile.TemporaryDirectory() as tmp:
         model = write_random_checkpoint(
-            tmp, "llama", overrides=model_overrides(args.hidden, args.blocks)
+            tmp, "llama", overrides=llama_overrides(args.hidden, args.blocks)
         )
         if args.part in ("decode", "all"):
             result |= decode_part(args, model, common)
