@@ -179,8 +179,11 @@ def main() -> int:
     ap.add_argument("--sizes", default="10,100,500", help="comma-separated swarm sizes")
     ap.add_argument("--preset", choices=("lan", "wan", "local"), default="lan")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="swarms of 10 and 100 only")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.quick:
+        args.sizes = "10,100"
     config: GossipConfig = getattr(GossipConfig, args.preset)()
     sizes = [int(s) for s in args.sizes.split(",")]
 

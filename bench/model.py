@@ -71,8 +71,11 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, default=2048, help="prompt length for the prefill rows")
     ap.add_argument("--chunks", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="a small model and short rows")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.quick:
+        args.hidden, args.sessions, args.prefill, args.chunks = 256, [1, 4], 256, [64, 256]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
