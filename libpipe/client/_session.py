@@ -572,6 +572,11 @@ def _check_reply(
         raise RemoteError(
             f"server answered tensors {[list(t.shape) for t in tensors]}, expected {list(x.shape)}"
         )
+    # Servers refuse non-finite inputs, so a NaN or inf coming back is the
+    # server's own fault (broken weights, bad hardware): a hop failure, so
+    # that another replica computes the step, not garbage for the next hop.
+    if not bool(torch.isfinite(tensors[0]).all()):
+        raise RemoteError("server answered non-finite hidden states", position=position, step=step)
     return tensors[0].to(x.dtype)
 
 
