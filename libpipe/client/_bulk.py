@@ -24,7 +24,7 @@ from ..net import Message
 from ..wire import cast_for_wire
 from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
-from ._hidden import check_hidden
+from ._hidden import check_finite_answer, check_hidden
 from ._routing import PlannedHop
 from ._train_routing import AdapterDirectory, plan_training_route
 
@@ -71,8 +71,9 @@ async def forward_hop(
             f"forward on {hop.describe()} answered {[list(t.shape) for t in reply.tensors]}, "
             f"expected one tensor shaped {list(x.shape)}"
         )
+    out = check_finite_answer(reply.tensors[0], f"forward on {hop.describe()}")
     ctx.view.answered(hop.peer_id)
-    return reply.tensors[0].to(x.dtype)
+    return out.to(x.dtype)
 
 
 async def forward_span(

@@ -1,14 +1,22 @@
-"""The one check of hidden states a caller hands the client (a session
-step, a bulk forward): a floating-point ``[B, T, hidden_size]`` tensor,
-both ``B`` and ``T`` non-zero, and ``B`` the session's batch when there is
-one. Refusing them here gives a clear ``InvalidRequestError`` before any
-server is asked, rather than an error some hop sends back."""
+"""The checks of hidden states at the client's edges.
+
+``check_hidden``: what a caller hands the client (a session step, a bulk
+forward) is a floating-point ``[B, T, hidden_size]`` tensor, both ``B``
+and ``T`` non-zero, and ``B`` the session's batch when there is one.
+Refusing them here gives a clear ``InvalidRequestError`` before any server
+is asked, rather than an error some hop sends back.
+
+``check_finite_answer``: what a server sends back holds no NaN or inf.
+Servers refuse non-finite inputs, so a non-finite answer is that server's
+own fault (broken weights, bad hardware): a ``RemoteError``, which makes
+it a failed hop that another replica takes over."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, RemoteError
 
 
 def check_hidden(hidden: object, hidden_size: int, batch: int | None = None) -> Tensor:
@@ -30,3 +38,10 @@ def check_hidden(hidden: object, hidden_size: int, batch: int | None = None) -> 
             shape=list(hidden.shape),
         )
     return hidden
+
+
+def check_finite_answer(answer: Tensor, where: str) -> Tensor:
+    """``answer`` itself when every value is finite."""
+    if not bool(torch.isfinite(answer).all()):
+        raise RemoteError(f"{where} answered non-finite hidden states")
+    return answer

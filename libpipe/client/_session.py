@@ -60,7 +60,7 @@ from ..net import Message, Stream
 from ..wire import cast_for_wire
 from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
-from ._hidden import check_hidden
+from ._hidden import check_finite_answer, check_hidden
 from ._routing import PlannedHop
 from ._train_routing import AdapterDirectory, plan_training_route
 from ._view import ServerEntry
@@ -572,12 +572,7 @@ def _check_reply(
         raise RemoteError(
             f"server answered tensors {[list(t.shape) for t in tensors]}, expected {list(x.shape)}"
         )
-    # Servers refuse non-finite inputs, so a NaN or inf coming back is the
-    # server's own fault (broken weights, bad hardware): a hop failure, so
-    # that another replica computes the step, not garbage for the next hop.
-    if not bool(torch.isfinite(tensors[0]).all()):
-        raise RemoteError("server answered non-finite hidden states", position=position, step=step)
-    return tensors[0].to(x.dtype)
+    return check_finite_answer(tensors[0], "the server").to(x.dtype)
 
 
 def _note_cache_full(ctx: SwarmContext, server: ServerEntry, error: LibpipeError) -> None:

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 import libpipe
@@ -55,3 +56,16 @@ async def test_only_a_nan_answering_hop_exhausts_retries(model_dir, chain, broke
     ) as c:
         with pytest.raises(RetriesExhaustedError):
             await c.generate([1, 2, 3], max_new_tokens=2, stop_tokens=())
+
+
+async def test_bulk_forward_never_returns_a_hop_s_nan(model_dir, chain, broken_server):
+    hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(2))
+    async with libpipe.Client(
+        model_dir,
+        [chain[0], broken_server.address],
+        insecure=True,
+        retry=RetryPolicy(max_failures=2),
+    ) as c:
+        with pytest.raises(RetriesExhaustedError):
+            await c.forward(hidden)
+        assert "non-finite" in (c.view.ban_reason(broken_server.peer_id) or "")
