@@ -97,7 +97,7 @@ def available_host_memory() -> int:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024  # the file counts KiB
     except (OSError, ValueError, IndexError):
-        pass
+        pass  # no readable /proc/meminfo (not Linux): the free pages below
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
