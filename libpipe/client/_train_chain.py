@@ -42,6 +42,7 @@ from ..wire import Limits, cast_for_wire
 from ._bulk import call_hop
 from ._context import SwarmContext, hop_error, same_on_every_server
 from ._failover import FailureLedger
+from ._hidden import check_finite_answer, check_hidden
 from ._routing import PlannedHop
 from ._train_routing import AdapterDirectory, plan_training_route
 
@@ -289,6 +290,8 @@ class TrainChain:
                 f"{method} on {hop.describe()} answered shapes {[list(s) for s in got]}, "
                 f"expected {[list(s) for s in expect]}"
             )
+        for t in reply.tensors:
+            check_finite_answer(t, f"{method} on {hop.describe()}")
         self.ctx.view.answered(hop.peer_id)
         return tuple(t.to(self.ctx.wire_dtype) for t in reply.tensors)
 
@@ -300,12 +303,7 @@ class TrainChain:
 
     def _check(self, hidden: Tensor, prompts: Tensor | None) -> None:
         h = self.ctx.hidden_size
-        if not isinstance(hidden, Tensor) or not hidden.dtype.is_floating_point:
-            raise InvalidRequestError("hidden states must be a floating-point tensor")
-        if hidden.dim() != 3 or 0 in hidden.shape[:2] or hidden.shape[2] != h:
-            raise InvalidRequestError(
-                f"hidden states must be [B>0, T>0, {h}], got {list(hidden.shape)}"
-            )
+        check_hidden(hidden, h)
         if prompts is None:
             return
         blocks, (b, t, _) = self.end - self.start, hidden.shape

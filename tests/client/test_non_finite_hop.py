@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import trio
 from safetensors.torch import load_file, save_file
 
 import libpipe
@@ -68,4 +69,18 @@ async def test_bulk_forward_never_returns_a_hop_s_nan(model_dir, chain, broken_s
     ) as c:
         with pytest.raises(RetriesExhaustedError):
             await c.forward(hidden)
+        assert "non-finite" in (c.view.ban_reason(broken_server.peer_id) or "")
+
+
+async def test_remote_blocks_never_return_a_hop_s_nan(model_dir, chain, broken_server):
+    hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(3))
+    async with libpipe.Client(
+        model_dir,
+        [chain[0], broken_server.address],
+        insecure=True,
+        retry=RetryPolicy(max_failures=2),
+    ) as c:
+        blocks = c.remote_blocks(start=3, end=8)
+        with pytest.raises(RetriesExhaustedError):
+            await trio.to_thread.run_sync(blocks, hidden)
         assert "non-finite" in (c.view.ban_reason(broken_server.peer_id) or "")
