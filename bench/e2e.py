@@ -49,6 +49,7 @@ from libpipe.net import DelayProxy
 from libpipe.server import ServerProcess
 
 BLOCKS = 8
+CLOCK_TICK = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
 def write_model(root: Path, hidden: int) -> Path:
@@ -78,6 +79,14 @@ class LocalModel:
         return logits[:, -1].argmax(-1, keepdim=True)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` so far (every thread, dead ones too)."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name (field 2) may hold spaces; the fields after it do not.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * CLOCK_TICK  # fields 14, 15
+
+
 def start_servers(model: Path, hops: int, cache: Path, threads: int) -> list[ServerProcess]:
     per = BLOCKS // hops
     spans = [(i * per, (i + 1) * per) for i in range(hops)]
@@ -95,6 +104,7 @@ async def paired_latency(
     model: Path,
     local: LocalModel,
     addresses: list[str],
+    pids: list[int],
     tokens: int,
     prompt: int,
     delay: float,
@@ -122,13 +132,20 @@ async def paired_latency(
             token = (await session.step(ids))[:, -1].argmax(-1, keepdim=True)
             t2 = time.perf_counter()
             here, there = [], []
+            local_cpu = client_cpu = 0.0
+            servers_before = [process_cpu_seconds(p) for p in pids]
             for _ in range(tokens):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 local_token = local.step(local_session, local_token)
-                u = time.perf_counter()
+                u, d = time.perf_counter(), time.process_time()
                 token = (await session.step(token))[:, -1].argmax(-1, keepdim=True)
                 here.append(u - t)
                 there.append(time.perf_counter() - u)
+                local_cpu += d - c
+                client_cpu += time.process_time() - d
+            servers_cpu = [
+                process_cpu_seconds(p) - b for p, b in zip(pids, servers_before, strict=True)
+            ]
         local_session.close()
         return {
             "local_ms": 1e3 * statistics.median(here),
@@ -136,6 +153,10 @@ async def paired_latency(
             "extra_ms": 1e3 * statistics.median(b - a for a, b in zip(here, there, strict=True)),
             "local_ttft_ms": 1e3 * (t1 - t0),
             "ttft_ms": 1e3 * (t2 - t1),
+            # CPU per decode step: the baseline's, the client's, each server's.
+            "local_cpu_ms": 1e3 * local_cpu / tokens,
+            "client_cpu_ms": 1e3 * client_cpu / tokens,
+            "server_cpu_ms": [1e3 * c / tokens for c in servers_cpu],
         }
 
 
@@ -173,6 +194,7 @@ def main() -> int:
                             model,
                             local,
                             addresses,
+                            [s.process.pid for s in servers],
                             args.tokens,
                             args.prompt,
                             delay,
@@ -182,6 +204,9 @@ def main() -> int:
                         # What each hop adds beyond its compute and the emulated delay.
                         m["overhead_ms_per_hop"] = (m["extra_ms"] - m["delay_ms"] * hops) / hops
                         m["ratio_to_local"] = m["swarm_ms"] / m["local_ms"]
+                        # The same in CPU time, which the machine's load moves much less.
+                        cpu = m["client_cpu_ms"] + sum(m["server_cpu_ms"]) - m["local_cpu_ms"]
+                        m["cpu_overhead_ms_per_hop"] = cpu / hops
                         rows.append(m)
             finally:
                 for s in servers:
@@ -200,11 +225,17 @@ def main() -> int:
         "delay_ms": args.delay_ms,
         "threads": args.threads,
         "hop_overhead_ms": statistics.median(r["overhead_ms_per_hop"] for r in loopback.values()),
+        "hop_cpu_overhead_ms": statistics.median(
+            r["cpu_overhead_ms_per_hop"] for r in loopback.values()
+        ),
         "rows": rows,
     }
     if len(carried) > 1:  # the same hops, the client carrying every input (the old path)
         result["hop_overhead_ms_without_forwarding"] = statistics.median(
             r["overhead_ms_per_hop"] for r in carried.values()
+        )
+        result["hop_cpu_overhead_ms_without_forwarding"] = statistics.median(
+            r["cpu_overhead_ms_per_hop"] for r in carried.values()
         )
     if 1 in loopback and 4 in loopback:
         result["extra_hop_ms"] = (loopback[4]["extra_ms"] - loopback[1]["extra_ms"]) / 3
@@ -214,16 +245,22 @@ def main() -> int:
     print(f"end to end decode, {BLOCKS} blocks, hidden {args.hidden}, {args.tokens} tokens/row "
           f"(local and swarm steps in turns), time to first token for {args.prompt} tokens")  # fmt: skip
     print(f"{'hops':>4} {'fwd':>4} {'+RTT/hop':>9} {'local ms':>9} {'swarm ms':>9} {'x local':>8} "
-          f"{'overhead/hop':>13} {'local TTFT':>11} {'TTFT ms':>8}")  # fmt: skip
+          f"{'overhead/hop':>13} {'local TTFT':>11} {'TTFT ms':>8} {'local CPU':>10} "
+          f"{'client CPU':>11} {'server CPU':>11} {'CPU ovh/hop':>12}")  # fmt: skip
     for r in rows:
         print(f"{r['hops']:>4} {'on' if r['forwarding'] else 'off':>4} {r['delay_ms']:>7.1f}ms {r['local_ms']:>9.2f} {r['swarm_ms']:>9.2f} "
               f"{r['ratio_to_local']:>8.2f} {r['overhead_ms_per_hop']:>11.2f}ms "
-              f"{r['local_ttft_ms']:>11.1f} {r['ttft_ms']:>8.1f}")  # fmt: skip
+              f"{r['local_ttft_ms']:>11.1f} {r['ttft_ms']:>8.1f} {r['local_cpu_ms']:>8.2f}ms "
+              f"{r['client_cpu_ms']:>9.2f}ms {sum(r['server_cpu_ms']):>9.2f}ms "
+              f"{r['cpu_overhead_ms_per_hop']:>10.2f}ms")  # fmt: skip
     print(f"hop_overhead_ms (median over loopback rows, forwarding on): "
           f"{result['hop_overhead_ms']:.2f} (target <= 1.0)")  # fmt: skip
+    print(f"hop_cpu_overhead_ms (the same in CPU time, client + servers - local): "
+          f"{result['hop_cpu_overhead_ms']:.2f}")  # fmt: skip
     if "hop_overhead_ms_without_forwarding" in result:
         print(f"hop_overhead_ms without forwarding: "
-              f"{result['hop_overhead_ms_without_forwarding']:.2f}")  # fmt: skip
+              f"{result['hop_overhead_ms_without_forwarding']:.2f}, CPU "
+              f"{result['hop_cpu_overhead_ms_without_forwarding']:.2f}")  # fmt: skip
     if "extra_hop_ms" in result:
         print(f"extra_hop_ms (slope 1 -> 4 hops): {result['extra_hop_ms']:.2f}")
     return 0
