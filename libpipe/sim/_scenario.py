@@ -10,12 +10,18 @@ seconds and bytes.
 
 File layout (every field checked, unknown fields refused)::
 
-    name, description
+    name, description, [compute = "queue"]: how a server's compute is
+             shared between sessions: "queue" (as the live executor runs
+             it, see _compute.py) or "unshared" (the paper's model: every
+             step as if alone; the built-in scenarios, which reproduce
+             the paper, say so)
     model:   num_blocks, hidden_size, block_gb, [num_attention_heads,
              num_key_value_heads] (GQA: d_kv = hidden * kv_heads / heads),
              [cache_dtype_bytes = 2]
     server_classes: {NAME: decode_ms_per_block, prefill_ms_per_block:
-             {per_prompt_token, fixed}, memory_gb, [max_blocks]}
+             {per_prompt_token, fixed}, memory_gb, [max_blocks],
+             [batch_row_ms_per_block = per_prompt_token]: what each further
+             decode step batched into a pass adds (compute "queue")}
     network: per_token_overhead_ms (added to every hop's RTT per token),
              prefill_overhead_ms, prefill_ms_per_prompt_token (added to a
              hop's RTT for the prompt), session_open_ms
@@ -66,6 +72,11 @@ MAX_SERVERS = 5000
 # models (Llama-3 405B has 126); placement and routing are polynomial in it,
 # and a mistyped count would run for hours.
 MAX_BLOCKS = 1000
+# Scenario.compute: steps wait in each server's compute queue and batch, as
+# live servers run them; or the paper's model, every step as if alone.
+QUEUE = "queue"
+UNSHARED = "unshared"
+COMPUTE_MODELS = (QUEUE, UNSHARED)
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,27 @@ class Scenario:
     min_new_tokens: int  # output lengths are uniform in [min_new_tokens, l_max]
     duration: float  # seconds of arrivals
     server_classes: Mapping[str, str]  # server name -> class name (for reports)
+    compute: str = QUEUE  # one of COMPUTE_MODELS
+    # Server name -> seconds per block each further decode step batched into
+    # a pass adds (compute "queue"); a server not named uses its forward
+    # time per token (_compute.PassCost says why).
+    batch_row: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.compute not in COMPUTE_MODELS:
+            raise ConfigError(
+                f"scenario {self.name}: compute must be one of {', '.join(COMPUTE_MODELS)},"
+                f" got {self.compute!r}"
+            )
+        names = {spec.name for spec in self.problem.servers}
+        for name, seconds in self.batch_row.items():
+            if name not in names:
+                raise ConfigError(f"scenario {self.name}: batch_row names unknown server {name!r}")
+            if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
+                raise ConfigError(
+                    f"scenario {self.name}: batch_row of {name} must be a finite number >= 0,"
+                    f" got {seconds!r}"
+                )
 
     @property
     def model(self) -> ModelSpec:
@@ -196,6 +228,7 @@ def _builtin_data(name: str) -> dict:
 _TOP = {
     "name",
     "description",
+    "compute",
     "model",
     "server_classes",
     "network",
@@ -215,6 +248,7 @@ class _ServerClass:
     prefill_per_token: float
     prefill_fixed: float
     max_blocks: int | None
+    batch_row: float | None
 
     def server(self, name: str, location: str) -> ServerSpec:
         return ServerSpec(
@@ -266,6 +300,12 @@ def scenario_from_dict(data: object, *, source: str = "scenario") -> Scenario:
         min_new_tokens=w.integer("min_new_tokens", default=l_max, minimum=1, maximum=l_max),
         duration=w.number("duration_s", positive=True),
         server_classes={s.name: class_name for s, class_name in servers},
+        compute=top.string("compute", default=QUEUE),
+        batch_row={
+            s.name: row
+            for s, class_name in servers
+            if (row := classes[class_name].batch_row) is not None
+        },
     )
 
 
@@ -308,7 +348,14 @@ def _server_classes(f: Fields) -> dict[str, _ServerClass]:
     classes = {}
     for name in f.data:
         c = f.child(
-            name, allowed={"decode_ms_per_block", "prefill_ms_per_block", "memory_gb", "max_blocks"}
+            name,
+            allowed={
+                "decode_ms_per_block",
+                "prefill_ms_per_block",
+                "memory_gb",
+                "max_blocks",
+                "batch_row_ms_per_block",
+            },
         )
         prefill = c.child("prefill_ms_per_block", allowed={"per_prompt_token", "fixed"})
         classes[name] = _ServerClass(
@@ -318,6 +365,11 @@ def _server_classes(f: Fields) -> dict[str, _ServerClass]:
             prefill_fixed=prefill.number("fixed", minimum=0) * MS,
             memory_bytes=round(c.number("memory_gb", positive=True) * GB),
             max_blocks=c.integer("max_blocks", minimum=1) if c.has("max_blocks") else None,
+            batch_row=(
+                c.number("batch_row_ms_per_block", minimum=0) * MS
+                if c.has("batch_row_ms_per_block")
+                else None
+            ),
         )
     return classes
 
@@ -486,5 +538,5 @@ def describe(scenario: Scenario) -> Sequence[str]:
         f" servers {', '.join(f'{n} x {c}' for c, n in counts.items())};"
         f" {len(w.clients)} client location(s)",
         f"  workload: lambda {w.arrival_rate:g}/s, l_in {w.l_in}, l_max {w.l_max},"
-        f" {scenario.duration:g} s of arrivals",
+        f" {scenario.duration:g} s of arrivals; server compute: {scenario.compute}",
     ]

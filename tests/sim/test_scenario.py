@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -41,6 +42,25 @@ def test_clustered_is_the_papers_testbed():
     assert s.costs.session_open == pytest.approx(0.07)
     w = s.workload
     assert (w.l_in, w.l_max, w.arrival_rate) == (20, 128, 0.1)
+
+
+def test_server_compute_queues_unless_a_scenario_says_unshared(tiny):
+    # The built-ins reproduce the paper, whose model has no compute sharing.
+    for name in ("clustered", "clustered-large", "llama70b-clustered", "scattered-5"):
+        assert load_scenario(name).compute == "unshared"
+    scenario = scenario_from_dict(tiny)
+    assert scenario.compute == "queue" and scenario.batch_row == {}
+    tiny["server_classes"]["slow"]["batch_row_ms_per_block"] = 2.5
+    rows = scenario_from_dict(tiny).batch_row
+    assert rows == {"slow-0": pytest.approx(0.0025), "slow-1": pytest.approx(0.0025)}
+
+
+def test_batch_row_of_an_unknown_server_is_refused(tiny):
+    scenario = scenario_from_dict(tiny)
+    with pytest.raises(ConfigError, match="unknown server 'ghost'"):
+        dataclasses.replace(scenario, batch_row={"ghost": 0.001})
+    with pytest.raises(ConfigError, match="finite number >= 0"):
+        dataclasses.replace(scenario, batch_row={"fast": float("nan")})
 
 
 def test_clustered_large_and_llama():
@@ -155,6 +175,9 @@ _DELETE = object()
         ("topology.inter_rtt_ms", _DELETE, "inter_rtt_ms: missing"),
         ("random_geometric", {"nodes": 4}, "not allowed with random_geometric"),
         ("name", "", "expected a non-empty string"),
+        ("compute", "shared", "compute must be one of queue, unshared"),
+        ("compute", 1, r"tiny\.compute: expected a non-empty string"),
+        ("server_classes.fast.batch_row_ms_per_block", -1, "batch_row_ms_per_block: must be >= 0"),
     ],
 )
 def test_bad_fields_are_named(tiny, field, value, match):
