@@ -74,6 +74,12 @@ class InferenceSession:
         """``token_ids: [batch, t]`` (or ``[t]`` with batch 1) at ``position``;
         returns the logits ``[batch, t, vocab]``."""
         ids = as_token_ids(token_ids, self._head.config.vocab_size, batch=self.batch)
+        return await self._logits(ids)
+
+    async def _logits(self, ids: Tensor) -> Tensor:
+        """``step`` for ids known to be an int64 ``[batch, t]`` tensor
+        (the generation loop's: a checked prompt, then its own choices),
+        without checking them again on every token."""
         hidden = self._head.embed(ids.to(self._head.device))  # [B, t, D]
         out = await self._remote.step(hidden)
         return self._head.logits(out.to(self._head.device))
@@ -201,15 +207,16 @@ async def generate_tokens(
     stop: StopCondition,
 ) -> AsyncIterator[int]:
     """The new tokens of a batch-1 generation, one at a time. Stops after
-    ``max_new_tokens`` or when ``stop`` says so (that token is yielded)."""
+    ``max_new_tokens`` or when ``stop`` says so (that token is yielded).
+    ``prompt``: checked token ids (``as_token_ids``)."""
     generator = sampling.generator()
-    logits = await session.step(prompt)  # prefill: [1, T, V]
+    logits = await session._logits(prompt)  # prefill: [1, T, V]
     for n in range(max_new_tokens):
         token = int(choose_next(logits[:, -1], sampling, generator)[0])
         yield token
         if stop.update(token) or n == max_new_tokens - 1:
             return
-        logits = await session.step(torch.tensor([[token]]))
+        logits = await session._logits(torch.tensor([[token]]))
 
 
 def as_token_ids(ids: Sequence[int] | Tensor, vocab_size: int, *, batch: int = 1) -> Tensor:

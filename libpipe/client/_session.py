@@ -50,6 +50,7 @@ from torch import Tensor
 from ..errors import (
     CacheFullError,
     ConfigError,
+    DeadlineExceededError,
     InvalidRequestError,
     LibpipeError,
     RemoteError,
@@ -72,6 +73,13 @@ logger = logging.getLogger("libpipe.client")
 CLOSE_GRACE = 1.0
 # How long a failed send waits for the server's reason to be readable.
 WHY_ENDED_WAIT = 0.1
+# A forwarded step waits this long for a hop's answer before it also
+# watches the hop before it for a failed push (``_reply_watching``): almost
+# every answer comes sooner, and watching costs a nursery and two tasks
+# per hop per step. A push refused at once is then carried by us after
+# this delay instead of at once; an unanswered one takes the pushing
+# server 1 s to give up anyway (RPC.md, "Forwarding").
+WATCH_PUSH_AFTER = 0.25
 
 
 class _HopFailed(Exception):
@@ -255,13 +263,15 @@ class RemoteSession:
 
     async def _run(self, x: Tensor) -> Tensor:
         """``x``: input of block 0 at ``position``; returns the last block's output."""
-        ledger = FailureLedger(self._ctx.policy, f"step at position {self._position}")
+        ledger: FailureLedger | None = None  # made at the first failure: most steps have none
         i = 0
         while True:
             try:
                 if i == len(self._hops):
                     if self._covered() == self._ctx.num_blocks:
                         return x
+                    if ledger is None:
+                        ledger = self._step_ledger()
                     await self._complete_chain(ledger)
                     continue
                 if self._forwards_from(i):
@@ -269,12 +279,17 @@ class RemoteSession:
                     continue
                 x_next = await self._step_hop(i, x)
             except _HopFailed as failure:
+                if ledger is None:
+                    ledger = self._step_ledger()
                 await self._fail(failure, ledger)
                 if failure.resume is not None:
                     x, i = failure.resume, failure.index
                 i = min(i, len(self._hops))
                 continue
             x, i = x_next, i + 1
+
+    def _step_ledger(self) -> FailureLedger:
+        return FailureLedger(self._ctx.policy, f"step at position {self._position}")
 
     def _covered(self) -> int:
         return self._hops[-1].end if self._hops else 0
@@ -396,8 +411,12 @@ class RemoteSession:
         hop.remember(position, x)
         step = next(self._steps)
         try:
-            await self._post(hop, {"position": position, "step": step}, (x,))
-            return await self._answer(hop, position, step, x)
+            # One deadline for the request and its answer: a cancel scope
+            # per await costs more than the rest of the bookkeeping.
+            with trio.fail_after(self._ctx.policy.step_timeout):
+                await self._post(hop, {"position": position, "step": step}, (x,))
+                reply = await self._reply(hop, step)
+            return _check_reply(reply.meta, reply.tensors, position + x.shape[1], step, x)
         except BaseException as exc:
             raise _as_hop_failure(exc, index, hop, step) from None
 
@@ -414,50 +433,86 @@ class RemoteSession:
         too, so every hop's input history stays here for failover. A hop
         whose pusher says the push failed gets its input from us
         (``_reply_watching``). On a failure, ``_HopFailed.resume`` is the
-        failed hop's input (earlier hops' outputs arrive before it is raised)."""
+        failed hop's input (earlier hops' outputs arrive before it is raised).
+
+        One cancel scope bounds the whole step, its deadline moved on at
+        each hop (``step_timeout`` per hop, as a scope per await would
+        give, for a fraction of the cost); ``waiting`` says whose answer
+        was late when it expires."""
         position, hops = self._position, self._hops[first:]
         steps = [next(self._steps) for _ in hops]
         hops[0].remember(position, x)
-        posted, failure = 0, None
-        for j, hop in enumerate(hops):
-            meta: dict[str, Any] = {"position": position, "step": steps[j]}
+        timeout = self._ctx.policy.step_timeout
+        posted, failure, waiting = 0, None, 0
+        inputs = x
+        # Each hop's step message; later hops' are announced with `pushed`.
+        metas: list[dict[str, Any]] = []
+        for j, step in enumerate(steps):
+            meta: dict[str, Any] = {"position": position, "step": step}
             if j + 1 < len(hops):
                 meta["push_to"] = _push_target(hops[j + 1], steps[j + 1])
-            if j:
-                meta["pushed"] = True
-            try:
-                await self._post(hop, meta, () if j else (x,))
-            except BaseException as exc:
-                failure = _as_hop_failure(exc, first + j, hop, steps[j])
-                break
-            posted += 1
-        inputs = x
-        for j in range(posted):
-            hop = hops[j]
-            try:
-                if j:
-                    reply = await self._reply_watching(
-                        hop, steps[j], hops[j - 1], steps[j - 1], inputs
+            metas.append(meta)
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
+            for j, hop in enumerate(hops):
+                waiting = j
+                try:
+                    if j:
+                        await self._post(hop, {**metas[j], "pushed": True}, ())
+                    else:
+                        await self._post(hop, metas[0], (x,))
+                except BaseException as exc:
+                    failure = _as_hop_failure(exc, first + j, hop, steps[j])
+                    if failure is exc:
+                        raise
+                    break
+                posted += 1
+            for j in range(posted):
+                hop = hops[j]
+                waiting = j
+                deadline.deadline = trio.current_time() + timeout
+                try:
+                    if j:
+                        reply = await self._reply_watching(
+                            hop, metas[j], hops[j - 1], steps[j - 1], inputs
+                        )
+                    else:
+                        reply = await self._reply(hop, steps[j])
+                    out = _check_reply(
+                        reply.meta, reply.tensors, position + x.shape[1], steps[j], x
                     )
-                else:
-                    reply = await self._reply(hop, steps[j])
-                out = _check_reply(reply.meta, reply.tensors, position + x.shape[1], steps[j], x)
-            except BaseException as exc:
-                raise _as_hop_failure(exc, first + j, hop, steps[j], inputs) from None
-            if j + 1 < len(hops):
-                hops[j + 1].remember(position, out)
-            inputs = out
+                except BaseException as exc:
+                    raise _as_hop_failure(exc, first + j, hop, steps[j], inputs) from None
+                if j + 1 < len(hops):
+                    hops[j + 1].remember(position, out)
+                inputs = out
+        if deadline.cancelled_caught:
+            raise _HopFailed(
+                first + waiting,
+                hops[waiting].planned,
+                DeadlineExceededError("the server did not answer in time"),
+                # Late taking a later hop's announcement: its input is not here yet.
+                resume=None if waiting == posted > 0 else inputs,
+            )
         if failure is not None:
             failure.resume = inputs
             raise failure
         return inputs
 
     async def _reply_watching(
-        self, hop: _Hop, step: int, pusher: _Hop, pusher_step: int, pushed: Tensor
+        self, hop: _Hop, meta: dict[str, Any], pusher: _Hop, pusher_step: int, pushed: Tensor
     ) -> Message:
-        """``hop``'s answer to ``step``, whose input ``pusher`` pushes. If the
-        pusher says its push failed (or its stream ends), we send ``hop``
-        that input ourselves; the hop runs the step on whichever comes first."""
+        """``hop``'s answer to its step (``meta``: position, step id, and where
+        it pushes next), whose input ``pusher`` pushes. If the pusher says its
+        push failed (or its stream ends), we send ``hop`` that input ourselves,
+        with the same ``meta`` so that it still pushes on to the hop after it;
+        the hop runs the step on whichever comes first.
+        The pusher is watched only once the answer is ``WATCH_PUSH_AFTER``
+        late (a notice that came earlier waits in its inbox)."""
+        step = meta["step"]
+        with trio.move_on_after(WATCH_PUSH_AFTER):
+            reply = await self._reply(hop, step)
+            self.forwarded += 1
+            return reply
         answers: list[Message] = []
         fell_back = False
 
@@ -474,7 +529,7 @@ class RemoteSession:
             except (LibpipeError, trio.EndOfChannel, trio.BrokenResourceError, OSError):
                 pass  # the pusher is gone: whether its push went out is unknown
             fell_back = True
-            await self._post(hop, {"position": self._position, "step": step}, (pushed,))
+            await self._post(hop, meta, (pushed,))
 
         async def answer(done: trio.CancelScope) -> None:
             answers.append(await self._reply(hop, step))
@@ -490,23 +545,19 @@ class RemoteSession:
         return answers[0]
 
     async def _post(self, hop: _Hop, meta: dict[str, Any], tensors: tuple[Tensor, ...]) -> None:
+        """Send a step message (the caller's cancel scope bounds it)."""
         try:
-            with trio.fail_after(self._ctx.policy.step_timeout):
-                await hop.stream.send(meta, tensors)
+            await hop.stream.send(meta, tensors)
         except LibpipeError as exc:
             raise await _why_ended(hop.stream, exc) from None
 
     async def _reply(self, hop: _Hop, step: int) -> Message:
-        """The hop's answer to ``step``, skipping answers to earlier steps."""
-        with trio.fail_after(self._ctx.policy.step_timeout):
+        """The hop's answer to ``step``, skipping answers to earlier steps
+        (the caller's cancel scope bounds the wait)."""
+        reply = await hop.stream.receive()
+        while _is_stale(reply.meta, step):
             reply = await hop.stream.receive()
-            while _is_stale(reply.meta, step):
-                reply = await hop.stream.receive()
         return reply
-
-    async def _answer(self, hop: _Hop, position: int, step: int, x: Tensor) -> Tensor:
-        reply = await self._reply(hop, step)
-        return _check_reply(reply.meta, reply.tensors, position + x.shape[1], step, x)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -572,7 +623,8 @@ def _check_reply(
         raise RemoteError(
             f"server answered tensors {[list(t.shape) for t in tensors]}, expected {list(x.shape)}"
         )
-    return check_finite_answer(tensors[0], "the server").to(x.dtype)
+    out = check_finite_answer(tensors[0], "the server")
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _note_cache_full(ctx: SwarmContext, server: ServerEntry, error: LibpipeError) -> None:

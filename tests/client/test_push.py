@@ -81,3 +81,20 @@ async def test_tls_servers_push_to_each_other(model_dir, cache_dir, tmp_path, lo
             server.close()
     assert forwarded == 1
     assert (logits[0, -1] - local_model.logits(PROMPT)[-1]).abs().max() < 1e-4
+
+
+async def test_a_refused_push_is_carried_by_the_client(model_dir, chain, local_model: LocalModel):
+    """The second hop's push token is wrong, so the first hop's push to it
+    is refused: the first hop says so and the client sends the second hop
+    its input itself; the third hop still gets its input by push."""
+    async with libpipe.Client(model_dir, chain, insecure=True) as client:
+        async with client.inference_session(max_length=32) as session:
+            remote = session._remote
+            remote._hops[1].token = "0" * 32
+            first = await session.step(PROMPT)
+            second = await session.step([2])
+            forwarded, failovers = remote.forwarded, remote.failovers
+    expected = local_model.logits([*PROMPT, 2])
+    assert (first[0, -1] - expected[len(PROMPT) - 1]).abs().max() < 1e-4
+    assert (second[0, 0] - expected[-1]).abs().max() < 1e-4
+    assert (forwarded, failovers) == (2, 0)

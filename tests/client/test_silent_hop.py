@@ -1,0 +1,49 @@
+"""A hop that stops answering without closing anything (its process
+stopped: a hung GPU, a frozen machine) is a failed hop once the step
+timeout passes, whether it is the hop that pushes or the hop pushed to;
+generation goes on elsewhere with exactly the tokens of a fault-free run."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import libpipe
+from libpipe.client import RetryPolicy
+
+from .conftest import LocalModel
+
+PROMPT = [4, 8, 15, 16, 23]
+NEW_TOKENS = 20
+# Token counts at which a hop of the route in use is stopped: first the
+# hop pushed to, then (on the new route) the hop that pushes.
+STOP_AT = {6: 1, 12: 0}
+# Long enough for any decode step of the test model on a loaded machine.
+STEP_TIMEOUT = 5.0
+
+
+async def test_stopped_hops_time_out_and_are_replaced(model_dir, spawn, local_model: LocalModel):
+    servers = spawn([((0, 4), ()), ((0, 4), ()), ((4, 8), ()), ((4, 8), ())])
+    expected = local_model.greedy(PROMPT, NEW_TOKENS)
+    by_peer = {s.peer_id: s for s in servers}
+    policy = RetryPolicy(step_timeout=STEP_TIMEOUT, backoff_base=0.01)
+    stopped = []
+    try:
+        async with libpipe.Client(
+            model_dir, [s.address for s in servers], insecure=True, retry=policy
+        ) as client:
+            tokens = []
+            async for token in client.stream(PROMPT, max_new_tokens=NEW_TOKENS, stop_tokens=()):
+                tokens.append(token)
+                if len(tokens) in STOP_AT:
+                    peer = client.last_route[STOP_AT[len(tokens)]].peer_id
+                    os.kill(by_peer[peer].process.pid, signal.SIGSTOP)
+                    stopped.append(peer)
+            reasons = [client.view.ban_reason(peer) for peer in stopped]
+            route = [hop.peer_id for hop in client.last_route]
+    finally:
+        for server in servers:
+            server.kill()
+    assert tokens == expected
+    assert len(stopped) == 2 and all(reasons), reasons
+    assert not set(route) & set(stopped)
