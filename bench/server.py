@@ -19,7 +19,18 @@ run between them). Reported: the session's decode-step latency (median,
 p90, max) and backward tokens/s per mode, ``decode_p90_gain`` (baseline p90
 / per-block p90) and ``backward_rate_ratio`` (per block / baseline).
 
-    .venv/bin/python bench/server.py [--quick] [--json] [--part decode|backward|all]
+Inline part: one lone session decodes back to back, then goes on while
+another connection pings the server every 5 ms. Two servers, alternating:
+``--inline-decode-ms 0`` (every step handed to the compute thread, the
+baseline) and the default (a lone session's step runs on the event loop).
+Reported per mode: decode-step latency (median) and the server's CPU time
+per step (``/proc`` utime + stime, which the machine's load moves much
+less) without pings, and the ping round trip (median, p99, max: what the
+loop's inline passes cost everything else); ``inline_step_gain``
+(baseline median step / inline) and ``inline_cpu_saved_ms`` (baseline CPU
+per step - inline).
+
+    .venv/bin/python bench/server.py [--quick] [--json] [--part decode|backward|inline|all]
         [--hidden 1024 --blocks 8]
 """
 
@@ -29,6 +40,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -140,6 +152,81 @@ async def decode_under_backward(
     return latencies, (len(done) - 1) * tokens / (done[-1] - done[0])
 
 
+async def decode_with_pings(
+    address: str, blocks: tuple[int, int], steps: int, hidden: int, prompt: int, pid: int
+) -> tuple[list[float], float, list[float]]:
+    """A lone session's decode steps: ``steps`` latencies (s) and the
+    server's CPU seconds per step with nothing else going on, then
+    ``steps`` more while another connection pings every ``PING_GAP`` s:
+    the ping round trips (s)."""
+    latencies: list[float] = []
+    pings: list[float] = []
+    meta = {"start": blocks[0], "end": blocks[1], "batch": 1, "max_length": prompt + 2 * steps + 8}
+    pinging = trio.Event()
+    finished = trio.Event()
+    cpu = 0.0
+
+    async def session(conn) -> None:
+        nonlocal cpu
+        async with conn.open_stream("inference", meta) as stream:
+            await stream.receive()
+            await stream.send({"position": 0}, (torch.randn(1, prompt, hidden).half(),))
+            await stream.receive()
+            one = torch.randn(1, 1, hidden).half()
+            position = prompt
+            for _ in range(4):  # the first steps time the pass
+                await stream.send({"position": position}, (one,))
+                await stream.receive()
+                position += 1
+            before = process_cpu_seconds(pid)
+            for _ in range(steps):
+                sent = time.perf_counter()
+                await stream.send({"position": position}, (one,))
+                await stream.receive()
+                latencies.append(time.perf_counter() - sent)
+                position += 1
+            cpu = (process_cpu_seconds(pid) - before) / steps
+            pinging.set()
+            for _ in range(steps):
+                await stream.send({"position": position}, (one,))
+                await stream.receive()
+                position += 1
+            finished.set()
+            await stream.close_send()
+
+    async def pinger(conn) -> None:
+        await pinging.wait()
+        while not finished.is_set():
+            sent = time.perf_counter()
+            await conn.call("ping")
+            pings.append(time.perf_counter() - sent)
+            await trio.sleep(PING_GAP)
+
+    # Two pools: the pings travel on a connection of their own.
+    async with (
+        ConnectionPool(Security.insecure()) as pool,
+        ConnectionPool(Security.insecure()) as other,
+    ):
+        conn, ping_conn = await pool.get(address), await other.get(address)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session, conn)
+            nursery.start_soon(pinger, ping_conn)
+    return latencies, cpu, pings
+
+
+# Between the pings of the inline part: several land in every pass, and
+# they load the server little (back to back, on 2 cores, they slow every
+# pass by contention and measure the pinger rather than the server).
+PING_GAP = 0.005
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` so far (every thread)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14, 15
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
@@ -249,6 +336,66 @@ def backward_part(args: argparse.Namespace, model, common: list[str]) -> dict[st
     return result
 
 
+def inline_part(args: argparse.Namespace, model, common: list[str]) -> dict[str, object]:
+    modes = {"thread": ["--inline-decode-ms", "0"], "inline": []}
+    steps = max(20, int(args.seconds * 50))
+    latencies: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    pings: dict[str, list[float]] = {m: [] for m in modes}
+    with (
+        ServerProcess.start(
+            model, blocks=(0, args.blocks), extra_args=[*common, *modes["thread"]]
+        ) as thread,
+        ServerProcess.start(model, blocks=(0, args.blocks), extra_args=common) as inline,
+    ):
+        for _ in range(args.rounds):
+            for mode, server in (("thread", thread), ("inline", inline)):
+                lat, per_step, rtts = trio.run(
+                    decode_with_pings,
+                    server.address,
+                    (0, args.blocks),
+                    steps,
+                    args.hidden,
+                    args.prompt,
+                    server.process.pid,
+                )
+                latencies[mode] += lat
+                cpu[mode].append(per_step)
+                pings[mode] += rtts
+    stats = {
+        mode: {
+            "decode_ms_p50": 1e3 * statistics.median(latencies[mode]),
+            "server_cpu_ms_per_step": 1e3 * statistics.median(cpu[mode]),
+            "ping_ms_p50": 1e3 * statistics.median(pings[mode]),
+            "ping_ms_p99": 1e3 * percentile(pings[mode], 0.99),
+            "ping_ms_max": 1e3 * max(pings[mode]),
+        }
+        for mode in modes
+    }
+    result: dict[str, object] = {
+        "lone_session": stats,
+        "inline_step_gain": stats["thread"]["decode_ms_p50"] / stats["inline"]["decode_ms_p50"],
+        "inline_cpu_saved_ms": stats["thread"]["server_cpu_ms_per_step"]
+        - stats["inline"]["server_cpu_ms_per_step"],
+    }
+    if not args.json:
+        print("a lone session decoding (pings every 5 ms from another connection: ping columns)")
+        print(
+            f"{'decode steps':>13} {'p50 ms':>8} {'CPU ms/step':>12} {'ping p50':>9} "
+            f"{'ping p99':>9} {'ping max':>9}"
+        )
+        for mode, st in stats.items():
+            print(
+                f"{mode:>13} {st['decode_ms_p50']:>8.2f} {st['server_cpu_ms_per_step']:>12.2f} "
+                f"{st['ping_ms_p50']:>9.2f} {st['ping_ms_p99']:>9.2f} {st['ping_ms_max']:>9.2f}"
+            )
+        print(
+            f"decode p50 thread/inline {result['inline_step_gain']:.2f}, "
+            f"server CPU saved per step {result['inline_cpu_saved_ms']:.2f} ms"
+        )
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
@@ -258,7 +405,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (median)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per session")
     ap.add_argument("--bulk-tokens", type=int, default=128, help="tokens per backward call")
-    ap.add_argument("--part", choices=("decode", "backward", "all"), default="all")
+    ap.add_argument("--part", choices=("decode", "backward", "inline", "all"), default="all")
     ap.add_argument(
         "--threads", type=int, default=0, help="torch threads per server (0: torch's default)"
     )
@@ -297,6 +444,8 @@ def main() -> int:
             result |= decode_part(args, model, common)
         if args.part in ("backward", "all"):
             result |= backward_part(args, model, common)
+        if args.part in ("inline", "all"):
+            result |= inline_part(args, model, common)
     if args.json:
         print(json.dumps(result))
     return 0

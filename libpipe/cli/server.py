@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--drain-grace", type=float, help="seconds SIGTERM lets sessions finish (default 30)")
     add("--no-batching", action="store_true", help="run decode steps one at a time")
     add("--max-batch", type=int, help="sessions per batched decode pass (default 64)")
+    add(
+        "--inline-decode-ms",
+        type=float,
+        help="a lone session's decode step runs on the event loop (no thread hand-off) when its "
+        "last pass took at most this many ms; pings and pushes then wait for it (default 30; "
+        "0: every step on the compute thread)",
+    )
     add("--prefill-chunk", type=int, help="positions per prefill chunk (default 512)")
     add(
         "--backward-chunk",
@@ -188,6 +195,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "idle_timeout": args.idle_timeout,
         "drain_grace": args.drain_grace,
         "max_batch": args.max_batch,
+        "inline_decode_max": None if args.inline_decode_ms is None else args.inline_decode_ms / 1e3,
         "prefill_chunk": args.prefill_chunk,
         "backward_chunk": args.backward_chunk,
         "cache_dir": Path(args.cache_dir) if args.cache_dir else None,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..swarm import GossipConfig
+from ._executor import DEFAULT_INLINE_MAX
 
 # A volunteer GPU rarely spares more than a few GiB for caches after the
 # weights; 1 GiB holds ~2000 tokens of a 70B model's 10 blocks (GQA, fp16).
@@ -70,6 +71,10 @@ class ServerConfig:
     drain_grace: float = DEFAULT_DRAIN_GRACE
     batching: bool = True  # batch decode steps of concurrent sessions (off: one at a time)
     max_batch: int = DEFAULT_MAX_BATCH
+    # Seconds: a lone session's decode step runs on the event loop thread
+    # (no hand-off to the compute thread) when its last pass took at most
+    # this; the loop answers anything else at most this late. 0: never.
+    inline_decode_max: float = DEFAULT_INLINE_MAX
     # Positions per prefill chunk (attention scratch ~ chunk x context).
     prefill_chunk: int = 512
     # Blocks per job of a backward call (server/_compute.ChunkedBackward):
@@ -117,6 +122,10 @@ class ServerConfig:
         for name in ("max_length", "max_batch", "prefill_chunk", "backward_chunk", "bulk_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.inline_decode_max < float("inf"):
+            raise ConfigError(
+                f"inline_decode_max must be a finite number of seconds >= 0, got {self.inline_decode_max}"
+            )
         for name in ("idle_timeout", "drain_grace", "record_interval", "rebalance_period"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -7,8 +7,33 @@ so the event loop keeps answering pings and moving bytes while a long
 prefill computes. When a batch is done the loop wakes its callers directly,
 not through the dispatcher; and a job that finds the thread idle, nothing
 queued and no batch to wait for is started by its caller: the dispatcher
-would decide the same one task switch later. A lone session's decode step
-thus costs two thread wake-ups and no scheduling round of its own.
+would decide the same one task switch later.
+
+Inline decode steps: a lone session's decode step does not go to the
+thread at all but runs on the event loop thread, in its caller's task. The
+hand-off costs ~0.45 ms per step (the thread's wake-up, ``run_sync_soon``
+waking the loop, the caller's task switch: measured, a quarter of a hop's
+overhead beyond compute on loopback), and for one session nothing can
+overlap its pass anyway. The price: while that pass computes, the loop
+answers nothing else (pings, pushes, other connections' bytes wait). So a
+step runs inline only when (1) it is a decode step that would start at
+once anyway (thread idle, nothing queued); (2) it is lone: the last pass
+of its sub-span was this session's alone and no other open session was
+in any sub-span's last pass, so no batch is forgone and nobody else waits
+on it; and (3) that last pass took at most ``inline_max`` seconds, which
+bounds how late the loop answers anything else (0 turns inlining off).
+A session's first decode step thus goes to the thread and is timed
+there. A step of another session arriving during an inline pass is
+queued for the dispatcher rather than started at once when its sub-span's
+last pass was someone else's, so the steps that piled up during the pass
+go as one batch and continuous batching forms as before. An inline step
+fails exactly as on the thread (same ``_execute``: out of memory is
+``BusyError``, a bad step fails its own session). Threads: torch's thread
+counts (``--threads``) are process-wide and each thread takes them on
+its first parallel region; a span's tensors carry their device, so a
+CUDA step does not depend on the thread's current device. On a GPU the
+inline pass includes the copy back to the host (it waits for the
+kernels), which the bound counts since it is part of the timed pass.
 Priorities: interactive decode steps first, then prefill chunks of
 sessions, then bulk forward/backward; FIFO within a priority.
 
@@ -44,6 +69,7 @@ import functools
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +95,13 @@ DEFAULT_MAX_WAIT = 2.0
 # costs less than the second pass it saves).
 DEFAULT_GATHER_WINDOW = 0.005
 DEFAULT_GATHER_FRACTION = 0.25
+# A lone session's decode step runs on the event loop when its last pass
+# took at most this long. The loop then answers pings and pushes at most
+# this late: a WAN round trip's jitter, and 1% of the LAN gossip preset's
+# 3 s probe timeout. It covers a few blocks of a large model on a GPU, or
+# bench/e2e.py's 8 small blocks on a CPU (~16 ms) with room for load;
+# each step so run saves the thread hand-off (~0.45 ms per hop per token).
+DEFAULT_INLINE_MAX = 0.03
 
 
 class Priority(enum.IntEnum):
@@ -109,6 +142,7 @@ class ExecutorStats:
     batched_steps: int = 0  # decode steps run inside those passes
     largest_batch: int = 0
     direct: int = 0  # jobs that found the thread idle and nothing queued: no dispatcher trip
+    inline: int = 0  # decode steps of a lone session run on the event loop thread
 
 
 class Executor:
@@ -122,12 +156,14 @@ class Executor:
         max_wait: float = DEFAULT_MAX_WAIT,
         gather_window: float = DEFAULT_GATHER_WINDOW,
         gather_fraction: float = DEFAULT_GATHER_FRACTION,
+        inline_max: float = DEFAULT_INLINE_MAX,
     ) -> None:
         self.batching = batching
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.gather_window = gather_window
         self.gather_fraction = gather_fraction
+        self.inline_max = inline_max
         # Per sub-span: the sessions of its last decode batch and how long it took.
         self._last_batch: dict[tuple[int, int, int], tuple[list[InferenceSession], float]] = {}
         self.stats = ExecutorStats()
@@ -225,6 +261,11 @@ class Executor:
         if not self._running:
             raise DrainingError("the server is not running its compute queue")
         if self._starts_now(job):
+            if self._runs_inline(job):
+                self._run_inline(job)
+                if job.error is not None:
+                    raise job.error
+                return job.result
             # What the dispatcher would decide, minus a trip through its task.
             self.stats.direct += 1
             self._start([job])
@@ -257,10 +298,50 @@ class Executor:
 
     def _starts_now(self, job: _Job) -> bool:
         """A job goes straight to an idle thread when nothing is queued and it
-        would not wait for a batch: the dispatcher would run it alone at once."""
+        would not wait for a batch: the dispatcher would run it alone at once.
+        A decode step whose sub-span last ran another open session's step
+        goes through the dispatcher, so that steps arriving together (during
+        an inline pass, say) batch."""
         if self._busy or self._heap:
             return False
-        return job.session is None or self.gather_target(job.session) <= 1
+        session = job.session
+        if session is None:
+            return True
+        last = self._last_batch.get((id(session.span), session.start, session.end))
+        if last is None:
+            return True
+        return all(s is session or s.closed for s in last[0]) and self.gather_target(session) <= 1
+
+    def _runs_inline(self, job: _Job) -> bool:
+        """Whether a decode step that starts now runs on the loop thread
+        (theory of operation): lone, and its sub-span's last pass was short."""
+        session = job.session
+        if session is None or not self.inline_max > 0:
+            return False
+        last = self._last_batch.get((id(session.span), session.start, session.end))
+        if (
+            last is None
+            or last[1] > self.inline_max
+            or len(last[0]) != 1
+            or last[0][0] is not session
+        ):
+            return False
+        return all(s is session or s.closed for ss, _ in self._last_batch.values() for s in ss)
+
+    def _run_inline(self, job: _Job) -> None:
+        """``job`` on this (the loop's) thread, as the compute thread would."""
+        self.stats.inline += 1
+        job.started = True
+        began = time.perf_counter()
+        try:
+            self._execute([job])
+        except Exception as exc:  # as ComputeThread reports it: the job fails
+            logger.exception("an inline compute job raised")
+            job.error = exc
+        session = job.session
+        assert session is not None
+        key = (id(session.span), session.start, session.end)
+        self._last_batch[key] = ([session], time.perf_counter() - began)
 
     async def _gather(self) -> None:
         """If the next job is a decode step whose sub-span's last batch had

@@ -179,7 +179,11 @@ class BlockServer:
             config=cfg,
             span=span,
             pool=pool,
-            executor=Executor(batching=cfg.batching, max_batch=cfg.max_batch),
+            executor=Executor(
+                batching=cfg.batching,
+                max_batch=cfg.max_batch,
+                inline_max=cfg.inline_decode_max,
+            ),
             sessions=SessionTable(),
             peer_id=self.peer_id,
             throughput=throughput,

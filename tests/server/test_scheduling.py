@@ -444,3 +444,87 @@ async def test_jobs_queued_when_the_executor_stops_fail_with_draining_error():
     assert [str(e) for e in failures] == ["the server is stopping"]
     with pytest.raises(DrainingError, match="not running its compute queue"):
         await executor.call(Priority.BULK, lambda: 1)
+
+
+async def test_a_lone_sessions_decode_steps_run_on_the_loop_thread_equal_to_the_thread(span):
+    pool = KVCachePool(1 << 24)
+    session = span.open_session(pool, batch=1, max_length=8)
+    reference = span.open_session(pool, batch=1, max_length=8)
+    steps = [rand(1, 1, H, seed=i) for i in range(3)]
+    executor = Executor(inline_max=60.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        outs = [await executor.decode(session, h) for h in steps]
+        nursery.cancel_scope.cancel()
+    # The first step is timed on the compute thread; the next ones run inline.
+    assert (executor.stats.direct, executor.stats.inline) == (1, 2)
+    for out, h in zip(outs, steps, strict=True):
+        torch.testing.assert_close(out, reference.step(h), **EXACT)
+
+
+@pytest.mark.parametrize("inline_max", [0.0, 1e-9])
+async def test_no_inline_step_when_turned_off_or_the_last_pass_was_too_long(span, inline_max):
+    pool = KVCachePool(1 << 24)
+    session = span.open_session(pool, batch=1, max_length=8)
+    executor = Executor(inline_max=inline_max)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        for i in range(3):
+            await executor.decode(session, rand(1, 1, H, seed=i))
+        nursery.cancel_scope.cancel()
+    assert (executor.stats.direct, executor.stats.inline) == (3, 0)
+
+
+async def test_steps_arriving_during_an_inline_pass_run_as_one_batch_after_it(span):
+    pool = KVCachePool(1 << 24)
+    lone, *others = [span.open_session(pool, batch=1, max_length=8) for _ in range(3)]
+    executor = Executor(inline_max=60.0)
+    one = rand(1, 1, H, seed=0)
+    arrived = trio.Event()
+
+    async def decode_once_arrived(session) -> None:
+        await arrived.wait()
+        await executor.decode(session, one)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        await executor.decode(lone, one)
+        async with trio.open_nursery() as work:
+            for s in others:
+                work.start_soon(decode_once_arrived, s)
+            await trio.testing.wait_all_tasks_blocked()
+            # Runnable from now on, but they run only once this task yields:
+            # after the inline pass, as if their bytes came during it.
+            arrived.set()
+            await executor.decode(lone, one)
+            assert executor.stats.inline == 1 and executor.stats.batches == 0
+        assert (executor.stats.batches, executor.stats.largest_batch) == (1, 2)
+        # With others open on its sub-span, the lone session is lone no more.
+        await executor.decode(lone, one)
+        nursery.cancel_scope.cancel()
+    assert executor.stats.inline == 1
+    assert [s.position for s in (lone, *others)] == [3, 1, 1]
+
+
+async def test_a_failing_inline_step_fails_as_on_the_thread(span, monkeypatch):
+    pool = KVCachePool(1 << 24)
+    session = span.open_session(pool, batch=1, max_length=8)
+    executor = Executor(inline_max=60.0)
+    one = rand(1, 1, H, seed=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        await executor.decode(session, one)
+        with pytest.raises(InvalidRequestError):
+            await executor.decode(session, rand(2, 1, H, seed=1))  # wrong batch
+        assert session.position == 1
+
+        def out_of_memory(hidden: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+        monkeypatch.setattr(session, "step", out_of_memory)
+        with pytest.raises(BusyError, match="out of device memory"):
+            await executor.decode(session, one)
+        monkeypatch.undo()
+        await executor.decode(session, one)  # the session and the queue go on
+        nursery.cancel_scope.cancel()
+    assert executor.stats.inline == 3 and session.position == 2
