@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 import torch
@@ -79,7 +80,15 @@ class InferenceHandler:
 
     async def _serve(self, session: InferenceSession, stream: Stream, inputs: StepInputs) -> None:
         """Run steps as their inputs arrive, until the client half-closes."""
-        idle_timeout = self.s.config.idle_timeout
+        client = _ClientDeadline(self.s.config.idle_timeout)
+        with client.scope:
+            await self._serve_steps(session, stream, inputs, client)
+        if client.scope.cancelled_caught:
+            raise client.expired()
+
+    async def _serve_steps(
+        self, session: InferenceSession, stream: Stream, inputs: StepInputs, client: _ClientDeadline
+    ) -> None:
         held: Message | None = None  # read in the turn a push came: runs after it
         while True:
             request = inputs.take_ready()
@@ -88,13 +97,7 @@ class InferenceHandler:
                     item: object = held
                     held = None
                 else:
-                    with trio.move_on_after(idle_timeout) as idle:
-                        item = await _next_arrival(stream, inputs)
-                    if idle.cancelled_caught:
-                        raise SessionError(
-                            f"session idle for {idle_timeout:g} s; its cache is freed",
-                            idle_timeout=idle_timeout,
-                        )
+                    item = await _next_arrival(stream, inputs, client)
                 if item is _CLIENT_CLOSED:
                     return
                 if item is _PUSH_ARRIVED:
@@ -106,10 +109,11 @@ class InferenceHandler:
                 request = inputs.arrive(item)
                 if request is None:
                     continue
-            step = _validate.optional_int(request.meta, "step")
+            meta = request.meta
+            step = _validate.optional_int(meta, "step")
             try:
-                target = PushTarget.from_meta(request.meta)
-                reply = await self._step(session, request)
+                target = PushTarget.from_meta(meta)
+                reply = await self._step(session, request, step)
             except LibpipeError as exc:
                 # The client tells a failed step from a stale one (a step
                 # it gave up) by this id.
@@ -117,12 +121,17 @@ class InferenceHandler:
                     exc.details.setdefault("step", step)
                 raise
             if target is None:
-                await self._reply(stream, reply)
+                await client.send(stream, reply)
             else:
-                await self._reply_and_push(stream, reply, target, step)
+                await self._reply_and_push(stream, reply, target, step, client)
 
     async def _reply_and_push(
-        self, stream: Stream, reply: Message, target: PushTarget, step: int | None
+        self,
+        stream: Stream,
+        reply: Message,
+        target: PushTarget,
+        step: int | None,
+        client: _ClientDeadline,
     ) -> None:
         """Push the output on (the next hop waits for it) and answer the
         client at once; the client hears more only if the push failed
@@ -138,7 +147,7 @@ class InferenceHandler:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(push_on)
                 await trio.lowlevel.checkpoint()  # the push's frame goes out first
-                await self._reply(stream, reply)
+                await client.send(stream, reply)
         except BaseExceptionGroup as group:
             sole = sole_error(group)
             if sole is group:
@@ -148,25 +157,20 @@ class InferenceHandler:
             notice: dict[str, object] = {"pushed": False}
             if step is not None:
                 notice["step"] = step
-            await self._reply(stream, Message(notice))
+            await client.send(stream, Message(notice))
 
     async def _reply(self, stream: Stream, reply: Message) -> None:
         """Send within the idle timeout: a client that stops reading must
         not hold its cache forever (the send would wait on TCP for ever)."""
-        deadline = self.s.config.idle_timeout
-        try:
-            with trio.fail_after(deadline):
-                await stream.send(reply.meta, reply.tensors)
-        except trio.TooSlowError:
-            raise SessionError(
-                f"the client took no reply for {deadline:g} s; the session's cache is freed",
-                idle_timeout=deadline,
-            ) from None
+        client = _ClientDeadline(self.s.config.idle_timeout)
+        with client.scope:
+            await client.send(stream, reply)
+        if client.scope.cancelled_caught:
+            raise client.expired()
 
-    async def _step(self, session: InferenceSession, msg: Message) -> Message:
+    async def _step(self, session: InferenceSession, msg: Message, step: int | None) -> Message:
         s = self.s
         position = _validate.meta_int(msg.meta, "position", minimum=0)
-        step = _validate.optional_int(msg.meta, "step")
         _validate.tensor_count(msg.tensors, (1,), "an inference step")
         hidden = msg.tensors[0]
         _validate.hidden_states(hidden, s.hidden_size, batch=session.cache.batch)
@@ -210,38 +214,75 @@ _CLIENT_CLOSED = object()
 _PUSH_ARRIVED = object()
 
 
-async def _next_arrival(stream: Stream, inputs: StepInputs) -> object:
+class _ClientDeadline:
+    """The idle timeout over one session's waits on its client: for its
+    next message, and for it to take a reply (a client that stops reading
+    must not hold its cache forever: the send would wait on TCP for ever).
+
+    One cancel scope around the session whose deadline is moved to each
+    wait and lifted after it, rather than a scope per wait: a decode step
+    passes here twice per hop, and moving a deadline costs a fraction of
+    entering and leaving a scope. Compute between the waits runs with no
+    deadline, as before."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.scope = trio.CancelScope()
+        self.sending = False  # what the deadline bounds now: a send, or an arrival
+
+    def start(self, *, sending: bool) -> None:
+        self.sending = sending
+        self.scope.deadline = trio.current_time() + self.timeout
+
+    def stop(self) -> None:
+        self.scope.deadline = math.inf
+
+    async def send(self, stream: Stream, reply: Message) -> None:
+        self.start(sending=True)
+        await stream.send(reply.meta, reply.tensors)
+        self.stop()
+
+    def expired(self) -> SessionError:
+        """The error of the wait whose deadline passed."""
+        if self.sending:
+            return SessionError(
+                f"the client took no reply for {self.timeout:g} s; the session's cache is freed",
+                idle_timeout=self.timeout,
+            )
+        return self.idle()
+
+    def idle(self) -> SessionError:
+        return SessionError(
+            f"session idle for {self.timeout:g} s; its cache is freed", idle_timeout=self.timeout
+        )
+
+
+async def _next_arrival(stream: Stream, inputs: StepInputs, client: _ClientDeadline) -> object:
     """The client's next message, ``_CLIENT_CLOSED``, or, while a step waits
-    for its push, ``_PUSH_ARRIVED`` if the push comes first. Reading the
-    stream directly when no push is awaited keeps a half-close as prompt
-    as a plain session's."""
+    for its push, ``_PUSH_ARRIVED`` if the push comes first.
+
+    Waiting for either source takes no second task: the push (``offer``,
+    on the connection's reader) cancels the scope of the wait on the
+    stream, and a cancelled ``receive`` loses no message."""
     if inputs.awaiting is None:
+        client.start(sending=False)
         try:
             return await stream.receive()
         except trio.EndOfChannel:
             return _CLIENT_CLOSED
-    got: list[object] = []
-    arrived = inputs.arrived
-
-    async def read(cancel: trio.CancelScope) -> None:
+        finally:
+            client.stop()
+    with trio.CancelScope(deadline=trio.current_time() + client.timeout) as wait:
+        inputs.wake = wait
         try:
-            got.append(await stream.receive())
+            return await stream.receive()
         except trio.EndOfChannel:
-            got.append(_CLIENT_CLOSED)
-        cancel.cancel()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read, nursery.cancel_scope)
-            await arrived.wait()
-            nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        sole = sole_error(group)
-        if sole is group:
-            raise
-        raise sole from None
-    # A message taken in the same turn as the push is kept, not lost.
-    return got[0] if got else _PUSH_ARRIVED
+            return _CLIENT_CLOSED
+        finally:
+            inputs.wake = None
+    if inputs.ready is None:  # the deadline, not the push
+        raise client.idle()
+    return _PUSH_ARRIVED
 
 
 def _prefill_job(session: InferenceSession, hidden: Tensor) -> Tensor:

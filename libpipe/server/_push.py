@@ -69,8 +69,9 @@ class StepInputs:
         self.awaiting: Message | None = None
         self.early: dict[int, Tensor] = {}
         self.ready: Message | None = None
-        # Set when the push an announced step waits for arrives.
-        self.arrived = trio.Event()
+        # The handler's wait for its client's next message while an
+        # announced step waits for its push: the push cancels it.
+        self.wake: trio.CancelScope | None = None
         self.closed = False
 
     def offer(self, step: int, hidden: Tensor) -> None:
@@ -81,7 +82,8 @@ class StepInputs:
         if self.awaiting is not None and _step_of(self.awaiting) == step:
             self.ready = self._run(Message(self.awaiting.meta, (hidden,)))
             self.awaiting = None
-            self.arrived.set()
+            if self.wake is not None:
+                self.wake.cancel()
             return
         newest = self.last_step if self.awaiting is None else _step_of(self.awaiting)
         if newest is not None and step <= newest:
@@ -115,7 +117,6 @@ class StepInputs:
         if early is not None:
             return self._run(Message(item.meta, (early,)))
         self.awaiting = item
-        self.arrived = trio.Event()
         return None
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from libpipe.errors import BusyError, InvalidRequestError, SessionError
 from libpipe.net import ConnectionPool, Message, Stream
 from libpipe.server import BlockServer
 from libpipe.server._inference import InferenceHandler
-from libpipe.server._push import MAX_QUEUED_PUSHES
+from libpipe.server._push import MAX_QUEUED_PUSHES, StepInputs
 
 from .conftest import running_servers
 
@@ -154,3 +154,44 @@ async def test_a_reply_the_client_never_takes_ends_the_session(gqa, make_config)
         handler = InferenceHandler(server.serving)
         with trio.fail_after(30), pytest.raises(SessionError, match=r"took no reply for 0\.2 s"):
             await handler._reply(_NeverRead(), Message({"position": 1}))  # type: ignore[arg-type]
+
+
+class _AskThenNeverRead:
+    """A client that sends one step, then neither reads nor sends again."""
+
+    def __init__(self, step: Message) -> None:
+        self._messages = [step]
+
+    async def receive(self) -> Message:
+        if self._messages:
+            return self._messages.pop()
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def send(self, meta: dict, tensors: tuple = ()) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_step_reply_the_client_never_takes_ends_the_session(gqa, make_config):
+    """The same deadline on the replies of steps, inside the session's loop."""
+    async with running_servers([make_config(gqa, (2, 6), idle_timeout=0.2)]) as ((server,), _):
+        serving = server.serving
+        handler = InferenceHandler(serving)
+        session = serving.span.open_session(serving.pool, batch=BATCH, max_length=16)
+        stream = _AskThenNeverRead(Message({"position": 0, "step": 0}, (x(),)))
+        with trio.fail_after(30), pytest.raises(SessionError, match=r"took no reply for 0\.2 s"):
+            await handler._serve(session, stream, StepInputs(BATCH, H))  # type: ignore[arg-type]
+        assert session.position == 1  # the step ran; only its reply waited
+        session.close()
+
+
+async def test_a_step_waiting_for_a_push_that_never_comes_ends_as_idle(gqa, make_config):
+    async with running_servers([make_config(gqa, (4, 6), idle_timeout=0.5)]) as ((server,), pool):
+        conn = await pool.get(server.address)
+        async with conn.open_stream("inference", opening(4, 6)) as stream:
+            await open_session(pool, server, stream)
+            await stream.send({"position": 0, "step": 0, "pushed": True})
+            with trio.fail_after(30), pytest.raises(SessionError, match=r"idle for 0\.5 s"):
+                await stream.receive()
+        assert len(server.serving.sessions) == 0
+        assert server.serving.pool.free_bytes == server.serving.pool.budget_bytes
