@@ -142,6 +142,18 @@ class SyncClient:
         """``Client.generate``, blocking: ``ids = c.generate("Once", max_new_tokens=16)``."""
         return self._run(self._client.generate, prompt, max_new_tokens=max_new_tokens, **options)
 
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt] | Tensor,
+        *,
+        max_new_tokens: int,
+        **options: Unpack[GenerationOptions],
+    ) -> list[list[int]]:
+        """``Client.generate_batch``, blocking: ``rows = c.generate_batch([a, b], max_new_tokens=16)``."""
+        return self._run(
+            self._client.generate_batch, prompts, max_new_tokens=max_new_tokens, **options
+        )
+
     def stream(
         self, prompt: Prompt, *, max_new_tokens: int, **options: Unpack[GenerationOptions]
     ) -> Iterator[int]:

@@ -20,7 +20,7 @@ import torch
 import trio
 from torch import Tensor
 
-from ..errors import ConfigError, ConnectionClosedError
+from ..errors import ConfigError, ConnectionClosedError, InvalidRequestError
 from ..model import ClientHead, ModelConfig, load_client_head
 from ..net import ConnectionPool, Security, parse_address
 from ..swarm import GossipConfig
@@ -34,6 +34,7 @@ from ._generate import (
     StopEntry,
     as_token_ids,
     check_max_new_tokens,
+    generate_batch_tokens,
     generate_tokens,
 )
 from ._remote_blocks import RemoteBlocks
@@ -272,12 +273,7 @@ class Client:
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         ids = as_token_ids(self._prompt_ids(prompt), self.config.vocab_size)
-        stop_condition = StopCondition(
-            stop_tokens=self.stop_tokens if stop_tokens is None else stop_tokens,
-            stop=stop,
-            vocab_size=self.config.vocab_size,
-            decode=None if self._codec is None else self._codec.decode,
-        )
+        stop_condition = self._stop_condition(stop_tokens, stop)
         total = ids.shape[1] + max_new_tokens
         async with (
             self.inference_session(max_length=total, adapter=adapter) as session,
@@ -294,6 +290,80 @@ class Client:
             async for token in tokens:
                 self.last_route = session.route
                 yield token
+
+    async def generate_batch(
+        self,
+        prompts: Sequence[Prompt] | Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_tokens: Collection[int] | None = None,
+        stop: str | Sequence[StopEntry] = (),
+        adapter: str | None = None,
+    ) -> list[list[int]]:
+        """The new token ids of each prompt, generated in one session whose
+        steps carry every prompt at once (each server runs one pass for
+        the whole batch)::
+
+            rows = await client.generate_batch([[1, 5, 9], [2, 6, 3]], max_new_tokens=32)
+
+        ``prompts``: a list of prompts as ``stream`` takes them, or a
+        ``[batch, t]`` tensor. They must all have the same length in tokens:
+        a session holds one position for all its rows and servers take no
+        padding mask, so rows of different lengths would attend to padding
+        (``InvalidRequestError`` names the lengths; generate those one by
+        one, or concurrently). Each row stops on its own (``stream``'s
+        ``stop_tokens`` and ``stop``); the others go on. Greedy rows are
+        the tokens ``generate`` gives for each prompt alone; sampled rows
+        draw from one generator for the batch (``seed`` reproduces the
+        batch, not each prompt's own sampled run)."""
+        self._open()
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        ids = self._batch_ids(prompts)
+        stops = [self._stop_condition(stop_tokens, stop) for _ in range(ids.shape[0])]
+        total = ids.shape[1] + max_new_tokens
+        async with self.inference_session(
+            max_length=total, batch=ids.shape[0], adapter=adapter
+        ) as session:
+            new = await generate_batch_tokens(
+                session, ids, max_new_tokens=max_new_tokens, sampling=sampling, stops=stops
+            )
+            self.last_route = session.route
+        return new
+
+    def _batch_ids(self, prompts: Sequence[Prompt] | Tensor) -> Tensor:
+        """``prompts`` as checked ``[batch, t]`` token ids."""
+        if isinstance(prompts, Tensor) and prompts.dim() == 2:
+            prompts = list(prompts)
+        if isinstance(prompts, (str, bytes, Tensor)) or not isinstance(prompts, Sequence):
+            raise InvalidRequestError(
+                "prompts must be a list of prompts or a [batch, t] tensor of token ids, "
+                f"got {type(prompts).__name__}"
+            )
+        if not prompts:
+            raise InvalidRequestError("prompts must hold at least one prompt")
+        rows = [as_token_ids(self._prompt_ids(p), self.config.vocab_size) for p in prompts]
+        lengths = [row.shape[1] for row in rows]
+        if len(set(lengths)) > 1:
+            raise InvalidRequestError(
+                f"the prompts of a batch must have the same length in tokens, got {lengths}",
+                lengths=lengths,
+            )
+        return torch.cat(rows)  # [batch, t]
+
+    def _stop_condition(
+        self, stop_tokens: Collection[int] | None, stop: str | Sequence[StopEntry]
+    ) -> StopCondition:
+        return StopCondition(
+            stop_tokens=self.stop_tokens if stop_tokens is None else stop_tokens,
+            stop=stop,
+            vocab_size=self.config.vocab_size,
+            decode=None if self._codec is None else self._codec.decode,
+        )
 
     async def forward(
         self, hidden: Tensor, *, start: int = 0, end: int | None = None, adapter: str | None = None

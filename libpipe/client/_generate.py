@@ -219,6 +219,36 @@ async def generate_tokens(
         logits = await session._logits(torch.tensor([[token]]))
 
 
+async def generate_batch_tokens(
+    session: InferenceSession,
+    prompts: Tensor,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    stops: Sequence[StopCondition],
+) -> list[list[int]]:
+    """The new tokens of each row of ``prompts`` (checked ``[batch, T]``
+    token ids, one ``StopCondition`` per row), generated together: every
+    step sends one token per row. A row that has stopped is fed its last
+    token again (a session's batch is fixed) and what comes back for it is
+    dropped, until every row has stopped or ``max_new_tokens`` are made."""
+    generator = sampling.generator()
+    new: list[list[int]] = [[] for _ in stops]
+    done = [False] * len(stops)
+    logits = await session._logits(prompts)  # prefill: [B, T, V]
+    for n in range(max_new_tokens):
+        chosen = choose_next(logits[:, -1], sampling, generator).tolist()
+        for row, token in enumerate(chosen):
+            if not done[row]:
+                new[row].append(token)
+                done[row] = stops[row].update(token)
+        if all(done) or n == max_new_tokens - 1:
+            return new
+        fed = [new[row][-1] for row in range(len(stops))]
+        logits = await session._logits(torch.tensor(fed)[:, None])  # [B, 1]
+    return new
+
+
 def as_token_ids(ids: Sequence[int] | Tensor, vocab_size: int, *, batch: int = 1) -> Tensor:
     """Validated token ids as an int64 ``[batch, t]`` tensor."""
     if isinstance(ids, Tensor):
