@@ -15,7 +15,9 @@ record at a higher incarnation, or, when it names an incarnation already
 refuted, by sending the same record again (the refutation missed its
 sender). A ping to a member we suspect carries the suspicion, so the
 suspect hears of it at once (Lifeguard's buddy system), and confirmations
-count only for the incarnation suspected. The scheduler is four loops
+count only for the incarnation suspected. Every acknowledged ping is
+timed (``rtts``), and each re-signing of our record publishes the nearest
+members' round trips in it. The scheduler is four loops
 (probe, gossip, push-pull, record refresh) calling the plain round
 functions of _probe.py, _gossip.py and _pushpull.py, plus one task per
 open suspicion whose cancel scope deadline *is* the suspicion's deadline.
@@ -62,6 +64,7 @@ from ._record import (
     sign_record,
     verify_signed,
 )
+from ._rtt import PeerRtts
 from ._state import Member, MemberState, refutation_incarnation
 from ._suspicion import Suspicion
 from ._transport import Transport
@@ -132,6 +135,8 @@ class GossipNode:
         self._clock = clock
         self.members: dict[str, Member] = {}
         self.probe_order = ProbeOrder(self._rng)
+        # Smoothed round trips of our acknowledged pings, published in our record.
+        self.rtts = PeerRtts()
         self.broadcasts = BroadcastQueue(lambda: self.config.retransmit_limit(self._live))
         self._live = 0
         self._suspicions: dict[str, tuple[Suspicion, trio.CancelScope]] = {}
@@ -301,10 +306,15 @@ class GossipNode:
         first: list[dict[str, Any]] = []
         if member is not None and member.state is MemberState.SUSPECT:
             first.append(_suspect_news(peer_id, member.incarnation, self.peer_id))
+        began = trio.current_time()
         reply = await self.call(
             address, "swarm.ping", {"target": peer_id}, timeout=timeout, first=first
         )
-        return reply is not None and reply.get("ack") is True
+        acked = reply is not None and reply.get("ack") is True
+        # Only members' figures are kept: a ping_req may name anyone.
+        if acked and peer_id != self.peer_id and peer_id in self.members:
+            self.rtts.observe(peer_id, trio.current_time() - began)
+        return acked
 
     def send_notify(self, address: str, method: str, body: dict[str, Any]) -> None:
         """Fire a notification from a background task (a slow peer never blocks a round)."""
@@ -418,6 +428,7 @@ class GossipNode:
             return
         member.incarnation = incarnation
         self._clear_suspicion(peer_id)
+        self.rtts.forget(peer_id)
         self._set_state(member, MemberState.LEFT if accuser == peer_id else MemberState.DEAD)
         self._queue_dead(peer_id, incarnation, accuser)
 
@@ -450,10 +461,17 @@ class GossipNode:
         self.stats.records_rejected[exc.details.get("reason", "unknown")] += 1
 
     def _resign(self, incarnation: int, changes: dict[str, Any]) -> SignedRecord:
+        """Sign our record anew with ``changes`` and the round trips measured
+        so far (they change too often to be news on their own: they ride on
+        every re-signing, the periodic refresh included)."""
         me = self.members[self.peer_id]
         try:
             record = dataclasses.replace(
-                me.record.record, incarnation=incarnation, timestamp=self._clock(), **changes
+                me.record.record,
+                incarnation=incarnation,
+                timestamp=self._clock(),
+                peer_rtt_ms=self.rtts.published(),
+                **changes,
             )
         except RecordError as exc:
             raise ConfigError(f"invalid local record: {exc}", **exc.details) from None

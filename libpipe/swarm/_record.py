@@ -11,6 +11,10 @@ signature, and the age. Any failure raises ``RecordError`` with a
 
 Only the owner signs its record, so gossip relays it verbatim: a relay can
 drop news but cannot alter it, and every receiver can check it again.
+
+Optional fields (``OPTIONAL_FIELDS``) are left out of the encoding while
+empty, so a record without them is byte for byte what an older version
+signs, and receivers accept records with or without them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ PUBLIC_KEY_BYTES = 32
 # block (coverage, placement), so a claimed end of 10**12 must never be
 # believed. Past it the record is malformed.
 MAX_BLOCKS = 4096
+# Round trips to other servers (``peer_rtt_ms``): at most this many, each
+# keyed by the first PEER_RTT_PREFIX characters of the peer id (80 bits of
+# its hash, plenty to tell a swarm's servers apart), in milliseconds up to
+# MAX_PEER_RTT_MS (a minute: past it, a link is no link). 16 entries cost
+# about 430 bytes, well inside MAX_RECORD_BYTES with every other field full.
+MAX_PEER_RTTS = 16
+PEER_RTT_PREFIX = 16
+MAX_PEER_RTT_MS = 60_000.0
+# Fields a record may leave out (encoded only when non-empty).
+OPTIONAL_FIELDS = frozenset({"peer_rtt_ms"})
 
 
 class RecordState(enum.Enum):
@@ -72,6 +86,11 @@ class ServerRecord:
     in single-token steps per second, ``throughput_forward`` in tokens per
     second of bulk forward. ``timestamp`` is wall-clock seconds (Unix time)
     of signing; ``incarnation`` rises with every re-signing.
+
+    ``peer_rtt_ms`` is what the server measured to its nearest peers
+    (smoothed SWIM ping round trips, ``_rtt.py``): ``(peer id prefix,
+    milliseconds)`` pairs sorted by prefix. A client routing decode steps
+    server to server prices the hop between two servers with it.
     """
 
     peer_id: str
@@ -89,6 +108,7 @@ class ServerRecord:
     incarnation: int
     timestamp: float
     num_blocks: int = 0
+    peer_rtt_ms: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         _check(isinstance(self.peer_id, str) and 0 < len(self.peer_id) <= MAX_STRING, "peer_id")
@@ -121,6 +141,15 @@ class ServerRecord:
             value = getattr(self, name)
             _check(_is_int(value) and 0 <= value < 2**63, name)
         _check(isinstance(self.state, RecordState), "state")
+        _check(_valid_peer_rtts(self.peer_rtt_ms), "peer_rtt_ms")
+
+    def rtt_to(self, peer_id: str) -> float | None:
+        """Seconds this server measured to ``peer_id``; None if it did not say."""
+        key = peer_id[:PEER_RTT_PREFIX]
+        for prefix, ms in self.peer_rtt_ms:
+            if prefix == key:
+                return ms / 1000.0
+        return None
 
     def to_map(self) -> dict[str, Any]:
         """The canonical map: keys sorted, only msgpack-native values."""
@@ -131,13 +160,18 @@ class ServerRecord:
         raw["throughput_decode"] = float(self.throughput_decode)
         raw["throughput_forward"] = float(self.throughput_forward)
         raw["timestamp"] = float(self.timestamp)
+        raw["peer_rtt_ms"] = {prefix: float(ms) for prefix, ms in self.peer_rtt_ms}
+        for name in OPTIONAL_FIELDS:
+            if not raw[name]:
+                del raw[name]
         return dict(sorted(raw.items()))
 
     @classmethod
     def from_map(cls, raw: Any) -> ServerRecord:
-        """Rebuild from a decoded map, refusing missing, extra or mistyped fields."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+        """Rebuild from a decoded map, refusing missing (but optional), extra
+        or mistyped fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or not names - OPTIONAL_FIELDS <= raw.keys() <= names:
             raise RecordError("server record has the wrong fields", reason="malformed")
         try:
             state = RecordState(raw["state"])
@@ -147,6 +181,19 @@ class ServerRecord:
         values["state"] = state
         values["addresses"] = _as_tuple(raw["addresses"], "addresses")
         values["span"] = _as_tuple(raw["span"], "span")
+        if "peer_rtt_ms" in raw:
+            rtts = raw["peer_rtt_ms"]
+            if (
+                not isinstance(rtts, dict)
+                or len(rtts) > MAX_PEER_RTTS
+                or not all(isinstance(prefix, str) for prefix in rtts)
+            ):
+                raise RecordError(
+                    "server record field 'peer_rtt_ms' is invalid",
+                    reason="malformed",
+                    field="peer_rtt_ms",
+                )
+            values["peer_rtt_ms"] = tuple(sorted(rtts.items()))
         return cls(**values)
 
     def encode(self) -> bytes:
@@ -279,6 +326,29 @@ def _check(ok: bool, name: str) -> None:
         raise RecordError(
             f"server record field {name!r} is invalid", reason="malformed", field=name
         )
+
+
+def _valid_peer_rtts(value: Any) -> bool:
+    """At most MAX_PEER_RTTS (prefix, ms) pairs, prefixes distinct and sorted,
+    each a finite number of milliseconds in [0, MAX_PEER_RTT_MS]."""
+    if not isinstance(value, tuple) or len(value) > MAX_PEER_RTTS:
+        return False
+    previous = ""
+    for item in value:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            return False
+        prefix, ms = item
+        if not (
+            isinstance(prefix, str)
+            and 0 < len(prefix) <= PEER_RTT_PREFIX
+            and prefix > previous
+            and _is_number(ms)
+            and math.isfinite(ms)
+            and 0 <= ms <= MAX_PEER_RTT_MS
+        ):
+            return False
+        previous = prefix
+    return True
 
 
 def _is_int(value: Any) -> bool:

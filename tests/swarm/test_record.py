@@ -18,7 +18,17 @@ from libpipe.swarm import (
     sign_record,
     verify_signed,
 )
-from libpipe.swarm._record import DOMAIN, MAX_BLOCKS, check_model_size
+from libpipe.swarm._record import (
+    DOMAIN,
+    MAX_ADDRESSES,
+    MAX_BLOCKS,
+    MAX_PEER_RTT_MS,
+    MAX_PEER_RTTS,
+    MAX_RECORD_BYTES,
+    MAX_STRING,
+    PEER_RTT_PREFIX,
+    check_model_size,
+)
 
 NOW = 1_800_000_000.0
 TTL = 90.0
@@ -208,3 +218,90 @@ def test_span_is_checked_against_a_known_model_size(server, changes, fits):
         assert reason(caught) == "num_blocks"
     # A receiver that does not know the size cannot judge, and does not.
     check_model_size(record, "meta-llama/Llama-2-7b-hf", 0)
+
+
+def _rtts(n: int, ms: float = 1.5) -> tuple[tuple[str, float], ...]:
+    return tuple((f"peer{i:04d}", ms) for i in range(n))
+
+
+def test_peer_rtts_round_trip_and_are_looked_up_by_peer_id_prefix(server):
+    rtts = (("abcdefghijklmnop", 0.25), ("zz", 12.0))
+    signed = sign_record(make_record(server, peer_rtt_ms=rtts), server)
+    back = decode_signed(msgpack.unpackb(msgpack.packb(signed.to_wire()), raw=False))
+    verify_signed(back, now=NOW, ttl=TTL, max_skew=10.0)
+    assert back.record.peer_rtt_ms == rtts
+    # Keyed by the first PEER_RTT_PREFIX characters of the full peer id.
+    assert back.record.rtt_to("abcdefghijklmnop" + "q" * 16) == 0.25 / 1000
+    assert back.record.rtt_to("zz") == 0.012
+    assert back.record.rtt_to("someone-else") is None
+
+
+def test_a_record_without_peer_rtts_encodes_as_before(server):
+    """Mixed versions: an empty field is left out of the signed bytes, and a
+    record that never had it (an older server's) decodes."""
+    decoded = msgpack.unpackb(make_record(server).encode(), raw=False)
+    assert "peer_rtt_ms" not in decoded
+    assert ServerRecord.from_map(decoded).peer_rtt_ms == ()
+    with_rtts = msgpack.unpackb(make_record(server, peer_rtt_ms=_rtts(2)).encode(), raw=False)
+    assert list(with_rtts) == sorted(with_rtts)
+    assert with_rtts["peer_rtt_ms"] == {"peer0000": 1.5, "peer0001": 1.5}
+
+
+@pytest.mark.parametrize(
+    "rtts",
+    [
+        (("a", float("nan")),),
+        (("a", float("inf")),),
+        (("a", -1.0),),
+        (("a", MAX_PEER_RTT_MS + 1),),
+        (("a", True),),
+        (("a", "1"),),
+        (("", 1.0),),
+        (("x" * (PEER_RTT_PREFIX + 1), 1.0),),
+        (("b", 1.0), ("a", 1.0)),  # not sorted
+        (("a", 1.0), ("a", 2.0)),  # twice
+        (("a", 1.0, 2.0),),
+        _rtts(MAX_PEER_RTTS + 1),
+        ["a", 1.0],
+    ],
+)
+def test_invalid_peer_rtts_are_refused(server, rtts):
+    with pytest.raises(RecordError) as caught:
+        make_record(server, peer_rtt_ms=rtts)
+    assert caught.value.details["field"] == "peer_rtt_ms"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": float("nan")},
+        {"a": -0.5},
+        {"a": 1e300},
+        {"a": "fast"},
+        {b"a": 1.0},
+        {"a": 1.0, b"b": 1.0},  # mixed key types must not reach a sort
+        {"x" * 40: 1.0},
+        [["a", 1.0]],
+        {f"p{i}": 1.0 for i in range(MAX_PEER_RTTS + 1)},
+        {f"p{i}": 1.0 for i in range(1000)},  # oversized: refused by count, not decoded further
+    ],
+)
+def test_forged_peer_rtts_on_the_wire_are_malformed(server, value):
+    wire = _wire_with(server, lambda m: m.update(peer_rtt_ms=value))
+    with pytest.raises(RecordError) as caught:
+        decode_signed(wire)
+    assert reason(caught) == "malformed"
+
+
+def test_the_largest_legal_record_fits_the_size_limit(server):
+    record = make_record(
+        server,
+        addresses=tuple("a" * MAX_STRING for _ in range(MAX_ADDRESSES)),
+        model_id="m" * MAX_STRING,
+        dtype="d" * MAX_STRING,
+        version="v" * MAX_STRING,
+        peer_rtt_ms=tuple((f"{i:0{PEER_RTT_PREFIX}d}", MAX_PEER_RTT_MS) for i in range(16)),
+    )
+    signed = sign_record(record, server)
+    assert len(signed.payload) <= MAX_RECORD_BYTES
+    assert decode_signed(signed.to_wire()).record == record
