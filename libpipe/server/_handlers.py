@@ -25,6 +25,7 @@ from ..wire import PROTOCOL_VERSION
 from . import _compute, _validate
 from ._executor import Priority
 from ._inference import InferenceHandler
+from ._push import KnownServers
 from ._serving import Serving
 
 # Replies travel in fp16 unless the request came in another dtype (RPC.md).
@@ -34,10 +35,17 @@ WIRE_DTYPE = "float16"
 class RpcHandlers:
     """The RPCs of one server; the inference stream lives in ``_inference``."""
 
-    def __init__(self, serving: Serving, connections: ConnectionPool | None = None) -> None:
+    def __init__(
+        self,
+        serving: Serving,
+        connections: ConnectionPool | None = None,
+        known: KnownServers | None = None,
+    ) -> None:
         self.s = serving
-        # The server's pool: the inference handler pushes outputs through it.
+        # The server's pool: the inference handler pushes outputs through it,
+        # to the servers ``known`` allows (its gossip view).
         self.connections = connections
+        self.known = known
 
     def register(self, router: Router) -> None:
         # Answered from memory on the reader task: a ping then measures the
@@ -46,7 +54,7 @@ class RpcHandlers:
         router.unary_inline("ping", self.ping)
         router.unary("forward", self.forward)
         router.unary("backward", self.backward)
-        InferenceHandler(self.s, self.connections).register(router)
+        InferenceHandler(self.s, self.connections, self.known).register(router)
 
     # --- unary -----------------------------------------------------------------------
 

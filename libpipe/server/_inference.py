@@ -21,7 +21,7 @@ from ..model import InferenceSession
 from ..net import CallContext, ConnectionPool, Message, Router, Stream, short_peer_id
 from . import _compute, _validate
 from ._executor import Priority
-from ._push import PushTable, PushTarget, StepInputs, push
+from ._push import KnownServers, PushTable, PushTarget, StepInputs, push
 from ._serving import Serving
 
 logger = logging.getLogger("libpipe.server")
@@ -32,11 +32,18 @@ class InferenceHandler:
 
     ``connections``: the server's pool, for pushing outputs to the next
     hop's server (None: this server never pushes; the client then sends
-    every input itself)."""
+    every input itself). ``known``: the servers it may push to (None: any
+    target a client names)."""
 
-    def __init__(self, serving: Serving, connections: ConnectionPool | None = None) -> None:
+    def __init__(
+        self,
+        serving: Serving,
+        connections: ConnectionPool | None = None,
+        known: KnownServers | None = None,
+    ) -> None:
         self.s = serving
         self.connections = connections
+        self.known = known
         self.pushes = PushTable()
 
     def register(self, router: Router) -> None:
@@ -138,6 +145,16 @@ class InferenceHandler:
         (``{"step", "pushed": false}``), and then sends the input itself.
         Answering before the push is acknowledged keeps the server-to-
         server round trip off the client's path."""
+        refused = None if self.known is None else self.known.refusal(target)
+        if refused is not None:
+            logger.info("push refused, not dialed: %s", refused)
+            await client.send(stream, reply)
+            refusal: dict[str, object] = {"pushed": False, "refused": refused.kind}
+            refusal["reason"] = str(refused)
+            if step is not None:
+                refusal["step"] = step
+            await client.send(stream, Message(refusal))
+            return
         outcome: list[bool] = []
 
         async def push_on() -> None:

@@ -24,7 +24,8 @@ import trio
 from torch import Tensor
 
 from ..errors import BusyError, InvalidRequestError, LibpipeError, SessionError
-from ..net import CallContext, ConnectionPool, Message
+from ..net import CallContext, ConnectionPool, Message, short_peer_id
+from ..swarm import GossipNode
 from . import _validate
 
 logger = logging.getLogger("libpipe.server")
@@ -184,6 +185,59 @@ class PushTarget:
             raise InvalidRequestError("'push_to' needs string address, peer_id and token")
         step = _validate.meta_int(target, "step", minimum=0)
         return PushTarget(step=step, **fields)  # type: ignore[arg-type]
+
+
+class KnownServers:
+    """The push targets a server may dial: servers of its model in its
+    gossip view (docs/security.md, "A client chooses where a server
+    forwards").
+
+    A client names the next hop; without this check a server would dial
+    any address a client gave it. With a view (the node knows any member
+    besides itself), a target must be a live member whose signed record
+    is unexpired, serves this model and lists the target's address;
+    anything else is refused before any dial. The session loses nothing:
+    the step runs and is answered, and the ``pushed: false`` notice says
+    why, so the client carries that input itself, as after any failed
+    push (a client whose view is ahead of this server's, a peer that
+    joined a moment ago, just misses one push). A server alone in its
+    view (started without ``--peers``, nobody joined yet) has nothing to
+    check against and pushes as before."""
+
+    def __init__(self, node: GossipNode, model_id: str) -> None:
+        self.node = node
+        self.model_id = model_id
+
+    def refusal(self, target: PushTarget) -> InvalidRequestError | None:
+        """Why ``target`` may not be dialed, or None."""
+        node = self.node
+        if len(node.members) < 2:
+            return None
+        member = node.members.get(target.peer_id)
+        who = short_peer_id(target.peer_id)
+        if (
+            member is None
+            or not member.state.is_live
+            or (member.peer_id != node.peer_id and node.record_expired(member))
+        ):
+            return InvalidRequestError(
+                f"push_to names peer {who}, not a live server in this server's gossip view",
+                peer_id=target.peer_id,
+            )
+        record = member.record.record
+        if record.model_id != self.model_id:
+            return InvalidRequestError(
+                f"push_to names peer {who}, a server of another model ({record.model_id!r})",
+                peer_id=target.peer_id,
+            )
+        if target.address not in record.addresses:
+            return InvalidRequestError(
+                f"push_to names {target.address!r} for peer {who}, which announces "
+                f"{', '.join(record.addresses)}",
+                peer_id=target.peer_id,
+                address=target.address,
+            )
+        return None
 
 
 async def push(connections: ConnectionPool | None, target: PushTarget, out: Tensor) -> bool:

@@ -30,6 +30,7 @@ from ._config import ServerConfig
 from ._executor import Executor
 from ._gossip import RecordPublisher, supervise_gossip
 from ._handlers import RpcHandlers
+from ._push import KnownServers
 from ._rebalance import assumed_throughput, choose_blocks, rebalance
 from ._serving import Serving
 from ._sessions import SessionTable
@@ -129,7 +130,8 @@ class BlockServer:
                 )
                 await nursery.start(supervise_gossip, self.node, cfg.peers)
                 serving = await self._load(blocks, pool)
-                RpcHandlers(serving, connections).register(router)
+                known = KnownServers(self.node, model.model_id)
+                RpcHandlers(serving, connections, known).register(router)
                 await nursery.start(serving.executor.run)
                 serving.state = RecordState.ONLINE
                 self._publisher = RecordPublisher(self.node, serving, cfg.record_interval)

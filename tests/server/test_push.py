@@ -6,6 +6,8 @@ a client that stops reading from holding its cache."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import trio
@@ -14,7 +16,7 @@ from libpipe.errors import BusyError, InvalidRequestError, SessionError
 from libpipe.net import ConnectionPool, Message, Stream
 from libpipe.server import BlockServer
 from libpipe.server._inference import InferenceHandler
-from libpipe.server._push import MAX_QUEUED_PUSHES, StepInputs
+from libpipe.server._push import MAX_QUEUED_PUSHES, KnownServers, PushTarget, StepInputs
 
 from .conftest import running_servers
 
@@ -195,3 +197,66 @@ async def test_a_step_waiting_for_a_push_that_never_comes_ends_as_idle(gqa, make
                 await stream.receive()
         assert len(server.serving.sessions) == 0
         assert server.serving.pool.free_bytes == server.serving.pool.budget_bytes
+
+
+async def test_with_a_gossip_view_a_server_pushes_only_to_known_servers_of_its_model(
+    gqa, make_config
+):
+    """A target the view does not hold (unknown peer, or a known peer at
+    another address) is refused before any dial: the step is answered and
+    the notice says why; a known server at its address gets the push."""
+    dials = 0
+
+    async def count_dial(stream: trio.SocketStream) -> None:
+        nonlocal dials
+        dials += 1
+        await stream.aclose()
+
+    async with running_servers([make_config(gqa, (2, 4))]) as ((first,), pool):
+        joined = make_config(gqa, (4, 6), peers=(first.address,))
+        async with running_servers([joined]) as ((second,), _), trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                while second.peer_id not in {r.record.peer_id for r in first.node.view()}:
+                    await trio.sleep(0.05)
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, count_dial, 0, host="127.0.0.1")
+            )
+            elsewhere = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            a, b = await pool.get(first.address), await pool.get(second.address)
+            async with (
+                a.open_stream("inference", opening(2, 4)) as hop1,
+                b.open_stream("inference", opening(4, 6)) as hop2,
+            ):
+                await open_session(pool, first, hop1)
+                token = await open_session(pool, second, hop2)
+                targets = [
+                    {"address": elsewhere, "peer_id": "f" * 52, "token": token, "step": 0},
+                    {**push_to(second, token, 0), "address": elsewhere},
+                ]
+                reasons = []
+                for i, target in enumerate(targets):
+                    await hop1.send({"position": i, "step": i, "push_to": target}, (x(),))
+                    assert (await hop1.receive()).meta == {"position": i + 1, "step": i}
+                    notice = (await hop1.receive()).meta
+                    assert notice["step"] == i and notice["pushed"] is False
+                    assert notice["refused"] == "invalid_request"
+                    reasons.append(notice["reason"])
+                assert "not a live server in this server's gossip view" in reasons[0]
+                assert f"which announces {second.address}" in reasons[1]
+                elsewhere_model = KnownServers(first.node, "another model")
+                refused = elsewhere_model.refusal(PushTarget(**push_to(second, token, 0)))
+                assert refused is not None and "a server of another model" in str(refused)
+                # The normal path: the next hop gets its input by push.
+                await hop2.send({"position": 0, "step": 2, "pushed": True})
+                await hop1.send(
+                    {"position": 2, "step": 2, "push_to": push_to(second, token, 2)}, (x(),)
+                )
+                assert (await hop1.receive()).meta == {"position": 3, "step": 2}
+                with trio.fail_after(30):
+                    assert (await hop2.receive()).meta == {"position": 1, "step": 2}
+                await hop1.close_send()
+                with pytest.raises(trio.EndOfChannel):  # the push went through: no notice
+                    await hop1.receive()
+                await hop2.close_send()
+            nursery.cancel_scope.cancel()
+    assert dials == 0
