@@ -156,14 +156,22 @@ class InferenceHandler:
             await client.send(stream, Message(refusal))
             return
         outcome: list[bool] = []
+        # Set as the push's frame goes out (or the push gave up first). The
+        # reply waits for it: the next hop, on the client's critical path,
+        # should not wait behind a send to the client, which on a busy host
+        # can also hand the CPU to the client woken by it.
+        sending = trio.Event()
 
         async def push_on() -> None:
-            outcome.append(await push(self.connections, target, reply.tensors[0]))
+            try:
+                outcome.append(await push(self.connections, target, reply.tensors[0], sending.set))
+            finally:
+                sending.set()
 
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(push_on)
-                await trio.lowlevel.checkpoint()  # the push's frame goes out first
+                await sending.wait()
                 await client.send(stream, reply)
         except BaseExceptionGroup as group:
             sole = sole_error(group)
