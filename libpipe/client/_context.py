@@ -81,6 +81,7 @@ class SwarmContext:
                     load=self.load if objective == "throughput" else None,
                     rng=self.rng if objective == "throughput" else None,
                     tokens=tokens,
+                    forwarding=self.forwarding and objective == "latency",
                 )
             except NoRouteError as exc:
                 if not refreshed:

@@ -7,6 +7,14 @@ per-block times come from the throughputs it measured over its whole span
 (steps/s and tokens/s), divided over its blocks; a server that has not
 measured yet is charged ``DEFAULT_TAU`` per block, pessimistic like the
 default RTT.
+
+A session that forwards (the default) sends a decode step client -> s1 ->
+... -> sk -> client, so its route is priced as such (``placement.Forwarding``):
+the client's RTTs to the first and last hop, and between servers the round
+trips their records publish (``peer_rtt_ms``, from their SWIM probes). A
+pair neither record measured costs the sum of both servers' client RTTs:
+what the client pays carrying that hop itself, so an unmeasured pair prices
+the route exactly as the client-centric cost does, never better.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import NoRouteError
-from ..placement import ServerView, route
+from ..placement import Forwarding, ServerView, route
 from ._view import ServerEntry, SwarmView
 
 # Per-block seconds charged to a server that announced no throughput yet:
@@ -82,9 +90,11 @@ def plan_route(
     load: Mapping[str, float] | None = None,
     rng: random.Random | None = None,
     tokens: int = 1,
+    forwarding: bool = False,
 ) -> list[PlannedHop]:
     """The best chain over blocks ``[start, end)`` among routable servers
-    (``tokens``: per bulk request, for the "throughput" objective).
+    (``tokens``: per bulk request, for the "throughput" objective;
+    ``forwarding``: price a "latency" route as forwarded server to server).
 
     Raises ``NoRouteError`` naming the uncovered blocks (and, when servers
     are banned or were left out, why)."""
@@ -101,6 +111,7 @@ def plan_route(
             objective=objective,
             load=load,
             rng=rng,
+            forwarding=forwarding_costs(entries, view) if forwarding else None,
         )
     except NoRouteError as exc:
         raise NoRouteError(
@@ -108,6 +119,31 @@ def plan_route(
         ) from None
     by_id = {e.peer_id: e for e in entries}
     return [PlannedHop(by_id[h.peer_id], h.start, h.end) for h in chosen.hops]
+
+
+def forwarding_costs(entries: list[ServerEntry], view: SwarmView) -> Forwarding:
+    """``placement.Forwarding`` for routes over ``entries``: client RTTs as
+    probed, server-to-server RTTs as the servers' records say (see the
+    module docstring)."""
+    by_id = {e.peer_id: e for e in entries}
+
+    def server_rtt(a: str, b: str) -> float:
+        measured = _measured_rtt(by_id[a], by_id[b])
+        return view.rtt_of(a) + view.rtt_of(b) if measured is None else measured
+
+    client_rtt = {e.peer_id: view.rtt_of(e.peer_id) for e in entries}
+    return Forwarding(server_rtt=server_rtt, client_rtt=client_rtt)
+
+
+def _measured_rtt(a: ServerEntry, b: ServerEntry) -> float | None:
+    """The round trip between ``a`` and ``b`` by their records (the mean of
+    both directions' figures when both measured), or None. A figure counts
+    only where a push between them goes to the address it was measured at
+    (``push_address`` is the announced one)."""
+    if a.push_address not in a.announced or b.push_address not in b.announced:
+        return None
+    measured = [rtt for rtt in (a.rtt_to(b.peer_id), b.rtt_to(a.peer_id)) if rtt is not None]
+    return sum(measured) / len(measured) if measured else None
 
 
 def _per_block(throughput: float, blocks: int) -> float:

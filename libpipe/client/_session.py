@@ -568,7 +568,7 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
 
 def _push_target(hop: _Hop, step: int) -> dict[str, Any]:
     return {
-        "address": hop.planned.server.address,
+        "address": hop.planned.server.push_address,
         "peer_id": hop.planned.peer_id,
         "token": hop.token,
         "step": step,

@@ -117,6 +117,7 @@ async def plan_training_route(
                 end=end,
                 load=ctx.load if objective == "throughput" else None,
                 rng=ctx.rng if objective == "throughput" else None,
+                forwarding=ctx.forwarding and objective == "latency",
                 **shape,
             )
         except NoRouteError as exc:

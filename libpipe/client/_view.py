@@ -9,6 +9,13 @@ Where a server appears both ways, the address the user gave wins: it may
 be the only path to it (a proxy, a tunnel). Only servers of our model,
 speaking our protocol, in a dtype we accept and ``online`` are routable.
 
+A server's record also says what its SWIM probes measured to its nearest
+peers (``peer_rtt_ms``); a client that forwards steps server to server
+prices the hop between two servers with it (``_routing.py``), and sends
+each push to the address the next server announces (``push_address``),
+where its peers measured it, rather than to the address this client
+reaches it at (a proxy, a tunnel of its own).
+
 RTTs come from ``ping`` calls, smoothed by an EMA; a server never measured
 counts as ``DEFAULT_RTT``, pessimistic on purpose so that a measured server
 wins ties. A server that fails is banned for a time that doubles with each
@@ -33,7 +40,7 @@ import trio
 
 from ..errors import ConnectionBrokenError, LibpipeError
 from ..net import Connection, ConnectionPool
-from ..swarm import RecordState, ServerRecord, verified_records
+from ..swarm import RecordState, ServerRecord, peer_rtt, verified_records
 from ..wire import PROTOCOL_VERSION
 
 logger = logging.getLogger("libpipe.client")
@@ -66,10 +73,28 @@ class ServerEntry:
     cache_bytes_per_token: int  # over the whole span, one sequence
     max_length: int | None = None  # None: not announced (gossip records)
     pinned: bool = False  # dial with expected_peer_id (learned from a signed record)
+    # From its signed record, when we hold one: the addresses it announces
+    # to its peers, and its round trips to them ((peer id prefix, ms) pairs).
+    announced: tuple[str, ...] = ()
+    peer_rtt_ms: tuple[tuple[str, float], ...] = ()
 
     @property
     def blocks(self) -> int:
         return self.span[1] - self.span[0]
+
+    @property
+    def push_address(self) -> str:
+        """Where a previous hop should push this server's input: the address
+        its gossip peers reach it at when it has peers (its record lists
+        round trips to them, and servers with a view push only to addresses
+        in records), else the one we reach it at."""
+        if self.peer_rtt_ms and self.announced and self.address not in self.announced:
+            return self.announced[0]
+        return self.address
+
+    def rtt_to(self, peer_id: str) -> float | None:
+        """Seconds this server's probes measured to ``peer_id``, if it said."""
+        return peer_rtt(self.peer_rtt_ms, peer_id)
 
 
 @dataclass
@@ -137,6 +162,10 @@ class SwarmView:
         if meta.get("model_id") != self.model_id or meta.get("num_blocks") != self.num_blocks:
             self.skipped["model"] += 1
             return None
+        known = self.servers.get(entry.peer_id)
+        if known is not None:
+            # What only its record says stays until the next record replaces it.
+            entry = replace(entry, announced=known.announced, peer_rtt_ms=known.peer_rtt_ms)
         return self._admit(entry)
 
     def merge_records(self, wires: Any, *, wall_clock: float | None = None) -> int:
@@ -187,6 +216,8 @@ class SwarmView:
             free_cache_bytes=record.free_cache_bytes,
             cache_bytes_per_token=(end - start) * self._kv_values * _ELEMENT_SIZE[record.dtype],
             pinned=True,
+            announced=record.addresses,
+            peer_rtt_ms=record.peer_rtt_ms,
         )
 
     def _admit(self, entry: ServerEntry) -> ServerEntry | None:

@@ -32,12 +32,14 @@ from ._rebalance import (
 )
 from ._record import (
     MAX_BLOCKS as MAX_BLOCKS,
+    PEER_RTT_PREFIX as PEER_RTT_PREFIX,
     RecordState as RecordState,
     ServerRecord as ServerRecord,
     SignedRecord as SignedRecord,
     Signer as Signer,
     check_model_size as check_model_size,
     decode_signed as decode_signed,
+    peer_rtt as peer_rtt,
     sign_record as sign_record,
     verified_records as verified_records,
     verify_signed as verify_signed,

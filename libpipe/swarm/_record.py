@@ -145,11 +145,7 @@ class ServerRecord:
 
     def rtt_to(self, peer_id: str) -> float | None:
         """Seconds this server measured to ``peer_id``; None if it did not say."""
-        key = peer_id[:PEER_RTT_PREFIX]
-        for prefix, ms in self.peer_rtt_ms:
-            if prefix == key:
-                return ms / 1000.0
-        return None
+        return peer_rtt(self.peer_rtt_ms, peer_id)
 
     def to_map(self) -> dict[str, Any]:
         """The canonical map: keys sorted, only msgpack-native values."""
@@ -315,6 +311,15 @@ def check_model_size(record: ServerRecord, model_id: str, num_blocks: int) -> No
             reason="num_blocks",
             peer_id=record.peer_id,
         )
+
+
+def peer_rtt(table: tuple[tuple[str, float], ...], peer_id: str) -> float | None:
+    """Seconds to ``peer_id`` in a record's ``peer_rtt_ms``; None if absent."""
+    key = peer_id[:PEER_RTT_PREFIX]
+    for prefix, ms in table:
+        if prefix == key:
+            return ms / 1000.0
+    return None
 
 
 def is_expired(record: ServerRecord, *, now: float, ttl: float) -> bool:
