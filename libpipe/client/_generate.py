@@ -35,6 +35,7 @@ class InferenceSession:
     def __init__(self, remote: RemoteSession, head: ClientHead) -> None:
         self._remote = remote
         self._head = head
+        self._device = head.device  # asked twice a step; the head stays where it is
 
     @property
     def position(self) -> int:
@@ -80,9 +81,9 @@ class InferenceSession:
         """``step`` for ids known to be an int64 ``[batch, t]`` tensor
         (the generation loop's: a checked prompt, then its own choices),
         without checking them again on every token."""
-        hidden = self._head.embed(ids.to(self._head.device))  # [B, t, D]
+        hidden = self._head.embed(ids.to(self._device))  # [B, t, D]
         out = await self._remote.step(hidden)
-        return self._head.logits(out.to(self._head.device))
+        return self._head.logits(out.to(self._device))
 
     async def step_hidden(self, hidden: Tensor) -> Tensor:
         """Hidden states in and out, for callers that embed themselves
@@ -270,7 +271,7 @@ def as_token_ids(ids: Sequence[int] | Tensor, vocab_size: int, *, batch: int = 1
         raise InvalidRequestError(
             f"token ids must have shape [{batch}, t>0], got {list(tensor.shape)}"
         )
-    low, high = int(tensor.min()), int(tensor.max())
+    low, high = (int(v) for v in torch.aminmax(tensor))  # one pass, not two
     if low < 0 or high >= vocab_size:
         raise InvalidRequestError(f"token ids must be in [0, {vocab_size}), got {low}..{high}")
     return tensor
