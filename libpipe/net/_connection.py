@@ -85,6 +85,7 @@ from ._rpc import (
     Message,
     Router,
     Stream,
+    _EndOfStream,
     fresh_error,
 )
 from ._send_turn import SendTurn
@@ -592,13 +593,20 @@ class Connection:
                         else ConnectionBrokenError(f"{self.address} closed the connection")
                     )
                     return
-                # The two frames of every unary call skip the dispatcher's
-                # coroutine: on a small RPC its creation is a visible cost.
+                # The two frames of every unary call, and a stream message
+                # its inbox has room for, skip the dispatcher's coroutine: on
+                # a small RPC or a decode step its creation is a visible cost.
                 kind = type(event)
                 if kind is Response:
                     self._finish_call(event.stream_id, reply=_message(event))
                 elif kind is Request:
                     self._start_handler(event)
+                elif kind is StreamData:
+                    stream = self._streams.get(event.stream_id)
+                    if stream is not None:
+                        message = _message(event)
+                        if not stream.deliver_nowait(message):
+                            await self._deliver_when_room(stream, message)
                 else:
                     await self._dispatch(event)
         except ProtocolError as exc:
@@ -621,18 +629,10 @@ class Connection:
                 self._start_handler(event)
             case Response(stream_id=sid):
                 self._finish_call(sid, reply=_message(event))
-            case StreamData(stream_id=sid) if sid in self._streams:
-                # While a full inbox holds the reader, the peer is not silent:
-                # we are not listening. Keepalive must not count that time.
-                self._stalled = True
-                try:
-                    await self._streams[sid].deliver(_message(event))
-                finally:
-                    self._stalled = False
-                    self._last_received = trio.current_time()
             case StreamClose(stream_id=sid) if sid in self._streams:
                 stream = self._streams[sid]
-                await stream.deliver(END_OF_STREAM)
+                if not stream.deliver_nowait(END_OF_STREAM):
+                    await self._deliver_when_room(stream, END_OF_STREAM)
                 stream.receive_closed = True
                 if stream.send_closed:
                     self._forget_stream(sid)
@@ -673,6 +673,17 @@ class Connection:
             case _:
                 # Replies for calls that were cancelled meanwhile: nobody waits.
                 pass
+
+    async def _deliver_when_room(self, stream: Stream, item: Message | _EndOfStream) -> None:
+        """Wait for room in ``stream``'s inbox. While a full inbox holds the
+        reader, the peer is not silent: we are not listening. Keepalive must
+        not count that time."""
+        self._stalled = True
+        try:
+            await stream.deliver(item)
+        finally:
+            self._stalled = False
+            self._last_received = trio.current_time()
 
     # --- the peer's calls -------------------------------------------------------------
 

@@ -3,12 +3,14 @@ and bidirectional streams. No bytes here; the connection moves them."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import trio
+from outcome import Value
 
 from ..errors import ConfigError, ConnectionClosedError, LibpipeError
 
@@ -113,9 +115,15 @@ class Stream:
 
     ``receive()`` raises ``trio.EndOfChannel`` once the peer has closed its
     side, and the peer's error (as its ``libpipe.errors`` class) if it
-    ended the stream with one. Messages queue in a bounded buffer; when it
+    ended the stream with one. Messages queue in a bounded inbox; when it
     is full the connection stops reading, so the sender is slowed down
-    rather than memory growing."""
+    rather than memory growing.
+
+    The inbox is a deque and the parked tasks, not a trio memory channel:
+    a decode step crosses it once per hop each way, and a message that
+    finds its receiver waiting is handed straight to that task (one
+    ``reschedule``, no channel bookkeeping). Only the connection's reader
+    delivers, so at most one delivery waits for room at a time."""
 
     def __init__(
         self, connection: Connection, stream_id: int, method: str, opening: Message, buffer: int
@@ -124,10 +132,17 @@ class Stream:
         self.method = method
         self.opening = opening
         self._connection = connection
-        self._inbox_send, self._inbox = trio.open_memory_channel[Any](buffer)
         self.send_closed = False
         self.receive_closed = False
         self._failure: BaseException | None = None
+        self._capacity = buffer
+        self._queue: deque[Message | _EndOfStream] = deque()
+        self._receivers: deque[trio.lowlevel.Task] = deque()  # parked in receive
+        # The reader, parked with the message that found the inbox full.
+        self._deliverer: trio.lowlevel.Task | None = None
+        self._held: Message | _EndOfStream | None = None
+        self._ended = False  # fail(): nothing more arrives after what is queued
+        self._discarded = False  # discard(): nobody here listens any more
 
     async def send(
         self, meta: dict[str, Any] | None = None, tensors: tuple[torch.Tensor, ...] = ()
@@ -149,15 +164,30 @@ class Stream:
             await self._connection.send_stream_close(self.stream_id, meta or {})
 
     async def receive(self) -> Message:
-        try:
-            item = await self._inbox.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
+        """The next message: a checkpoint whether or not one is waiting, as
+        a channel's ``receive`` is; a cancelled wait loses no message."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._queue:
+            item = self._take()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        elif self._ended or self._discarded:
+            item = _CLOSED
+        else:
+            task = trio.lowlevel.current_task()
+            self._receivers.append(task)
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._receivers.remove(task)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            item = await trio.lowlevel.wait_task_rescheduled(abort)
+        if item is _CLOSED:
             if self._failure is not None:
                 raise fresh_error(self._failure) from None
-            raise trio.EndOfChannel from None
+            raise trio.EndOfChannel
         if isinstance(item, _EndOfStream):
             self.receive_closed = True
-            self._inbox.close()
+            self._close_inbox()
             raise trio.EndOfChannel
         return item
 
@@ -170,25 +200,71 @@ class Stream:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
+    def deliver_nowait(self, item: Message | _EndOfStream) -> bool:
+        """Hand ``item`` to a waiting receiver or queue it; False (and
+        nothing done) when the inbox is full. An item for an inbox nobody
+        listens to any more is dropped (True)."""
+        if self._ended or self._discarded:
+            return True
+        if self._receivers:
+            trio.lowlevel.reschedule(self._receivers.popleft(), Value(item))
+            return True
+        if len(self._queue) < self._capacity:
+            self._queue.append(item)
+            return True
+        return False
+
     async def deliver(self, item: Message | _EndOfStream) -> None:
-        """Called by the connection's reader; blocks while the buffer is full.
-        A message that fits is handed over without a schedule point: the
-        reader goes on to its next frame at once."""
-        try:
-            try:
-                self._inbox_send.send_nowait(item)
-            except trio.WouldBlock:
-                await self._inbox_send.send(item)
-        except trio.BrokenResourceError:
-            # The local side stopped listening; drop what still arrives.
-            pass
+        """Called by the connection's reader; blocks while the inbox is
+        full. A message that fits is handed over without a schedule point:
+        the reader goes on to its next frame at once."""
+        if self.deliver_nowait(item):
+            return
+        assert self._deliverer is None, "only the connection's reader delivers"
+        self._deliverer, self._held = trio.lowlevel.current_task(), item
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._deliverer = self._held = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _take(self) -> Message | _EndOfStream:
+        item = self._queue.popleft()
+        if self._deliverer is not None:
+            # Room again: the held message joins the queue, the reader reads on.
+            assert self._held is not None
+            self._queue.append(self._held)
+            self._wake_deliverer()
+        return item
+
+    def _wake_deliverer(self) -> None:
+        if self._deliverer is not None:
+            trio.lowlevel.reschedule(self._deliverer)
+            self._deliverer = self._held = None
 
     def fail(self, error: BaseException) -> None:
         """End the inbox with ``error`` after what is queued (connection
-        teardown; never blocks)."""
+        teardown; never blocks). A message waiting for room is dropped."""
         if self._failure is None:
             self._failure = error
-        self._inbox_send.close()
+        self._ended = True
+        self._wake_deliverer()
+        while self._receivers:
+            trio.lowlevel.reschedule(self._receivers.popleft(), Value(_CLOSED))
 
     def discard(self) -> None:
-        self._inbox.close()
+        """Nobody here listens any more: what is queued and what still
+        arrives is dropped."""
+        self._close_inbox()
+
+    def _close_inbox(self) -> None:
+        self._discarded = True
+        self._queue.clear()
+        self._wake_deliverer()
+        while self._receivers:
+            trio.lowlevel.reschedule(self._receivers.popleft(), Value(_CLOSED))
+
+
+# What a parked receiver is woken with when the inbox ends.
+_CLOSED: Any = object()

@@ -58,6 +58,9 @@ NUMPY: dict[str, np.dtype[Any]] = {
     "bool": np.dtype(np.uint8),
 }
 
+# The names whose numpy stand-in is not their own dtype: re-viewed in torch.
+_REVIEWED = frozenset({"bf16", "bool"})
+
 CODEC_RAW = "raw"
 CODEC_ZSTD = "zstd"  # zstd over the element bytes as they are (1-byte dtypes)
 CODEC_SHUFFLE_ZSTD = "shuffle-zstd"  # zstd over the byte planes, high byte first
@@ -98,6 +101,48 @@ def cast_for_wire(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.
                 max_abs=max_abs,
             )
     return out
+
+
+# What ``Tensor.numpy()`` gives for each wire dtype (bf16 has no numpy
+# dtype: its ``numpy()`` raises, and it takes the general path).
+_NUMPY_NAMES: dict[np.dtype[Any], str] = {
+    np.dtype(np.float16): "f16",
+    np.dtype(np.float32): "f32",
+    np.dtype(np.float64): "f64",
+    np.dtype(np.uint8): "u8",
+    np.dtype(np.int8): "i8",
+    np.dtype(np.int16): "i16",
+    np.dtype(np.int32): "i32",
+    np.dtype(np.int64): "i64",
+    np.dtype(np.bool_): "bool",
+}
+
+
+def wire_view(t: torch.Tensor) -> tuple[str, list[int], memoryview]:
+    """The wire dtype name, shape and a byte view of ``t``'s storage.
+
+    A contiguous CPU tensor of a numpy-typed dtype (every decode step) costs
+    one torch call, ``numpy()``, and the rest is read off the array: each
+    torch call on a tiny tensor costs more than the bytes it describes, and
+    about three times more on a cold cache (a step's first touch of this
+    code after 16 ms of compute). Anything else (GPU, bf16, strided, grad)
+    goes through ``tensor_bytes``, which copies where it must."""
+    try:
+        array = t.numpy()
+    except (TypeError, RuntimeError):
+        array = None
+    if array is not None and array.flags.c_contiguous:
+        name = _NUMPY_NAMES.get(array.dtype)
+        if name is not None:
+            shape = list(array.shape)
+            if array.ndim == 0 or array.size == 0:
+                # memoryview.cast wants at least one dimension and no zero extents
+                array = array.reshape(-1)
+            return name, shape, memoryview(array).cast("B")
+    name = WIRE_NAMES.get(t.dtype)
+    if name is None:
+        raise InvalidMessageError(f"dtype {t.dtype} cannot travel on the wire")
+    return name, list(t.shape), tensor_bytes(t)[1]
 
 
 def tensor_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
@@ -158,17 +203,13 @@ class TensorEncoder:
         offset = 0
         compressed_any = False
         for t in tensors:
-            name = WIRE_NAMES.get(t.dtype)
-            if name is None:
-                raise InvalidMessageError(f"dtype {t.dtype} cannot travel on the wire")
-            if t.dim() > limits.max_tensor_dims:
+            name, shape, data = wire_view(t)
+            if len(shape) > limits.max_tensor_dims:
                 raise LimitExceededError(
-                    f"tensor of {t.dim()} dims, limit {limits.max_tensor_dims}",
-                    dims=t.dim(),
+                    f"tensor of {len(shape)} dims, limit {limits.max_tensor_dims}",
+                    dims=len(shape),
                     limit=limits.max_tensor_dims,
                 )
-            shape = list(t.shape)
-            _, data = tensor_bytes(t)
             codec = CODEC_RAW
             body: bytes | memoryview = data
             if compress and data.nbytes >= COMPRESS_MIN_BYTES:
@@ -293,11 +334,13 @@ def decode_tensors(
         else:
             buffer = _decompress(memoryview(payload)[start : start + nbytes], codec, name, size)
             start = 0
-        array = np.frombuffer(buffer, dtype=NUMPY[name], count=numel, offset=start)
+        # One numpy call makes the shaped view: cheaper than frombuffer and
+        # reshape, or than torch.frombuffer and view (two torch calls).
+        array = np.ndarray(shape, NUMPY[name], buffer, start)
         if dtype is torch.bool and int(array.max()) > 1:
             raise InvalidMessageError("a bool tensor holds bytes other than 0 and 1")
-        t = torch.from_numpy(array.reshape(shape))
-        out.append(t if t.dtype is dtype else t.view(dtype))
+        t = torch.from_numpy(array)
+        out.append(t.view(dtype) if name in _REVIEWED else t)
     return tuple(out)
 
 
