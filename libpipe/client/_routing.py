@@ -11,7 +11,7 @@ default RTT.
 A session that forwards (the default) sends a decode step client -> s1 ->
 ... -> sk -> client, so its route is priced as such (``placement.Forwarding``):
 the client's RTTs to the first and last hop, and between servers the round
-trips their records publish (``peer_rtt_ms``, from their SWIM probes). A
+trips their records publish (``peer_rtt_us``, from their SWIM probes). A
 pair neither record measured costs the sum of both servers' client RTTs:
 what the client pays carrying that hop itself, so an unmeasured pair prices
 the route exactly as the client-centric cost does, never better.

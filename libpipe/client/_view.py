@@ -10,7 +10,7 @@ be the only path to it (a proxy, a tunnel). Only servers of our model,
 speaking our protocol, in a dtype we accept and ``online`` are routable.
 
 A server's record also says what its SWIM probes measured to its nearest
-peers (``peer_rtt_ms``); a client that forwards steps server to server
+peers (``peer_rtt_us``); a client that forwards steps server to server
 prices the hop between two servers with it (``_routing.py``), and sends
 each push to the address the next server announces (``push_address``),
 where its peers measured it, rather than to the address this client
@@ -74,9 +74,9 @@ class ServerEntry:
     max_length: int | None = None  # None: not announced (gossip records)
     pinned: bool = False  # dial with expected_peer_id (learned from a signed record)
     # From its signed record, when we hold one: the addresses it announces
-    # to its peers, and its round trips to them ((peer id prefix, ms) pairs).
+    # to its peers, and its round trips to them ((peer id prefix, microseconds) pairs).
     announced: tuple[str, ...] = ()
-    peer_rtt_ms: tuple[tuple[str, float], ...] = ()
+    peer_rtt_us: tuple[tuple[str, int], ...] = ()
 
     @property
     def blocks(self) -> int:
@@ -88,13 +88,13 @@ class ServerEntry:
         its gossip peers reach it at when it has peers (its record lists
         round trips to them, and servers with a view push only to addresses
         in records), else the one we reach it at."""
-        if self.peer_rtt_ms and self.announced and self.address not in self.announced:
+        if self.peer_rtt_us and self.announced and self.address not in self.announced:
             return self.announced[0]
         return self.address
 
     def rtt_to(self, peer_id: str) -> float | None:
         """Seconds this server's probes measured to ``peer_id``, if it said."""
-        return peer_rtt(self.peer_rtt_ms, peer_id)
+        return peer_rtt(self.peer_rtt_us, peer_id)
 
 
 @dataclass
@@ -165,7 +165,7 @@ class SwarmView:
         known = self.servers.get(entry.peer_id)
         if known is not None:
             # What only its record says stays until the next record replaces it.
-            entry = replace(entry, announced=known.announced, peer_rtt_ms=known.peer_rtt_ms)
+            entry = replace(entry, announced=known.announced, peer_rtt_us=known.peer_rtt_us)
         return self._admit(entry)
 
     def merge_records(self, wires: Any, *, wall_clock: float | None = None) -> int:
@@ -217,7 +217,7 @@ class SwarmView:
             cache_bytes_per_token=(end - start) * self._kv_values * _ELEMENT_SIZE[record.dtype],
             pinned=True,
             announced=record.addresses,
-            peer_rtt_ms=record.peer_rtt_ms,
+            peer_rtt_us=record.peer_rtt_us,
         )
 
     def _admit(self, entry: ServerEntry) -> ServerEntry | None:

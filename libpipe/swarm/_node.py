@@ -470,7 +470,7 @@ class GossipNode:
                 me.record.record,
                 incarnation=incarnation,
                 timestamp=self._clock(),
-                peer_rtt_ms=self.rtts.published(),
+                peer_rtt_us=self.rtts.published(),
                 **changes,
             )
         except RecordError as exc:

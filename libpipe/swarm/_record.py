@@ -45,16 +45,18 @@ PUBLIC_KEY_BYTES = 32
 # block (coverage, placement), so a claimed end of 10**12 must never be
 # believed. Past it the record is malformed.
 MAX_BLOCKS = 4096
-# Round trips to other servers (``peer_rtt_ms``): at most this many, each
-# keyed by the first PEER_RTT_PREFIX characters of the peer id (80 bits of
-# its hash, plenty to tell a swarm's servers apart), in milliseconds up to
-# MAX_PEER_RTT_MS (a minute: past it, a link is no link). 16 entries cost
-# about 430 bytes, well inside MAX_RECORD_BYTES with every other field full.
+# Round trips to other servers (``peer_rtt_us``): at most this many, each
+# keyed by the first PEER_RTT_PREFIX characters of the peer id (40 bits of
+# its hash: two of one server's nearest peers share a prefix about once in
+# 10**10 pairs, and then one figure is lost), in whole microseconds up to
+# MAX_PEER_RTT_US (a minute: past it, a link is no link). Records are most
+# of a quiet swarm's gossip, so each entry is kept to about 12 bytes (an
+# int, not a float64): 16 of them add about 200 bytes to a 340-byte record.
 MAX_PEER_RTTS = 16
-PEER_RTT_PREFIX = 16
-MAX_PEER_RTT_MS = 60_000.0
+PEER_RTT_PREFIX = 8
+MAX_PEER_RTT_US = 60_000_000
 # Fields a record may leave out (encoded only when non-empty).
-OPTIONAL_FIELDS = frozenset({"peer_rtt_ms"})
+OPTIONAL_FIELDS = frozenset({"peer_rtt_us"})
 
 
 class RecordState(enum.Enum):
@@ -87,9 +89,9 @@ class ServerRecord:
     second of bulk forward. ``timestamp`` is wall-clock seconds (Unix time)
     of signing; ``incarnation`` rises with every re-signing.
 
-    ``peer_rtt_ms`` is what the server measured to its nearest peers
+    ``peer_rtt_us`` is what the server measured to its nearest peers
     (smoothed SWIM ping round trips, ``_rtt.py``): ``(peer id prefix,
-    milliseconds)`` pairs sorted by prefix. A client routing decode steps
+    microseconds)`` pairs sorted by prefix. A client routing decode steps
     server to server prices the hop between two servers with it.
     """
 
@@ -108,7 +110,7 @@ class ServerRecord:
     incarnation: int
     timestamp: float
     num_blocks: int = 0
-    peer_rtt_ms: tuple[tuple[str, float], ...] = ()
+    peer_rtt_us: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         _check(isinstance(self.peer_id, str) and 0 < len(self.peer_id) <= MAX_STRING, "peer_id")
@@ -141,11 +143,11 @@ class ServerRecord:
             value = getattr(self, name)
             _check(_is_int(value) and 0 <= value < 2**63, name)
         _check(isinstance(self.state, RecordState), "state")
-        _check(_valid_peer_rtts(self.peer_rtt_ms), "peer_rtt_ms")
+        _check(_valid_peer_rtts(self.peer_rtt_us), "peer_rtt_us")
 
     def rtt_to(self, peer_id: str) -> float | None:
         """Seconds this server measured to ``peer_id``; None if it did not say."""
-        return peer_rtt(self.peer_rtt_ms, peer_id)
+        return peer_rtt(self.peer_rtt_us, peer_id)
 
     def to_map(self) -> dict[str, Any]:
         """The canonical map: keys sorted, only msgpack-native values."""
@@ -156,7 +158,7 @@ class ServerRecord:
         raw["throughput_decode"] = float(self.throughput_decode)
         raw["throughput_forward"] = float(self.throughput_forward)
         raw["timestamp"] = float(self.timestamp)
-        raw["peer_rtt_ms"] = {prefix: float(ms) for prefix, ms in self.peer_rtt_ms}
+        raw["peer_rtt_us"] = dict(self.peer_rtt_us)
         for name in OPTIONAL_FIELDS:
             if not raw[name]:
                 del raw[name]
@@ -177,19 +179,19 @@ class ServerRecord:
         values["state"] = state
         values["addresses"] = _as_tuple(raw["addresses"], "addresses")
         values["span"] = _as_tuple(raw["span"], "span")
-        if "peer_rtt_ms" in raw:
-            rtts = raw["peer_rtt_ms"]
+        if "peer_rtt_us" in raw:
+            rtts = raw["peer_rtt_us"]
             if (
                 not isinstance(rtts, dict)
                 or len(rtts) > MAX_PEER_RTTS
                 or not all(isinstance(prefix, str) for prefix in rtts)
             ):
                 raise RecordError(
-                    "server record field 'peer_rtt_ms' is invalid",
+                    "server record field 'peer_rtt_us' is invalid",
                     reason="malformed",
-                    field="peer_rtt_ms",
+                    field="peer_rtt_us",
                 )
-            values["peer_rtt_ms"] = tuple(sorted(rtts.items()))
+            values["peer_rtt_us"] = tuple(sorted(rtts.items()))
         return cls(**values)
 
     def encode(self) -> bytes:
@@ -313,12 +315,12 @@ def check_model_size(record: ServerRecord, model_id: str, num_blocks: int) -> No
         )
 
 
-def peer_rtt(table: tuple[tuple[str, float], ...], peer_id: str) -> float | None:
-    """Seconds to ``peer_id`` in a record's ``peer_rtt_ms``; None if absent."""
+def peer_rtt(table: tuple[tuple[str, int], ...], peer_id: str) -> float | None:
+    """Seconds to ``peer_id`` in a record's ``peer_rtt_us``; None if absent."""
     key = peer_id[:PEER_RTT_PREFIX]
-    for prefix, ms in table:
+    for prefix, us in table:
         if prefix == key:
-            return ms / 1000.0
+            return us / 1e6
     return None
 
 
@@ -334,22 +336,21 @@ def _check(ok: bool, name: str) -> None:
 
 
 def _valid_peer_rtts(value: Any) -> bool:
-    """At most MAX_PEER_RTTS (prefix, ms) pairs, prefixes distinct and sorted,
-    each a finite number of milliseconds in [0, MAX_PEER_RTT_MS]."""
+    """At most MAX_PEER_RTTS (prefix, us) pairs, prefixes distinct and sorted,
+    each a whole number of microseconds in [0, MAX_PEER_RTT_US]."""
     if not isinstance(value, tuple) or len(value) > MAX_PEER_RTTS:
         return False
     previous = ""
     for item in value:
         if not (isinstance(item, tuple) and len(item) == 2):
             return False
-        prefix, ms = item
+        prefix, us = item
         if not (
             isinstance(prefix, str)
             and 0 < len(prefix) <= PEER_RTT_PREFIX
             and prefix > previous
-            and _is_number(ms)
-            and math.isfinite(ms)
-            and 0 <= ms <= MAX_PEER_RTT_MS
+            and _is_int(us)
+            and 0 <= us <= MAX_PEER_RTT_US
         ):
             return False
         previous = prefix

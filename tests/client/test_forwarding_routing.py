@@ -66,7 +66,9 @@ def record_wire(
         state=RecordState.ONLINE,
         incarnation=1,
         timestamp=time.time(),
-        peer_rtt_ms=tuple(sorted((p[:PEER_RTT_PREFIX], ms) for p, ms in rtts.items())),
+        peer_rtt_us=tuple(
+            sorted((p[:PEER_RTT_PREFIX], round(ms * 1000)) for p, ms in rtts.items())
+        ),
     )
     return sign_record(record, identity).to_wire()
 

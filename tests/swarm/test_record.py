@@ -22,7 +22,7 @@ from libpipe.swarm._record import (
     DOMAIN,
     MAX_ADDRESSES,
     MAX_BLOCKS,
-    MAX_PEER_RTT_MS,
+    MAX_PEER_RTT_US,
     MAX_PEER_RTTS,
     MAX_RECORD_BYTES,
     MAX_STRING,
@@ -220,18 +220,18 @@ def test_span_is_checked_against_a_known_model_size(server, changes, fits):
     check_model_size(record, "meta-llama/Llama-2-7b-hf", 0)
 
 
-def _rtts(n: int, ms: float = 1.5) -> tuple[tuple[str, float], ...]:
-    return tuple((f"peer{i:04d}", ms) for i in range(n))
+def _rtts(n: int, us: int = 1500) -> tuple[tuple[str, int], ...]:
+    return tuple((f"peer{i:04d}", us) for i in range(n))
 
 
 def test_peer_rtts_round_trip_and_are_looked_up_by_peer_id_prefix(server):
-    rtts = (("abcdefghijklmnop", 0.25), ("zz", 12.0))
-    signed = sign_record(make_record(server, peer_rtt_ms=rtts), server)
+    rtts = (("abcdefgh", 250), ("zz", 12_000))
+    signed = sign_record(make_record(server, peer_rtt_us=rtts), server)
     back = decode_signed(msgpack.unpackb(msgpack.packb(signed.to_wire()), raw=False))
     verify_signed(back, now=NOW, ttl=TTL, max_skew=10.0)
-    assert back.record.peer_rtt_ms == rtts
+    assert back.record.peer_rtt_us == rtts
     # Keyed by the first PEER_RTT_PREFIX characters of the full peer id.
-    assert back.record.rtt_to("abcdefghijklmnop" + "q" * 16) == 0.25 / 1000
+    assert back.record.rtt_to("abcdefgh" + "q" * 24) == 250e-6
     assert back.record.rtt_to("zz") == 0.012
     assert back.record.rtt_to("someone-else") is None
 
@@ -240,54 +240,55 @@ def test_a_record_without_peer_rtts_encodes_as_before(server):
     """Mixed versions: an empty field is left out of the signed bytes, and a
     record that never had it (an older server's) decodes."""
     decoded = msgpack.unpackb(make_record(server).encode(), raw=False)
-    assert "peer_rtt_ms" not in decoded
-    assert ServerRecord.from_map(decoded).peer_rtt_ms == ()
-    with_rtts = msgpack.unpackb(make_record(server, peer_rtt_ms=_rtts(2)).encode(), raw=False)
+    assert "peer_rtt_us" not in decoded
+    assert ServerRecord.from_map(decoded).peer_rtt_us == ()
+    with_rtts = msgpack.unpackb(make_record(server, peer_rtt_us=_rtts(2)).encode(), raw=False)
     assert list(with_rtts) == sorted(with_rtts)
-    assert with_rtts["peer_rtt_ms"] == {"peer0000": 1.5, "peer0001": 1.5}
+    assert with_rtts["peer_rtt_us"] == {"peer0000": 1500, "peer0001": 1500}
 
 
 @pytest.mark.parametrize(
     "rtts",
     [
         (("a", float("nan")),),
-        (("a", float("inf")),),
-        (("a", -1.0),),
-        (("a", MAX_PEER_RTT_MS + 1),),
+        (("a", 1.5),),  # whole microseconds only
+        (("a", -1),),
+        (("a", MAX_PEER_RTT_US + 1),),
         (("a", True),),
         (("a", "1"),),
-        (("", 1.0),),
-        (("x" * (PEER_RTT_PREFIX + 1), 1.0),),
-        (("b", 1.0), ("a", 1.0)),  # not sorted
-        (("a", 1.0), ("a", 2.0)),  # twice
-        (("a", 1.0, 2.0),),
+        (("", 1),),
+        (("x" * (PEER_RTT_PREFIX + 1), 1),),
+        (("b", 1), ("a", 1)),  # not sorted
+        (("a", 1), ("a", 2)),  # twice
+        (("a", 1, 2),),
         _rtts(MAX_PEER_RTTS + 1),
-        ["a", 1.0],
+        ["a", 1],
     ],
 )
 def test_invalid_peer_rtts_are_refused(server, rtts):
     with pytest.raises(RecordError) as caught:
-        make_record(server, peer_rtt_ms=rtts)
-    assert caught.value.details["field"] == "peer_rtt_ms"
+        make_record(server, peer_rtt_us=rtts)
+    assert caught.value.details["field"] == "peer_rtt_us"
 
 
 @pytest.mark.parametrize(
     "value",
     [
         {"a": float("nan")},
-        {"a": -0.5},
-        {"a": 1e300},
+        {"a": 2.5},
+        {"a": -5},
+        {"a": 2**64 - 1},
         {"a": "fast"},
-        {b"a": 1.0},
-        {"a": 1.0, b"b": 1.0},  # mixed key types must not reach a sort
-        {"x" * 40: 1.0},
-        [["a", 1.0]],
-        {f"p{i}": 1.0 for i in range(MAX_PEER_RTTS + 1)},
-        {f"p{i}": 1.0 for i in range(1000)},  # oversized: refused by count, not decoded further
+        {b"a": 1},
+        {"a": 1, b"b": 1},  # mixed key types must not reach a sort
+        {"x" * 40: 1},
+        [["a", 1]],
+        {f"p{i}": 1 for i in range(MAX_PEER_RTTS + 1)},
+        {f"p{i}": 1 for i in range(1000)},  # oversized: refused by count, not decoded further
     ],
 )
 def test_forged_peer_rtts_on_the_wire_are_malformed(server, value):
-    wire = _wire_with(server, lambda m: m.update(peer_rtt_ms=value))
+    wire = _wire_with(server, lambda m: m.update(peer_rtt_us=value))
     with pytest.raises(RecordError) as caught:
         decode_signed(wire)
     assert reason(caught) == "malformed"
@@ -300,7 +301,7 @@ def test_the_largest_legal_record_fits_the_size_limit(server):
         model_id="m" * MAX_STRING,
         dtype="d" * MAX_STRING,
         version="v" * MAX_STRING,
-        peer_rtt_ms=tuple((f"{i:0{PEER_RTT_PREFIX}d}", MAX_PEER_RTT_MS) for i in range(16)),
+        peer_rtt_us=tuple((f"{i:0{PEER_RTT_PREFIX}d}", MAX_PEER_RTT_US) for i in range(16)),
     )
     signed = sign_record(record, server)
     assert len(signed.payload) <= MAX_RECORD_BYTES

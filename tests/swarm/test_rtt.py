@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from libpipe.swarm import MemberState, MemoryNetwork
-from libpipe.swarm._record import MAX_PEER_RTT_MS, PEER_RTT_PREFIX
+from libpipe.swarm._record import MAX_PEER_RTT_US, PEER_RTT_PREFIX
 from libpipe.swarm._rtt import RTT_EMA_ALPHA, PeerRtts
 
 
@@ -20,18 +20,18 @@ def test_samples_are_smoothed_per_peer():
     assert rtts.get("a") is None and len(rtts) == 0
 
 
-def test_published_keeps_the_nearest_peers_by_prefix_in_milliseconds():
+def test_published_keeps_the_nearest_peers_by_prefix_in_microseconds():
     rtts = PeerRtts()
     for n in range(20):
         rtts.observe(f"{n:02d}" + "x" * 30, (20 - n) / 1000)  # the last ids are nearest
     rtts.observe("far" + "y" * 30, 1e6)
     table = rtts.published(limit=3)
     assert table == (
-        (("17" + "x" * 30)[:PEER_RTT_PREFIX], 3.0),
-        (("18" + "x" * 30)[:PEER_RTT_PREFIX], 2.0),
-        (("19" + "x" * 30)[:PEER_RTT_PREFIX], 1.0),
+        (("17" + "x" * 30)[:PEER_RTT_PREFIX], 3000),
+        (("18" + "x" * 30)[:PEER_RTT_PREFIX], 2000),
+        (("19" + "x" * 30)[:PEER_RTT_PREFIX], 1000),
     )
-    assert dict(rtts.published(limit=100))[("far" + "y" * 30)[:PEER_RTT_PREFIX]] == MAX_PEER_RTT_MS
+    assert dict(rtts.published(limit=100))[("far" + "y" * 30)[:PEER_RTT_PREFIX]] == MAX_PEER_RTT_US
 
 
 @pytest.fixture
