@@ -28,12 +28,12 @@ in its queue into one pass that costs far less than their sum.
   other figure a server announces (``ServerSpec.forward_time``: a long
   pass, where the fixed cost is spread thin, so the arithmetic of one more
   row), which fits a GPU, whose decode passes are bound by reading the
-  weights. Where a batched row costs more than its arithmetic (on a CPU
-  each session's attention over its own cache is a loop of small kernels:
-  0.6-0.9 ms a row against 0.15 ms of forward per block on the loopback
-  bench's model), a scenario gives ``batch_row`` measured on the same
-  software (``bench/sim_vs_live.py`` times the span's batched pass before
-  its runs), never fitted to the run being predicted.
+  weights. Where a batched row costs more than its arithmetic (on a CPU,
+  with each session's attention over its own cache, a row of the loopback
+  bench's model costs 0.2-0.6 of a lone step, a forward token 0.05), a
+  scenario gives ``batch_row`` measured on the same software
+  (``bench/sim_vs_live.py`` times the span's batched pass around its
+  runs), never fitted to the run being predicted.
 """
 
 from __future__ import annotations

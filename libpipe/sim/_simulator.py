@@ -191,20 +191,30 @@ class _Trips:
 class _Running:
     """An admitted session: where its current step is."""
 
-    __slots__ = ("admitted", "at", "first_token", "hops", "nominal", "prefill", "request", "tokens")
+    __slots__ = (
+        "admitted",
+        "at",
+        "decode",
+        "first_token",
+        "hops",
+        "nominal",
+        "prefill",
+        "request",
+        "tokens",
+    )
 
     def __init__(
         self,
         request: SessionRequest,
         hops: tuple[_Hop, ...],
         admitted: float,
-        prefill: _Trips,
+        trips: tuple[_Trips, _Trips],
         nominal: float,
     ) -> None:
         self.request = request
         self.hops = hops
         self.admitted = admitted
-        self.prefill = prefill
+        self.prefill, self.decode = trips  # the prompt's travel, a decode step's
         self.nominal = nominal  # the decode step alone on its servers
         self.at = 0  # the hop the current step is at
         self.tokens = 0  # tokens generated so far
@@ -230,7 +240,6 @@ class Simulation:
             raise ConfigError("two sessions share an index")
         self.servers = _placed_servers(self.scenario, self._placement)
         self._running: dict[int, _Running] = {}
-        self._decode_trips: dict[int, _Trips] = {}
         self._retries = 0
         self._outcomes: dict[int, SessionOutcome] = {}
         self._events: list[tuple[float, int, int, object]] = []
@@ -292,9 +301,9 @@ class Simulation:
         self, now: float, request: SessionRequest, hops: tuple[_Hop, ...], forwarded: bool
     ) -> None:
         prefill = self._prefill_trips(hops, request, forwarded)
-        decode = self._decode_trips[request.index] = self._step_trips(hops, request, forwarded)
+        decode = self._step_trips(hops, request, forwarded)
         nominal = _alone(decode, [h.blocks * h.server.spec.tau_decode for h in hops])
-        session = _Running(request, hops, now, prefill, nominal)
+        session = _Running(request, hops, now, (prefill, decode), nominal)
         self._running[request.index] = session
         prompt = [h.blocks * h.server.spec.prefill_time(request.prompt_tokens) for h in hops]
         opened = now + self.scenario.costs.session_open
@@ -316,7 +325,6 @@ class Simulation:
     def _finish(self, now: float, session: _Running) -> None:
         index = session.request.index
         del self._running[index]
-        del self._decode_trips[index]
         steps = session.request.new_tokens - 1
         self._outcomes[index] = SessionOutcome(
             arrival=session.request.arrival,
@@ -358,7 +366,7 @@ class Simulation:
     def _pass_done(self, now: float, server: _Server, jobs: list[Job]) -> None:
         for job in jobs:
             session = self._running[job.owner]
-            trips = session.prefill if session.tokens == 0 else self._decode_trips[job.owner]
+            trips = session.prefill if session.tokens == 0 else session.decode
             session.at += 1
             if session.at < len(session.hops):
                 self._push(now + trips.lead[session.at], _JOB, job.owner)
@@ -382,7 +390,7 @@ class Simulation:
         for hop in session.hops:
             hop.server.running[index] = (expected, hop.cache_bytes)
         session.at = 0
-        self._push(now + self._decode_trips[index].lead[0], _JOB, index)
+        self._push(now + session.decode.lead[0], _JOB, index)
 
     # --- the performance model -----------------------------------------------
 
