@@ -19,6 +19,11 @@ run between them). Reported: the session's decode-step latency (median,
 p90, max) and backward tokens/s per mode, ``decode_p90_gain`` (baseline p90
 / per-block p90) and ``backward_rate_ratio`` (per block / baseline).
 
+Forward part: the same with forward calls of ``--bulk-tokens`` tokens
+and ``--forward-chunk`` (the whole span vs 1): ``forward_decode_p50_gain``,
+``forward_decode_p90_gain`` (whole-span job / per-block jobs) and
+``forward_rate_ratio`` (per block / whole span).
+
 Inline part: one lone session decodes back to back, then goes on while
 another connection pings the server every 5 ms. Two servers, alternating:
 ``--inline-decode-ms 0`` (every step handed to the compute thread, the
@@ -30,7 +35,7 @@ loop's inline passes cost everything else); ``inline_step_gain``
 (baseline median step / inline) and ``inline_cpu_saved_ms`` (baseline CPU
 per step - inline).
 
-    .venv/bin/python bench/server.py [--quick] [--json] [--part decode|backward|inline|all]
+    .venv/bin/python bench/server.py [--quick] [--json] [--part decode|backward|forward|inline|all]
         [--hidden 1024 --blocks 8]
 """
 
@@ -100,14 +105,21 @@ async def decode_rate(
     return sum(counted) / seconds
 
 
-async def decode_under_backward(
-    address: str, blocks: tuple[int, int], seconds: float, hidden: int, prompt: int, tokens: int
+async def decode_under_bulk(
+    address: str,
+    blocks: tuple[int, int],
+    seconds: float,
+    hidden: int,
+    prompt: int,
+    tokens: int,
+    method: str,
 ) -> tuple[list[float], float]:
-    """One session's decode-step latencies (s) while backward calls of
-    ``tokens`` tokens over ``blocks`` run back to back, over ``seconds``
-    (from a short warm-up after the session's prefill), and the backward
-    tokens/s meanwhile. Both go on past the window until each has a few
-    measurements (a loaded machine can make single steps slow)."""
+    """One session's decode-step latencies (s) while ``method`` calls
+    (backward or forward) of ``tokens`` tokens over ``blocks`` run back to
+    back, over ``seconds`` (from a short warm-up after the session's
+    prefill), and the bulk tokens/s meanwhile. Both go on past the window
+    until each has a few measurements (a loaded machine can make single
+    steps slow)."""
     latencies: list[float] = []
     done: list[float] = []  # when backward calls ended inside the window
     meta = {"start": blocks[0], "end": blocks[1], "batch": 1, "max_length": 8192}
@@ -134,12 +146,13 @@ async def decode_under_backward(
                     latencies.append(time.perf_counter() - sent)
             await stream.close_send()
 
-    async def backward(conn) -> None:
+    async def bulk_calls(conn) -> None:
         x = torch.randn(1, tokens, hidden).half()
         g = (torch.randn(1, tokens, hidden) * 1e-3).half()
+        inputs = (x, g) if method == "backward" else (x,)
         await prefilled.wait()
         while time.perf_counter() < window[1] or len(done) < 2:
-            await conn.call("backward", bulk, (x, g), timeout=600)
+            await conn.call(method, bulk, inputs, timeout=600)
             if time.perf_counter() >= window[0]:
                 done.append(time.perf_counter())
 
@@ -147,7 +160,7 @@ async def decode_under_backward(
         conn = await pool.get(address)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session, conn)
-            nursery.start_soon(backward, conn)
+            nursery.start_soon(bulk_calls, conn)
     # Whole calls between the first and the last end: no call counted in part.
     return latencies, (len(done) - 1) * tokens / (done[-1] - done[0])
 
@@ -274,29 +287,39 @@ def decode_part(args: argparse.Namespace, model, common: list[str]) -> dict[str,
 
 
 def backward_part(args: argparse.Namespace, model, common: list[str]) -> dict[str, object]:
+    return bulk_part(args, model, common, "backward")
+
+
+def forward_part(args: argparse.Namespace, model, common: list[str]) -> dict[str, object]:
+    return bulk_part(args, model, common, "forward")
+
+
+def bulk_part(args: argparse.Namespace, model, common: list[str], method: str) -> dict[str, object]:
     modes = {"whole_span": args.blocks, "per_block": 1}
+    chunk_flag = f"--{method}-chunk"
     latencies: dict[str, list[float]] = {m: [] for m in modes}
     rates: dict[str, list[float]] = {m: [] for m in modes}
     with (
         ServerProcess.start(
             model,
             blocks=(0, args.blocks),
-            extra_args=[*common, "--backward-chunk", str(args.blocks)],
+            extra_args=[*common, chunk_flag, str(args.blocks)],
         ) as whole,
         ServerProcess.start(
-            model, blocks=(0, args.blocks), extra_args=[*common, "--backward-chunk", "1"]
+            model, blocks=(0, args.blocks), extra_args=[*common, chunk_flag, "1"]
         ) as per_block,
     ):
         for _ in range(args.rounds):
             for mode, server in (("whole_span", whole), ("per_block", per_block)):
                 lat, rate = trio.run(
-                    decode_under_backward,
+                    decode_under_bulk,
                     server.address,
                     (0, args.blocks),
                     args.seconds,
                     args.hidden,
                     args.prompt,
                     args.bulk_tokens,
+                    method,
                 )
                 latencies[mode] += lat
                 rates[mode].append(rate)
@@ -306,32 +329,38 @@ def backward_part(args: argparse.Namespace, model, common: list[str]) -> dict[st
             "decode_ms_p90": 1e3 * percentile(latencies[mode], 0.9),
             "decode_ms_max": 1e3 * max(latencies[mode]),
             "decode_steps": len(latencies[mode]),
-            "backward_tok_s": statistics.median(rates[mode]),
+            f"{method}_tok_s": statistics.median(rates[mode]),
         }
         for mode in modes
     }
+    # Backward's keys as they were; forward's carry its name.
+    gain = "" if method == "backward" else f"{method}_"
     result: dict[str, object] = {
         "bulk_tokens": args.bulk_tokens,
-        "under_backward": stats,
-        "decode_p90_gain": stats["whole_span"]["decode_ms_p90"]
+        f"under_{method}": stats,
+        f"{gain}decode_p50_gain": stats["whole_span"]["decode_ms_p50"]
+        / stats["per_block"]["decode_ms_p50"],
+        f"{gain}decode_p90_gain": stats["whole_span"]["decode_ms_p90"]
         / stats["per_block"]["decode_ms_p90"],
-        "backward_rate_ratio": stats["per_block"]["backward_tok_s"]
-        / stats["whole_span"]["backward_tok_s"],
+        f"{method}_rate_ratio": stats["per_block"][f"{method}_tok_s"]
+        / stats["whole_span"][f"{method}_tok_s"],
     }
     if not args.json:
-        print(f"decode latency while backward calls of {args.bulk_tokens} tokens run back to back")
+        print(f"decode latency while {method} calls of {args.bulk_tokens} tokens run back to back")
         print(
-            f"{'backward jobs':>14} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} {'steps':>6} "
-            f"{'backward tok/s':>15}"
+            f"{method + ' jobs':>14} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} {'steps':>6} "
+            f"{method + ' tok/s':>15}"
         )
         for mode, st in stats.items():
             print(
                 f"{mode:>14} {st['decode_ms_p50']:>8.1f} {st['decode_ms_p90']:>8.1f} "
-                f"{st['decode_ms_max']:>8.1f} {st['decode_steps']:>6} {st['backward_tok_s']:>15.1f}"
+                f"{st['decode_ms_max']:>8.1f} {st['decode_steps']:>6} "
+                f"{st[f'{method}_tok_s']:>15.1f}"
             )
         print(
-            f"decode p90 whole/per-block {result['decode_p90_gain']:.2f}, "
-            f"backward rate per-block/whole {result['backward_rate_ratio']:.2f}"
+            f"decode p50 whole/per-block {result[f'{gain}decode_p50_gain']:.2f}, "
+            f"p90 {result[f'{gain}decode_p90_gain']:.2f}, "
+            f"{method} rate per-block/whole {result[f'{method}_rate_ratio']:.2f}"
         )
     return result
 
@@ -405,7 +434,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (median)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per session")
     ap.add_argument("--bulk-tokens", type=int, default=128, help="tokens per backward call")
-    ap.add_argument("--part", choices=("decode", "backward", "inline", "all"), default="all")
+    ap.add_argument(
+        "--part", choices=("decode", "backward", "forward", "inline", "all"), default="all"
+    )
     ap.add_argument(
         "--threads", type=int, default=0, help="torch threads per server (0: torch's default)"
     )
@@ -444,6 +475,8 @@ def main() -> int:
             result |= decode_part(args, model, common)
         if args.part in ("backward", "all"):
             result |= backward_part(args, model, common)
+        if args.part in ("forward", "all"):
+            result |= forward_part(args, model, common)
         if args.part in ("inline", "all"):
             result |= inline_part(args, model, common)
     if args.json:

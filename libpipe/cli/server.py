@@ -102,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "gives backward throughput priority over decode latency",
     )
     add(
+        "--forward-chunk",
+        type=int,
+        help="blocks per compute job of a forward call (default 1): decode steps run between "
+        "jobs; each job costs a hand-off to the compute thread, no recomputation",
+    )
+    add(
         "--bulk-bytes",
         help="inputs of forward/backward calls held at once (queued or computing), e.g. 2G; "
         "past it new calls are refused as busy (default 1G)",
@@ -198,6 +204,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         "inline_decode_max": None if args.inline_decode_ms is None else args.inline_decode_ms / 1e3,
         "prefill_chunk": args.prefill_chunk,
         "backward_chunk": args.backward_chunk,
+        "forward_chunk": args.forward_chunk,
         "cache_dir": Path(args.cache_dir) if args.cache_dir else None,
         "throughput": parse_throughput(args.throughput) if args.throughput else None,
         "num_blocks": args.num_blocks,

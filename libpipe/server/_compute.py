@@ -22,7 +22,8 @@ weights never get a gradient.
 A whole span's backward as one job would keep the device for all of it
 (decode steps of interactive sessions wait: the executor's priorities act
 only between jobs) and hold every activation of the span at once, so
-``ChunkedBackward`` cuts it into jobs of ``chunk`` blocks each.
+``ChunkedBackward`` cuts it into jobs of ``chunk`` blocks each. A forward
+call is cut the same way (``ChunkedForward``), which recomputes nothing.
 
 Moving tensors between the host and the device (and casting replies to the
 wire dtype) also happens here, on the worker: a copy back from a GPU waits
@@ -75,25 +76,70 @@ def row_groups(batch: int, tokens: int, prefill_chunk: int) -> list[slice]:
     return [slice(r, r + rows) for r in range(0, batch, rows)]
 
 
-def forward(
-    span: BlockSpan,
-    pool: KVCachePool,
-    hidden: Tensor,
-    start: int,
-    end: int,
-    *,
-    prompts: Tensor | None = None,
-    adapter: str | None = None,
-) -> Tensor:
-    """``hidden: [B, T, D]`` as received through blocks ``[start, end)``;
-    ``prompts: [end-start, B, P, D]``. The reply, on the host in ``hidden``'s dtype."""
-    outs = []
-    for rows in row_groups(hidden.shape[0], hidden.shape[1], span.prefill_chunk):
-        x = input_on_span(hidden[rows], span, "hidden states")
-        p = None if prompts is None else input_on_span(prompts[:, rows], span, "deep prompts")
-        out = _forward_rows(span, pool, x, start, end, prompts=p, adapter=adapter)
-        outs.append(to_wire(out, hidden.dtype))
-    return _join(outs)
+class ChunkedForward:
+    """A forward over blocks ``[start, end)`` as a series of short jobs, so
+    decode steps run between them instead of waiting for a whole span's
+    pass (the executor's priorities act only between jobs).
+
+    ``jobs()`` are to run in order, each on the worker as its own executor
+    job: for each group of rows (``row_groups``), one job per chunk of
+    ``chunk`` blocks, each taking the previous one's output (a block-
+    boundary activation) as its input. The same operations on the same
+    values as ``forward``, so the outputs are equal; unlike backward's,
+    the cut costs no recomputation, only a hand-off per job. ``result``
+    holds the reply's tensor, on the host in the request's dtype, once the
+    last job has run."""
+
+    def __init__(
+        self,
+        span: BlockSpan,
+        pool: KVCachePool,
+        hidden: Tensor,
+        start: int,
+        end: int,
+        *,
+        chunk: int,
+        prompts: Tensor | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        self.span = span
+        self.pool = pool
+        self.hidden = hidden
+        self.prompts = prompts
+        self.start = start
+        self.adapter = adapter
+        self.chunks = [(a, min(a + chunk, end)) for a in range(start, end, chunk)]
+        self.rows = row_groups(hidden.shape[0], hidden.shape[1], span.prefill_chunk)
+        self._x: Tensor | None = None  # the current row group's activations
+        self._p: Tensor | None = None  # and its deep prompts, on the device
+        self._outs: list[Tensor] = []
+        self.result: Tensor | None = None
+
+    def jobs(self) -> list[Callable[[], None]]:
+        return [
+            functools.partial(self._job, rows, i)
+            for rows in self.rows
+            for i in range(len(self.chunks))
+        ]
+
+    def _job(self, rows: slice, i: int) -> None:
+        span = self.span
+        if i == 0:
+            self._x = input_on_span(self.hidden[rows], span, "hidden states")
+            self._p = (
+                None
+                if self.prompts is None
+                else input_on_span(self.prompts[:, rows], span, "deep prompts")
+            )
+        a, b = self.chunks[i]
+        p = None if self._p is None else self._p[a - self.start : b - self.start]
+        assert self._x is not None
+        self._x = _forward_rows(span, self.pool, self._x, a, b, prompts=p, adapter=self.adapter)
+        if i == len(self.chunks) - 1:
+            self._outs.append(to_wire(self._x, self.hidden.dtype))
+            self._x = self._p = None
+            if len(self._outs) == len(self.rows):
+                self.result = _join(self._outs)
 
 
 def _forward_rows(

@@ -82,6 +82,10 @@ class ServerConfig:
     # fewest activations; more blocks recompute less (one forward of all
     # chunks but the last is the price of chunking).
     backward_chunk: int = 1
+    # Blocks per job of a forward call (server/_compute.ChunkedForward):
+    # decode steps run between jobs; a job costs a hand-off to the compute
+    # thread (~0.5 ms on a small CPU host) but no recomputation.
+    forward_chunk: int = 1
     # Bytes of forward/backward inputs held at once; past it calls are busy.
     bulk_bytes: int = DEFAULT_BULK_BYTES
     # (decode steps/s, forward tokens/s) to announce instead of measuring.
@@ -119,7 +123,14 @@ class ServerConfig:
         for name in ("cache_bytes",):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
-        for name in ("max_length", "max_batch", "prefill_chunk", "backward_chunk", "bulk_bytes"):
+        for name in (
+            "max_length",
+            "max_batch",
+            "prefill_chunk",
+            "backward_chunk",
+            "forward_chunk",
+            "bulk_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.inline_decode_max < float("inf"):

@@ -12,7 +12,6 @@ connection layer sends it to that client with its kind.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import trio
@@ -67,12 +66,23 @@ class RpcHandlers:
     async def forward(self, ctx: CallContext, msg: Message) -> Message:
         s = self.s
         start, end, adapter, (hidden,), prompts = self._bulk_request(msg, "forward", 1)
-        job = functools.partial(
-            _compute.forward, s.span, s.pool, hidden, start, end, prompts=prompts, adapter=adapter
+        plan = _compute.ChunkedForward(
+            s.span,
+            s.pool,
+            hidden,
+            start,
+            end,
+            chunk=s.config.forward_chunk,
+            prompts=prompts,
+            adapter=adapter,
         )
         with s.bulk_call(msg.tensors):
-            out = await s.executor.call(Priority.BULK, job)
-        return Message({}, (out,))
+            # As backward's: every job ages from the call's arrival.
+            since = trio.current_time()
+            for job in plan.jobs():
+                await s.executor.call(Priority.BULK, job, since=since)
+        assert plan.result is not None
+        return Message({}, (plan.result,))
 
     async def backward(self, ctx: CallContext, msg: Message) -> Message:
         s = self.s

@@ -87,7 +87,9 @@ async def test_a_batch_of_many_short_rows_goes_through_in_bounded_groups(gqa, ma
     local = load_span(gqa, 2, 6, progress=False)
     hidden, grad_out = rand(30, 2, H, seed=6), rand(30, 2, H, seed=7)
     prompts = rand(4, 30, 1, H, seed=8) * 0.1
-    async with running_servers([make_config(gqa, (2, 6), prefill_chunk=8)]) as (servers, pool):
+    # One forward job over the span, so each row group is one forward call.
+    config = make_config(gqa, (2, 6), prefill_chunk=8, forward_chunk=4)
+    async with running_servers([config]) as (servers, pool):
         span = servers[0].serving.span
         rows_seen: list[int] = []
         forward = span.forward

@@ -29,7 +29,7 @@ def test_flags_become_a_server_config(tmp_path):
         "--max-length", "4096", "--no-batching", "--throughput", "12.5,800",
         "--peers", "127.0.0.1:1, 127.0.0.1:2", "--cache-dir", str(tmp_path / "c"),
         "--gossip", "local", "--idle-timeout", "5", "--backward-chunk", "2",
-        "--bulk-bytes", "2G", "--inline-decode-ms", "12.5",
+        "--bulk-bytes", "2G", "--inline-decode-ms", "12.5", "--forward-chunk", "3",
     )  # fmt: skip
     config = cli.build_config(args)
     assert isinstance(config, ServerConfig)
@@ -46,6 +46,7 @@ def test_flags_become_a_server_config(tmp_path):
     assert config.backward_chunk == 2
     assert config.bulk_bytes == 2 << 30
     assert config.inline_decode_max == 0.0125
+    assert config.forward_chunk == 3
     assert config.drain_grace == ServerConfig.drain_grace  # left out: the default
 
 
@@ -79,6 +80,7 @@ def test_byte_sizes(text, value):
         (["--blocks", "0:2", "--insecure", "--threads", "0"], "--threads must be at least 1"),
         (["--blocks", "0:2", "--backward-chunk", "0"], "backward_chunk must be at least 1"),
         (["--blocks", "0:2", "--bulk-bytes", "0"], "bulk_bytes must be at least 1"),
+        (["--blocks", "0:2", "--forward-chunk", "0"], "forward_chunk must be at least 1"),
         (["--blocks", "0:2", "--inline-decode-ms", "-1"], "inline_decode_max must be"),
         (["--blocks", "0:2", "--inline-decode-ms", "nan"], "inline_decode_max must be"),
     ],
