@@ -265,6 +265,18 @@ class SocketStream(trio.abc.HalfCloseableStream):
                     await trio.lowlevel.wait_readable(self._sock)
                     waited = True
                 except ssl.SSLWantWriteError:
+                    # Never beside a writer waiting on this socket (trio would
+                    # refuse a second waiter for writability), because an
+                    # SSL_read that must write cannot happen here: it writes
+                    # only to answer a handshake message at once. Renegotiation
+                    # is TLS 1.2 (we speak 1.3 only); post-handshake client
+                    # auth is never enabled; and the one TLS 1.3 message left,
+                    # a peer's KeyUpdate asking for ours, only marks the
+                    # update due while reading: OpenSSL sends it from the
+                    # next SSL_write, once no write is pending (ssl3_write_bytes,
+                    # "wb->left == 0"). test_a_key_update_during_a_blocked_send
+                    # keeps OpenSSL to that (a read that waited here beside
+                    # the blocked writer would raise BusyResourceError there).
                     await trio.lowlevel.wait_writable(self._sock)
                     waited = True
                 except ssl.SSLZeroReturnError:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import ast
+import ctypes
+import ctypes.util
 import pathlib
 import ssl
 
@@ -196,5 +198,66 @@ async def test_a_tls_write_that_wants_a_read_waits_for_one(
             assert await _receive_exactly(server, 100) == b"w" * 100
     assert send.tries == 2
     assert got == [b"record"]
+    client.close()
+    server.close()
+
+
+def _request_key_update(stream: SocketStream) -> None:
+    """Make OpenSSL send a TLS 1.3 KeyUpdate asking the peer to update its
+    keys too (Python's ssl has no call for it: libssl's SSL_key_update on
+    the SSL* that CPython's _ssl object holds right after its socket
+    weakref). Skips where that layout or libssl cannot be confirmed."""
+    try:
+        libssl = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
+    except OSError:
+        pytest.skip("libssl not loadable")
+    libssl.SSL_get_fd.argtypes = [ctypes.c_void_p]
+    libssl.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    sslobj = stream.socket._sslobj  # type: ignore[attr-defined]
+    word = ctypes.sizeof(ctypes.c_void_p)
+    # PySSLSocket: PyObject_HEAD (refcount, type), Socket weakref, SSL *ssl
+    ptr = ctypes.c_void_p.from_address(id(sslobj) + 3 * word).value
+    if not ptr or libssl.SSL_get_fd(ptr) != stream.socket.fileno():
+        pytest.skip("cannot find the SSL* of this Python's ssl socket")
+    assert libssl.SSL_key_update(ptr, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
+
+
+async def test_a_key_update_during_a_blocked_send(server_security: Security) -> None:
+    """The peer asks for a key update while our large send waits for the
+    kernel (the peer reads nothing). The read that takes the KeyUpdate in
+    does not write (OpenSSL answers it at the next SSL_write, once the
+    pending one is done: see ``receive_into``), so it never waits on
+    writability beside the writer; the data both ways arrives intact, and
+    so does traffic after the update."""
+    payload = bytes(range(256)) * (64 * 1024)  # 16 MiB: far over the socket buffers
+    async with trio.open_nursery() as nursery:
+        client, server = await _pair(server_security, nursery)
+        await server.send_all(b"hello")  # takes in the session tickets
+        assert await _receive_exactly(client, 5) == b"hello"
+        got: list[bytes] = []
+        sent = trio.Event()
+
+        async def write() -> None:
+            await client.send_all(payload)
+            sent.set()
+
+        async def read() -> None:
+            got.append(await _receive_exactly(client, 6))
+
+        with trio.fail_after(20):
+            nursery.start_soon(write)
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not sent.is_set()  # the writer waits for writability
+            _request_key_update(server)
+            await server.send_all(b"update")  # carries the KeyUpdate
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [b"update"]  # read beside the waiting writer
+            assert await _receive_exactly(server, len(payload)) == payload
+            await sent.wait()
+            await client.send_all(b"after")  # under the client's new keys
+            assert await _receive_exactly(server, 5) == b"after"
+            await server.send_all(b"again")
+            assert await _receive_exactly(client, 5) == b"again"
     client.close()
     server.close()
