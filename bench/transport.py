@@ -14,7 +14,10 @@ In one run, on 127.0.0.1:
   (``Connection.call`` / a stream), plaintext and TLS; ``_inline`` rows: the
   server answers on its reader task (``Router.unary_inline``), no hand-off;
 * libpipe session: round trips on one open bidirectional stream, the shape
-  of a client's decode steps.
+  of a client's decode steps; ``_cold`` rows (and their raw trio
+  counterpart) leave the process idle for ``COLD_GAP_S`` before each round,
+  as a decode step finds it after a token's compute: caches and branch
+  predictors are cold, and the same code costs about twice as much.
 
 Measures (a) ping-pong of a small message (median and p99 microseconds),
 (b) a decode-step RPC: a (1, 1, 4096) fp16 tensor each way (median us),
@@ -22,7 +25,8 @@ Measures (a) ping-pong of a small message (median and p99 microseconds),
 while four streams push 16 MiB messages on its connection (head-of-line
 blocking; ``rpc_during_bulk_vs_idle``; the ``_whole`` row turns continued
 messages off, each message one frame: ``rpc_during_bulk_sliced_vs_whole``).
-Ratios are libpipe over raw (or over idle), measured in the same run.
+Ratios are libpipe over raw (or over idle), measured in the same run;
+``session_step_cold_vs_raw`` compares the cold rows.
 Targets: ``tls_stream_vs_raw_tls`` >= 0.70 (libpipe TLS streaming over raw
 blocking TLS); ``rpc_rtt_vs_raw`` <= 2.0 (libpipe's small-RPC round trip
 over raw trio ping-pong). ``tls_rpc_rtt_vs_raw`` holds the TLS call to the
@@ -55,6 +59,10 @@ SMALL = 64
 STEP_BYTES = 4096 * 2  # a (1, 1, 4096) fp16 hidden state
 BIG = 16 * 1024 * 1024
 HEADER = 64  # about a frame header with its tensor metadata
+# Idle time before each round of the cold rows: about one decode step's
+# compute on a small GPU (the regime of bench/e2e.py). A blocking sleep, as
+# the loop's thread is parked while the model runs.
+COLD_GAP_S = 0.016
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -62,6 +70,15 @@ def _stats(samples: list[float]) -> dict[str, float]:
     return {
         "median_us": statistics.median(samples) * 1e6,
         "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6,
+    }
+
+
+def _merge(runs: list[dict[str, float]]) -> dict[str, float]:
+    """One row from several runs of the same case: the mean of their
+    medians, the worst of their p99s."""
+    return {
+        "median_us": statistics.fmean(r["median_us"] for r in runs),
+        "p99_us": max(r["p99_us"] for r in runs),
     }
 
 
@@ -156,9 +173,12 @@ async def _trio_receive_exact(stream: trio.abc.ReceiveStream, size: int) -> byte
     return b"".join(parts)
 
 
-async def trio_pingpong(size: int, rounds: int, tls: Security | None = None) -> dict[str, float]:
+async def trio_pingpong(
+    size: int, rounds: int, tls: Security | None = None, gap: float = 0.0
+) -> dict[str, float]:
     """Ping-pong between two trio tasks of one loop, as libpipe's RPC rows
-    run; with ``tls``, over ``trio.SSLStream`` (trio's own TLS)."""
+    run; with ``tls``, over ``trio.SSLStream`` (trio's own TLS); ``gap``:
+    seconds idle before each round (cold rows)."""
 
     async def echo(stream: trio.abc.Stream) -> None:
         if tls is not None:
@@ -176,6 +196,8 @@ async def trio_pingpong(size: int, rounds: int, tls: Security | None = None) -> 
             stream = trio.SSLStream(stream, tls.client_context)
         message, samples = b"x" * size, []
         for _ in range(rounds):
+            if gap:
+                time.sleep(gap)
             t0 = time.perf_counter()
             await stream.send_all(message)
             await _trio_receive_exact(stream, size)
@@ -307,10 +329,15 @@ async def rpc_pingpong(
 
 
 async def session_pingpong(
-    security: Security, tensor_bytes: int, rounds: int, compression: bool = False
+    security: Security,
+    tensor_bytes: int,
+    rounds: int,
+    compression: bool = False,
+    gap: float = 0.0,
 ) -> dict[str, float]:
     """Round trips on one bidirectional stream: an inference session's shape
-    (send a step, receive its result), as a client drives decode steps."""
+    (send a step, receive its result), as a client drives decode steps;
+    ``gap``: seconds idle before each round (cold rows)."""
     import torch
 
     from libpipe.net import ConnectionConfig, Router, connect, serve
@@ -333,9 +360,11 @@ async def session_pingpong(
         async with connect(host, port, security=security, config=config) as conn:
             async with conn.open_stream("echo") as stream:
                 samples = []
-                for _ in range(rounds):
+                for position in range(rounds):
+                    if gap:
+                        time.sleep(gap)
                     t0 = time.perf_counter()
-                    await stream.send({"step": 1}, tensors)
+                    await stream.send({"position": position, "step": 1}, tensors)
                     await stream.receive()
                     samples.append(time.perf_counter() - t0)
                 await stream.close_send()
@@ -495,6 +524,18 @@ def main(argv: list[str] | None = None) -> int:
     results["step"]["libpipe_rpc_tls"] = run(rpc_pingpong, tls, STEP_BYTES, rounds)
     results["step"]["libpipe_session_plain"] = run(session_pingpong, plain, STEP_BYTES, rounds)
     results["step"]["libpipe_session_tls"] = run(session_pingpong, tls, STEP_BYTES, rounds)
+    # Cold: each round after COLD_GAP_S idle, raw and libpipe alternated so
+    # that both see the same machine.
+    cold_rounds = max(30, rounds // 10)
+    raw_cold: list[dict[str, float]] = []
+    session_cold: list[dict[str, float]] = []
+    for _ in range(2):
+        raw_cold.append(run(trio_pingpong, STEP_BYTES, cold_rounds // 2, None, COLD_GAP_S))
+        session_cold.append(
+            run(session_pingpong, plain, STEP_BYTES, cold_rounds // 2, False, COLD_GAP_S)
+        )
+    results["step"]["raw_trio_cold"] = _merge(raw_cold)
+    results["step"]["libpipe_session_plain_cold"] = _merge(session_cold)
     # Head-of-line blocking: the same small call while 4 streams push 16 MiB
     # frames on its connection, against the idle figure above.
     results["small"]["libpipe_rpc_plain_during_bulk"] = run(
@@ -526,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         "step_rtt_vs_raw": step["libpipe_rpc_plain"]["median_us"] / step["raw_trio"]["median_us"],
         "session_step_vs_raw": step["libpipe_session_plain"]["median_us"]
         / step["raw_trio"]["median_us"],
+        "session_step_cold_vs_raw": step["libpipe_session_plain_cold"]["median_us"]
+        / step["raw_trio_cold"]["median_us"],
         "rpc_during_bulk_vs_idle": small["libpipe_rpc_plain_during_bulk"]["median_us"]
         / small["libpipe_rpc_plain"]["median_us"],
         "rpc_during_bulk_sliced_vs_whole": small["libpipe_rpc_plain_during_bulk"]["median_us"]
