@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import libpipe.wire as wire
+from libpipe.errors import InvalidMessageError
 from libpipe.wire import (
     Cancel,
     ConnectionEnded,
@@ -265,3 +266,33 @@ def test_non_contiguous_and_fp32_tensors_are_sent_as_their_values(pair):
     assert not t.is_contiguous()
     got = pair.deliver(pair.dialer, Request(1, "m", {}, (t, t[::2])))
     assert torch.equal(got.tensors[0], t) and torch.equal(got.tensors[1], t[::2])
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_every_dtype_travels_in_every_shape_without_a_copy(pair, name):
+    """The one-torch-call encoding (``numpy()``, read off the array) and the
+    general one (bf16) give the same bytes; scalars, empty tensors and views
+    into the middle of a storage keep their values and shapes."""
+    dtype = DTYPES[name]
+    base = (torch.arange(40) % 2 if dtype is torch.bool else torch.arange(40)).to(dtype)
+    cases = (base[7:19].view(3, 4), base[5], base[:0].view(0, 4), base.view(2, 4, 5))
+    buffers = pair.dialer.send(Request(1, "m", {}, cases))
+    for t in cases[:2]:
+        # the tensor's own storage goes out, not a copy of it
+        assert any(
+            isinstance(b, memoryview)
+            and b.nbytes == t.numel() * t.element_size()
+            and np.frombuffer(b, dtype=np.uint8).ctypes.data == t.data_ptr()
+            for b in buffers
+        )
+    pair.acceptor.receive_data(b"".join(bytes(b) for b in buffers))
+    got = pair.acceptor.next_event()
+    for sent, received in zip(cases, got.tensors, strict=True):
+        assert received.dtype is dtype and received.shape == sent.shape
+        assert torch.equal(received, sent)
+
+
+def test_a_dtype_numpy_has_and_the_wire_does_not_is_refused(pair):
+    # numpy() succeeds for uint16: the dtype must still be judged
+    with pytest.raises(InvalidMessageError, match="cannot travel"):
+        pair.dialer.send(Request(1, "m", {}, (torch.ones(2, dtype=torch.uint16),)))
