@@ -152,8 +152,9 @@ def _pack_metadata(event: Event, descriptors: list[list[Any]] | None) -> dict[st
     return meta
 
 
-def _field(meta: dict[str, Any], name: str, kind: FrameKind, default: Any = ...) -> Any:
-    value = meta.get(name, default)
+def _field(meta: dict[str, Any], name: str, kind: FrameKind) -> Any:
+    """A field the frame must carry (optional ones are read with ``get``)."""
+    value = meta.get(name, ...)
     if value is ...:
         raise InvalidMessageError(f"{kind.name} metadata lacks {name!r}")
     return value
@@ -162,25 +163,22 @@ def _field(meta: dict[str, Any], name: str, kind: FrameKind, default: Any = ...)
 def _build_event(
     kind: FrameKind, stream_id: int, meta: dict[str, Any], tensors: tuple[Any, ...]
 ) -> Event:
-    """The event a frame's metadata describes; the event validates the fields."""
+    """The event a frame's metadata describes; the event validates the fields.
+    Stream messages first: they are most of the frames (a decode step each)."""
     f = _field
-    if kind is FrameKind.REQUEST:
-        return Request(stream_id, f(meta, "method", kind), f(meta, "meta", kind, {}), tensors)
-    if kind is FrameKind.RESPONSE:
-        return Response(stream_id, f(meta, "meta", kind, {}), tensors)
-    if kind is FrameKind.STREAM_OPEN:
-        return StreamOpen(stream_id, f(meta, "method", kind), f(meta, "meta", kind, {}), tensors)
+    get = meta.get
     if kind is FrameKind.STREAM_DATA:
-        return StreamData(stream_id, f(meta, "meta", kind, {}), tensors)
+        return StreamData(stream_id, get("meta", {}), tensors)
+    if kind is FrameKind.RESPONSE:
+        return Response(stream_id, get("meta", {}), tensors)
+    if kind is FrameKind.REQUEST:
+        return Request(stream_id, f(meta, "method", kind), get("meta", {}), tensors)
+    if kind is FrameKind.STREAM_OPEN:
+        return StreamOpen(stream_id, f(meta, "method", kind), get("meta", {}), tensors)
     if kind is FrameKind.STREAM_CLOSE:
-        return StreamClose(stream_id, f(meta, "meta", kind, {}))
+        return StreamClose(stream_id, get("meta", {}))
     if kind is FrameKind.ERROR:
-        return ErrorReply(
-            stream_id,
-            f(meta, "kind", kind),
-            f(meta, "message", kind, ""),
-            f(meta, "details", kind, {}),
-        )
+        return ErrorReply(stream_id, f(meta, "kind", kind), get("message", ""), get("details", {}))
     if kind is FrameKind.CANCEL:
         return Cancel(stream_id)
     if kind is FrameKind.HELLO:
@@ -188,17 +186,17 @@ def _build_event(
             f(meta, "version", kind),
             f(meta, "peer_id", kind),
             f(meta, "role", kind),
-            f(meta, "model_id", kind, ""),
-            f(meta, "features", kind, []),
-            f(meta, "info", kind, {}),
+            get("model_id", ""),
+            get("features", []),
+            get("info", {}),
         )
     if kind is FrameKind.NOTIFY:
-        return Notify(f(meta, "method", kind), f(meta, "meta", kind, {}))
+        return Notify(f(meta, "method", kind), get("meta", {}))
     if kind is FrameKind.PING:
         return Ping(f(meta, "nonce", kind))
     if kind is FrameKind.PONG:
         return Pong(f(meta, "nonce", kind))
-    return GoAway(f(meta, "last_stream_id", kind), f(meta, "reason", kind, ""))
+    return GoAway(f(meta, "last_stream_id", kind), get("reason", ""))
 
 
 class WireConnection:
