@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 import trio
 
-from libpipe.model import write_random_checkpoint
+from libpipe.model import (
+    BlockSpan,
+    ModelConfig,
+    load_span,
+    write_random_checkpoint,
+    write_random_lora_adapter,
+)
 from libpipe.net import ConnectionPool, Security
 from libpipe.server import BlockServer, ServerConfig
 from libpipe.swarm import GossipConfig
@@ -34,6 +40,20 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def gqa(checkpoints: dict[str, Path]) -> Path:
     return checkpoints["llama-gqa"]
+
+
+@pytest.fixture(scope="module")
+def lora_span(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> BlockSpan:
+    """Blocks [1, 6) of the GQA checkpoint with a LoRA adapter named ``tuned``
+    (bulk forward and backward tests)."""
+    model_dir = checkpoints["llama-gqa"]
+    adapter = write_random_lora_adapter(
+        tmp_path_factory.mktemp("adapters") / "tuned",
+        ModelConfig.from_file(model_dir),
+        target_modules=("q_proj", "v_proj", "down_proj"),
+        seed=5,
+    )
+    return load_span(model_dir, 1, 6, progress=False, adapters=[adapter])
 
 
 def server_config(

@@ -11,7 +11,6 @@ import torch
 import trio
 
 from libpipe.errors import ConfigError
-from libpipe.model import ModelConfig, load_span, write_random_lora_adapter
 from libpipe.server import Priority
 from libpipe.server._compute import ChunkedBackward
 
@@ -27,18 +26,6 @@ ROWS = {"rtol": 1e-4, "atol": 1e-4}
 
 def rand(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def lora_span(checkpoints, tmp_path_factory):
-    model_dir = checkpoints["llama-gqa"]
-    adapter = write_random_lora_adapter(
-        tmp_path_factory.mktemp("adapters") / "tuned",
-        ModelConfig.from_file(model_dir),
-        target_modules=("q_proj", "v_proj", "down_proj"),
-        seed=5,
-    )
-    return load_span(model_dir, 1, 6, progress=False, adapters=[adapter])
 
 
 def autograd_reference(span, hidden, grad_out, start, end, prompts, adapter):
