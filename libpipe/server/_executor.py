@@ -305,12 +305,11 @@ class Executor:
         if self._busy or self._heap:
             return False
         session = job.session
-        if session is None:
+        if session is None or not self.batching:
             return True
         last = self._last_batch.get((id(session.span), session.start, session.end))
-        if last is None:
-            return True
-        return all(s is session or s.closed for s in last[0]) and self.gather_target(session) <= 1
+        # Every other session of the last batch closed: a gather target of 1.
+        return last is None or all(s is session or s.closed for s in last[0])
 
     def _runs_inline(self, job: _Job) -> bool:
         """Whether a decode step that starts now runs on the loop thread
