@@ -14,7 +14,8 @@ the client's RTTs to the first and last hop, and between servers the round
 trips their records publish (``peer_rtt_us``, from their SWIM probes). A
 pair neither record measured costs the sum of both servers' client RTTs:
 what the client pays carrying that hop itself, so an unmeasured pair prices
-the route exactly as the client-centric cost does, never better.
+the route as the client-centric cost does, never better. Each message of
+a forwarded step also costs ``FORWARD_MESSAGE_OVERHEAD``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ from ._view import ServerEntry, SwarmView
 # a CPU block of a small model takes about a millisecond, a 7B block on a
 # consumer GPU a few; 20 ms keeps such a server the last choice.
 DEFAULT_TAU = 0.02
+# Seconds charged per message of a forwarded step (k + 1 messages for k
+# hops; placement's ``message_overhead``) for what round trips leave out: a
+# server receiving, decoding and pushing on. Half of the 1 ms an extra hop
+# may add per token on loopback (issue 5's target, which bench/e2e.py
+# checks), split half per message as docs/placement.md does. Without it a
+# hop between two servers a fraction of a millisecond apart looks free, and
+# a route picks up extra hops on noise in the servers' figures.
+FORWARD_MESSAGE_OVERHEAD = 0.0005
 
 
 @dataclass(frozen=True)
@@ -132,7 +141,9 @@ def forwarding_costs(entries: list[ServerEntry], view: SwarmView) -> Forwarding:
         return view.rtt_of(a) + view.rtt_of(b) if measured is None else measured
 
     client_rtt = {e.peer_id: view.rtt_of(e.peer_id) for e in entries}
-    return Forwarding(server_rtt=server_rtt, client_rtt=client_rtt)
+    return Forwarding(
+        server_rtt=server_rtt, client_rtt=client_rtt, message_overhead=FORWARD_MESSAGE_OVERHEAD
+    )
 
 
 def _measured_rtt(a: ServerEntry, b: ServerEntry) -> float | None:

@@ -5,7 +5,8 @@ The swarm of these tests: W holds the whole model, A and B half of it
 each; all compute alike (1 ms for the 8 blocks). The client is 30 ms from
 W and 20 ms from A and B, which are 1 ms from each other. Carrying every
 hop itself, the client prefers W (31 ms against 41 ms); forwarded, A -> B
-costs 10 + 0.5 + 10 + 1 = 21.5 ms per token against W's 31 ms.
+costs 10 + 0.5 + 10 + 1 = 21.5 ms per token (plus 1.5 ms for its three
+messages) against W's 31 ms (plus 1 ms).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from libpipe.client import RetryPolicy, SwarmView
 from libpipe.client._context import SwarmContext
 from libpipe.client._failover import FailureLedger
-from libpipe.client._routing import forwarding_costs, plan_route
+from libpipe.client._routing import FORWARD_MESSAGE_OVERHEAD, forwarding_costs, plan_route
 from libpipe.net import Identity
 from libpipe.swarm import PEER_RTT_PREFIX, RecordState, ServerRecord, sign_record
 from libpipe.wire import PROTOCOL_VERSION
@@ -112,9 +113,10 @@ def test_the_predicted_per_token_time_is_the_forwarded_path():
     swarm = Swarm()
     entries = swarm.view.routable()
     forwarding = forwarding_costs(entries, swarm.view)
-    # client -> A, A -> B, B -> client: one-way trips, plus 8 blocks of compute.
+    # client -> A, A -> B, B -> client: three one-way trips and messages.
     peers = [swarm.a.peer_id, swarm.b.peer_id]
-    assert forwarding.wire_time(peers) == pytest.approx(0.010 + 0.0005 + 0.010)
+    expected = 0.010 + 0.0005 + 0.010 + 3 * FORWARD_MESSAGE_OVERHEAD
+    assert forwarding.wire_time(peers) == pytest.approx(expected)
 
 
 def test_an_unmeasured_pair_costs_what_the_client_would_pay_carrying_it():
@@ -189,3 +191,25 @@ async def test_sessions_route_forwarded_only_when_the_client_forwards(forwarding
     # the same rate as A and B and is one hop, the cheaper bulk route.
     bulk = await ctx.plan(ledger, start=0, end=8, objective="throughput")
     assert [h.peer_id for h in bulk] == [swarm.w.peer_id]
+
+
+def test_a_near_free_server_hop_is_not_taken_for_noise():
+    """W 0.2 ms from A and B, which measured 1 ms to each other: A -> W -> B
+    saves 0.3 ms of trips over A -> B (noise, at these figures), and costs a
+    message more, which outweighs it."""
+    swarm = Swarm()
+    view = make_view()
+    figures = {
+        swarm.w: {swarm.a.peer_id: 0.2, swarm.b.peer_id: 0.2},
+        swarm.a: {swarm.b.peer_id: 1.0, swarm.w.peer_id: 0.2},
+        swarm.b: {swarm.a.peer_id: 1.0, swarm.w.peer_id: 0.2},
+    }
+    spans = {swarm.w: ((0, 8), 1000.0), swarm.a: ((0, 4), 2000.0), swarm.b: ((4, 8), 2000.0)}
+    view.merge_records([record_wire(who, *spans[who], figures[who]) for who in figures])
+    for who, rtt in ((swarm.w, 0.040), (swarm.a, 0.020), (swarm.b, 0.020)):
+        view.observe_rtt(who.peer_id, rtt)
+    hops = plan_route(view, start=0, end=8, forwarding=True)
+    assert [(h.peer_id, h.start, h.end) for h in hops] == [
+        (swarm.a.peer_id, 0, 4),
+        (swarm.b.peer_id, 4, 8),
+    ]
