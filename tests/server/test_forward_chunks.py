@@ -36,9 +36,15 @@ def run(plan: ChunkedForward) -> torch.Tensor:
     return plan.result
 
 
-@pytest.mark.parametrize("chunk", [1, 2])
-@pytest.mark.parametrize(("deep", "adapter"), [(False, None), (True, "tuned")])
-@pytest.mark.parametrize(("prefill_chunk", "row_groups"), [(512, 1), (6, 3)])
+@pytest.mark.parametrize(
+    ("chunk", "deep", "adapter", "prefill_chunk", "row_groups"),
+    [
+        (1, False, None, 512, 1),
+        (2, True, "tuned", 512, 1),
+        (1, True, "tuned", 6, 3),
+        (2, False, None, 6, 3),
+    ],
+)
 def test_chunked_forward_equals_one_job_over_the_whole_span(
     lora_span, monkeypatch, chunk, deep, adapter, prefill_chunk, row_groups
 ):
