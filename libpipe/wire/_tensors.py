@@ -124,8 +124,8 @@ def wire_view(t: torch.Tensor) -> tuple[str, list[int], memoryview]:
     A contiguous CPU tensor of a numpy-typed dtype (every decode step) costs
     one torch call, ``numpy()``, and the rest is read off the array: each
     torch call on a tiny tensor costs more than the bytes it describes, and
-    about three times more on a cold cache (a step's first touch of this
-    code after 16 ms of compute). Anything else (GPU, bf16, strided, grad)
+    several times more on a cold cache (a step's first touch of this code
+    after 16 ms of compute). Anything else (GPU, bf16, strided, grad)
     goes through ``tensor_bytes``, which copies where it must."""
     try:
         array = t.numpy()
