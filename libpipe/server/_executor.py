@@ -15,7 +15,9 @@ hand-off costs ~0.45 ms per step (the thread's wake-up, ``run_sync_soon``
 waking the loop, the caller's task switch: measured, a quarter of a hop's
 overhead beyond compute on loopback), and for one session nothing can
 overlap its pass anyway. The price: while that pass computes, the loop
-answers nothing else (pings, pushes, other connections' bytes wait). So a
+answers nothing else (pings, pushes, other connections' bytes wait), so a
+client's RTT probe of a server busy with one session reads up to a pass
+long (``bench/server.py --part inline`` measures it). So a
 step runs inline only when (1) it is a decode step that would start at
 once anyway (thread idle, nothing queued); (2) it is lone: the last pass
 of its sub-span was this session's alone and no other open session was
