@@ -90,7 +90,7 @@ class ServerRecord:
     of signing; ``incarnation`` rises with every re-signing.
 
     ``peer_rtt_us`` is what the server measured to its nearest peers
-    (smoothed SWIM ping round trips, ``_rtt.py``): ``(peer id prefix,
+    (the median of its last SWIM pings to each, ``_rtt.py``): ``(peer id prefix,
     microseconds)`` pairs sorted by prefix. A client routing decode steps
     server to server prices the hop between two servers with it.
     """

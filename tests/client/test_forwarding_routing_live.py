@@ -72,6 +72,10 @@ async def test_forwarding_changes_the_route_not_the_tokens(model_dir, tmp_path, 
         with trio.fail_after(60):
             while not measured():
                 await trio.sleep(0.1)
+        # Each server pings the other two every 0.2 s: in a second and a
+        # half the records carry the median of five pings, not a first one
+        # that a loaded machine may have delayed.
+        await trio.sleep(1.5)
         proxies = {
             "W": await stack.enter_async_context(DelayProxy(w.address, delay=FAR_W)),
             "A": await stack.enter_async_context(DelayProxy(a.address, delay=FAR_AB)),

@@ -7,17 +7,25 @@ import trio
 
 from libpipe.swarm import MemberState, MemoryNetwork
 from libpipe.swarm._record import MAX_PEER_RTT_US, PEER_RTT_PREFIX
-from libpipe.swarm._rtt import RTT_EMA_ALPHA, PeerRtts
+from libpipe.swarm._rtt import RTT_WINDOW, PeerRtts
 
 
-def test_samples_are_smoothed_per_peer():
+def test_a_figure_is_the_median_of_the_last_pings_per_peer():
     rtts = PeerRtts()
-    rtts.observe("a", 0.010)
-    assert rtts.get("a") == 0.010
-    rtts.observe("a", 0.020)
-    assert rtts.get("a") == pytest.approx(0.010 + RTT_EMA_ALPHA * 0.010)
+    rtts.observe("a", 0.001)
+    rtts.observe("b", 0.050)
+    assert rtts.get("a") == 0.001
+    # Two spikes in five pings leave the figure where the link is.
+    for seconds in (0.040, 0.001, 0.030, 0.002):
+        rtts.observe("a", seconds)
+    assert rtts.get("a") == 0.002
+    # A real change takes over once it is most of the window.
+    for _ in range(RTT_WINDOW // 2 + 1):
+        rtts.observe("a", 0.020)
+    assert rtts.get("a") == 0.020
+    assert rtts.get("b") == 0.050
     rtts.forget("a")
-    assert rtts.get("a") is None and len(rtts) == 0
+    assert rtts.get("a") is None and len(rtts) == 1
 
 
 def test_published_keeps_the_nearest_peers_by_prefix_in_microseconds():
