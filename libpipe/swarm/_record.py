@@ -15,6 +15,15 @@ drop news but cannot alter it, and every receiver can check it again.
 Optional fields (``OPTIONAL_FIELDS``) are left out of the encoding while
 empty, so a record without them is byte for byte what an older version
 signs, and receivers accept records with or without them.
+
+Forward compatibility: a key this version does not know (an optional field
+a newer version added) is ignored when decoding, not refused, so an older
+node keeps a newer server's record. The signature still covers the exact
+bytes received, unknown keys included, and a relay forwards those bytes
+(``SignedRecord.payload``), never a re-encoding, so the newer receivers
+downstream still see, and can verify, the field. The payload's byte cap
+(``MAX_RECORD_BYTES``, checked before decoding) bounds what unknown keys
+can cost. Every known key keeps all of its checks.
 """
 
 from __future__ import annotations
@@ -166,11 +175,13 @@ class ServerRecord:
 
     @classmethod
     def from_map(cls, raw: Any) -> ServerRecord:
-        """Rebuild from a decoded map, refusing missing (but optional), extra
-        or mistyped fields."""
+        """Rebuild from a decoded map, refusing missing (but optional) or
+        mistyped fields and ignoring keys this version does not know (see
+        the module docstring)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict) or not names - OPTIONAL_FIELDS <= raw.keys() <= names:
+        if not isinstance(raw, dict) or not names - OPTIONAL_FIELDS <= raw.keys():
             raise RecordError("server record has the wrong fields", reason="malformed")
+        raw = {name: value for name, value in raw.items() if name in names}
         try:
             state = RecordState(raw["state"])
         except ValueError:

@@ -16,6 +16,7 @@ from libpipe.swarm import (
     SignedRecord,
     decode_signed,
     sign_record,
+    verified_records,
     verify_signed,
 )
 from libpipe.swarm._record import (
@@ -177,7 +178,6 @@ def _wire_with(server, mutate) -> list[bytes]:
         lambda s: [bytes(5000), bytes(64)],
         lambda s: [make_record(s).encode(), bytes(10)],
         lambda s: _wire_with(s, lambda m: m.pop("span")),
-        lambda s: _wire_with(s, lambda m: m.update(extra=1)),
         lambda s: _wire_with(s, lambda m: m.update(state="exploded")),
         lambda s: _wire_with(s, lambda m: m.update(addresses="10.0.0.1:1")),
         lambda s: _wire_with(s, lambda m: m.update(model_id=7)),
@@ -306,3 +306,62 @@ def test_the_largest_legal_record_fits_the_size_limit(server):
     signed = sign_record(record, server)
     assert len(signed.payload) <= MAX_RECORD_BYTES
     assert decode_signed(signed.to_wire()).record == record
+
+
+def _signed_with_extra_keys(identity, extra: dict) -> list[bytes]:
+    """What a newer version signs: our fields plus ones we do not know."""
+    raw = make_record(identity).to_map()
+    raw.update(extra)
+    payload = msgpack.packb(dict(sorted(raw.items())), use_bin_type=True)
+    return [payload, identity.sign(DOMAIN + payload)]
+
+
+def test_a_newer_records_unknown_keys_are_ignored_and_relayed_verbatim(server):
+    extra = {"gpu_temp_c": 71, "zz_future": {"nested": [1, 2.5, "x"]}}
+    wire = _signed_with_extra_keys(server, extra)
+    signed = decode_signed(msgpack.unpackb(msgpack.packb(wire), raw=False))
+    # The signature covers the bytes received, unknown keys included.
+    verify_signed(signed, now=NOW, ttl=TTL, max_skew=10.0)
+    assert signed.record == make_record(server)
+    # Relayed as received: a newer receiver downstream still gets the keys
+    # (re-encoding would drop them and break the signature).
+    assert signed.to_wire() == wire
+    assert signed.record.encode() != wire[0]
+    (relayed,) = verified_records([wire], now=NOW, ttl=TTL, max_skew=10.0)
+    assert relayed.to_wire() == wire
+    assert msgpack.unpackb(relayed.payload, raw=False)["zz_future"] == extra["zz_future"]
+
+
+def test_an_unknown_key_does_not_excuse_a_tampered_payload(server):
+    wire = _signed_with_extra_keys(server, {"gpu_temp_c": 71})
+    tampered = wire[0].replace(b"gpu_temp_c\x47", b"gpu_temp_c\x10")
+    assert tampered != wire[0]
+    with pytest.raises(RecordError) as excinfo:
+        verify_signed(decode_signed([tampered, wire[1]]), now=NOW, ttl=TTL, max_skew=10.0)
+    assert reason(excinfo) == "bad_signature"
+
+
+@pytest.mark.parametrize(
+    "known",
+    [
+        {"span": [0, 10**12]},
+        {"state": "exploded"},
+        {"peer_rtt_us": [1, 2]},
+        {"free_cache_bytes": -1},
+    ],
+)
+def test_a_malformed_known_key_fails_beside_unknown_ones(server, known):
+    wire = _signed_with_extra_keys(server, {"gpu_temp_c": 71, **known})
+    with pytest.raises(RecordError) as excinfo:
+        decode_signed(wire)
+    assert reason(excinfo) == "malformed"
+
+
+def test_a_record_missing_a_required_key_fails_whatever_else_it_carries(server):
+    raw = make_record(server).to_map()
+    del raw["span"]
+    raw["span_v2"] = [0, 4]
+    payload = msgpack.packb(raw, use_bin_type=True)
+    with pytest.raises(RecordError) as excinfo:
+        decode_signed([payload, server.sign(DOMAIN + payload)])
+    assert reason(excinfo) == "malformed"
