@@ -16,7 +16,7 @@ import torch
 import trio
 from torch import Tensor
 
-from ..errors import InvalidRequestError, LibpipeError, SessionError, sole_error
+from ..errors import InvalidRequestError, LibpipeError, SessionError
 from ..model import InferenceSession
 from ..net import CallContext, ConnectionPool, Message, Router, Stream, short_peer_id
 from . import _compute, _validate
@@ -74,6 +74,7 @@ class InferenceHandler:
                 entry.id, entry.peer, start, end, batch, max_length,
             )  # fmt: skip
             inputs = StepInputs(batch, s.hidden_size)
+            inputs.wake = functools.partial(stream.deliver_nowait, _PUSH_WAKE)
             token = self.pushes.open(inputs)
             try:
                 await self._reply(stream, Message({"position": 0, "push_token": token}))
@@ -104,7 +105,7 @@ class InferenceHandler:
                     item: object = held
                     held = None
                 else:
-                    item = await _next_arrival(stream, inputs, client)
+                    item = await _next_arrival(stream, client)
                 if item is _CLIENT_CLOSED:
                     return
                 if item is _PUSH_ARRIVED:
@@ -140,11 +141,19 @@ class InferenceHandler:
         step: int | None,
         client: _ClientDeadline,
     ) -> None:
-        """Push the output on (the next hop waits for it) and answer the
-        client at once; the client hears more only if the push failed
+        """Push the output on (the next hop waits for it), then answer the
+        client; the client hears more only if the push failed
         (``{"step", "pushed": false}``), and then sends the input itself.
-        Answering before the push is acknowledged keeps the server-to-
-        server round trip off the client's path."""
+
+        The push goes first: the next hop is on the client's critical path
+        and should not wait behind a send to the client (which on a busy
+        host can also hand the CPU to the client woken by it). Its answer
+        is awaited here, in the session's own task, before the reply: the
+        next hop answers a push on its reader, before it computes, so the
+        wait is one server-to-server round trip, shorter than the rest of
+        the chain the client waits for anyway, and it costs no nursery,
+        task or event per step (a task sending the reply while the push
+        awaits its answer did, on every server of every forwarded step)."""
         refused = None if self.known is None else self.known.refusal(target)
         if refused is not None:
             logger.info("push refused, not dialed: %s", refused)
@@ -155,30 +164,9 @@ class InferenceHandler:
                 refusal["step"] = step
             await client.send(stream, Message(refusal))
             return
-        outcome: list[bool] = []
-        # Set as the push's frame goes out (or the push gave up first). The
-        # reply waits for it: the next hop, on the client's critical path,
-        # should not wait behind a send to the client, which on a busy host
-        # can also hand the CPU to the client woken by it.
-        sending = trio.Event()
-
-        async def push_on() -> None:
-            try:
-                outcome.append(await push(self.connections, target, reply.tensors[0], sending.set))
-            finally:
-                sending.set()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(push_on)
-                await sending.wait()
-                await client.send(stream, reply)
-        except BaseExceptionGroup as group:
-            sole = sole_error(group)
-            if sole is group:
-                raise
-            raise sole from None
-        if not outcome[0]:
+        pushed = await push(self.connections, target, reply.tensors[0])
+        await client.send(stream, reply)
+        if not pushed:
             notice: dict[str, object] = {"pushed": False}
             if step is not None:
                 notice["step"] = step
@@ -237,6 +225,16 @@ class InferenceHandler:
 
 _CLIENT_CLOSED = object()
 _PUSH_ARRIVED = object()
+# Put in a session's inbox by a push that makes its announced step ready
+# (``StepInputs.wake``), so that the handler, waiting for its client's next
+# message, wakes to run it. Waiting for either source takes no second task,
+# and no cancel scope per wait: cancelling the wait instead cost about as
+# much again as the wake itself, once per forwarded hop per step. A wake
+# that finds the handler already woken by a client message stays queued
+# and is read later as a push with nothing ready, which runs nothing; one
+# that finds the inbox full is dropped, and the handler, with messages to
+# read, is not waiting anyway.
+_PUSH_WAKE = Message({"push_wake": True})
 
 
 class _ClientDeadline:
@@ -282,32 +280,17 @@ class _ClientDeadline:
         )
 
 
-async def _next_arrival(stream: Stream, inputs: StepInputs, client: _ClientDeadline) -> object:
+async def _next_arrival(stream: Stream, client: _ClientDeadline) -> object:
     """The client's next message, ``_CLIENT_CLOSED``, or, while a step waits
-    for its push, ``_PUSH_ARRIVED`` if the push comes first.
-
-    Waiting for either source takes no second task: the push (``offer``,
-    on the connection's reader) cancels the scope of the wait on the
-    stream, and a cancelled ``receive`` loses no message."""
-    if inputs.awaiting is None:
-        client.start(sending=False)
-        try:
-            return await stream.receive()
-        except trio.EndOfChannel:
-            return _CLIENT_CLOSED
-        finally:
-            client.stop()
-    with trio.CancelScope(deadline=trio.current_time() + client.timeout) as wait:
-        inputs.wake = wait
-        try:
-            return await stream.receive()
-        except trio.EndOfChannel:
-            return _CLIENT_CLOSED
-        finally:
-            inputs.wake = None
-    if inputs.ready is None:  # the deadline, not the push
-        raise client.idle()
-    return _PUSH_ARRIVED
+    for its push, ``_PUSH_ARRIVED`` if the push comes first."""
+    client.start(sending=False)
+    try:
+        item = await stream.receive()
+    except trio.EndOfChannel:
+        return _CLIENT_CLOSED
+    finally:
+        client.stop()
+    return _PUSH_ARRIVED if item is _PUSH_WAKE else item
 
 
 def _prefill_job(session: InferenceSession, hidden: Tensor) -> Tensor:

@@ -71,9 +71,9 @@ class StepInputs:
         self.awaiting: Message | None = None
         self.early: dict[int, Tensor] = {}
         self.ready: Message | None = None
-        # The handler's wait for its client's next message while an
-        # announced step waits for its push: the push cancels it.
-        self.wake: trio.CancelScope | None = None
+        # Wakes the handler from its wait for its client's next message
+        # when a push makes an announced step ready (None: nobody waits).
+        self.wake: Callable[[], object] | None = None
         self.closed = False
 
     def offer(self, step: int, hidden: Tensor) -> None:
@@ -85,7 +85,7 @@ class StepInputs:
             self.ready = self._run(Message(self.awaiting.meta, (hidden,)))
             self.awaiting = None
             if self.wake is not None:
-                self.wake.cancel()
+                self.wake()
             return
         newest = self.last_step if self.awaiting is None else _step_of(self.awaiting)
         if newest is not None and step <= newest:
@@ -245,20 +245,14 @@ async def push(
     connections: ConnectionPool | None,
     target: PushTarget,
     out: Tensor,
-    sending: Callable[[], None] | None = None,
 ) -> bool:
     """Send ``out`` to the next hop; whether it was queued there. Any
-    failure is only a False: the client then sends the input itself.
-    ``sending()`` is called once connected, just before the push's frame
-    is written (in the same task step, unless another send holds the
-    connection)."""
+    failure is only a False: the client then sends the input itself."""
     if connections is None:
         return False
     with trio.move_on_after(PUSH_TIMEOUT):
         try:
             connection = await connections.get(target.address, target.peer_id)
-            if sending is not None:
-                sending()
             await connection.call("push", {"token": target.token, "step": target.step}, (out,))
         except (LibpipeError, OSError, trio.BrokenResourceError) as exc:
             logger.debug("push to %s failed: %s", target.address, exc)

@@ -93,6 +93,45 @@ async def test_a_pushed_step_runs_once_on_the_pushed_input(gqa, make_config):
             await hop2.close_send()
 
 
+async def test_a_push_racing_a_newer_client_step_runs_each_step_at_most_once(gqa, make_config):
+    """The push for an announced step and the client's next step come
+    together: whichever the server sees first, the announced step runs at
+    most once, the newer one exactly once, and a push's wake that finds
+    the handler already woken by the client runs nothing later."""
+    async with running_servers([make_config(gqa, (4, 6))]) as ((server,), pool):
+        conn = await pool.get(server.address)
+        async with conn.open_stream("inference", opening(4, 6)) as stream:
+            token = await open_session(pool, server, stream)
+            await stream.send({"position": 0, "step": 0}, (x(3),))
+            assert (await stream.receive()).meta == {"position": 3, "step": 0}
+            await stream.send({"position": 3, "step": 1, "pushed": True})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.send, {"position": 3, "step": 2}, (x(),))
+                nursery.start_soon(conn.call, "push", {"token": token, "step": 1}, (x(),))
+            answered = [(await stream.receive()).meta]
+            if answered[0]["step"] == 1:
+                answered.append((await stream.receive()).meta)
+            assert answered[-1] == {"position": 4, "step": 2}
+            await stream.send({"position": 4, "step": 3}, (x(),))
+            assert (await stream.receive()).meta == {"position": 5, "step": 3}
+            await stream.close_send()
+            with pytest.raises(trio.EndOfChannel):
+                await stream.receive()
+
+
+def test_a_push_wakes_the_handler_only_for_the_announced_step() -> None:
+    inputs = StepInputs(BATCH, H)
+    wakes: list[None] = []
+    inputs.wake = lambda: wakes.append(None)
+    inputs.offer(1, x())  # before its announcement: queued, nobody to wake
+    assert wakes == [] and inputs.arrive(Message({"step": 1, "pushed": True})) is not None
+    assert inputs.arrive(Message({"step": 2, "pushed": True})) is None
+    inputs.offer(2, x())
+    assert len(wakes) == 1 and inputs.take_ready() is not None
+    inputs.offer(2, x())  # a duplicate: dropped, no wake
+    assert len(wakes) == 1 and inputs.take_ready() is None
+
+
 async def test_bad_pushes_get_typed_errors_and_leave_the_session_intact(gqa, make_config):
     async with running_servers([make_config(gqa, (4, 6))]) as ((server,), pool):
         conn = await pool.get(server.address)
