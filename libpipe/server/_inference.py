@@ -16,7 +16,7 @@ import torch
 import trio
 from torch import Tensor
 
-from ..errors import InvalidRequestError, LibpipeError, SessionError
+from ..errors import InvalidRequestError, LibpipeError, SessionError, sole_error
 from ..model import InferenceSession
 from ..net import CallContext, ConnectionPool, Message, Router, Stream, short_peer_id
 from . import _compute, _validate
@@ -141,19 +141,11 @@ class InferenceHandler:
         step: int | None,
         client: _ClientDeadline,
     ) -> None:
-        """Push the output on (the next hop waits for it), then answer the
-        client; the client hears more only if the push failed
+        """Push the output on (the next hop waits for it) and answer the
+        client at once; the client hears more only if the push failed
         (``{"step", "pushed": false}``), and then sends the input itself.
-
-        The push goes first: the next hop is on the client's critical path
-        and should not wait behind a send to the client (which on a busy
-        host can also hand the CPU to the client woken by it). Its answer
-        is awaited here, in the session's own task, before the reply: the
-        next hop answers a push on its reader, before it computes, so the
-        wait is one server-to-server round trip, shorter than the rest of
-        the chain the client waits for anyway, and it costs no nursery,
-        task or event per step (a task sending the reply while the push
-        awaits its answer did, on every server of every forwarded step)."""
+        Answering before the push is acknowledged keeps the server-to-
+        server round trip off the client's path."""
         refused = None if self.known is None else self.known.refusal(target)
         if refused is not None:
             logger.info("push refused, not dialed: %s", refused)
@@ -164,9 +156,30 @@ class InferenceHandler:
                 refusal["step"] = step
             await client.send(stream, Message(refusal))
             return
-        pushed = await push(self.connections, target, reply.tensors[0])
-        await client.send(stream, reply)
-        if not pushed:
+        outcome: list[bool] = []
+        # Set as the push's frame goes out (or the push gave up first). The
+        # reply waits for it: the next hop, on the client's critical path,
+        # should not wait behind a send to the client, which on a busy host
+        # can also hand the CPU to the client woken by it.
+        sending = trio.Event()
+
+        async def push_on() -> None:
+            try:
+                outcome.append(await push(self.connections, target, reply.tensors[0], sending.set))
+            finally:
+                sending.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(push_on)
+                await sending.wait()
+                await client.send(stream, reply)
+        except BaseExceptionGroup as group:
+            sole = sole_error(group)
+            if sole is group:
+                raise
+            raise sole from None
+        if not outcome[0]:
             notice: dict[str, object] = {"pushed": False}
             if step is not None:
                 notice["step"] = step

@@ -245,14 +245,20 @@ async def push(
     connections: ConnectionPool | None,
     target: PushTarget,
     out: Tensor,
+    sending: Callable[[], None] | None = None,
 ) -> bool:
     """Send ``out`` to the next hop; whether it was queued there. Any
-    failure is only a False: the client then sends the input itself."""
+    failure is only a False: the client then sends the input itself.
+    ``sending()`` is called once connected, just before the push's frame
+    is written (in the same task step, unless another send holds the
+    connection)."""
     if connections is None:
         return False
     with trio.move_on_after(PUSH_TIMEOUT):
         try:
             connection = await connections.get(target.address, target.peer_id)
+            if sending is not None:
+                sending()
             await connection.call("push", {"token": target.token, "step": target.step}, (out,))
         except (LibpipeError, OSError, trio.BrokenResourceError) as exc:
             logger.debug("push to %s failed: %s", target.address, exc)
