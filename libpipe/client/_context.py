@@ -66,8 +66,9 @@ class SwarmContext:
         tokens: int = 1,
     ) -> list[PlannedHop]:
         """A route over ``[start, end)``; when there is none, learn the swarm
-        again and retry within the ledger's bound (a banned server may be
-        back, a new one may have joined, a gap may be covered by a move)."""
+        again and retry within the ledger's bound (a server whose ban is
+        over may answer the refresh's probe, a new one may have joined, a
+        gap may be covered by a move)."""
         refreshed = False
         while True:
             try:

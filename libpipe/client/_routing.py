@@ -168,6 +168,9 @@ def _why_not(view: SwarmView) -> str:
     banned = [p for p in view.servers if view.is_banned(p)]
     if banned:
         notes.append(f"{len(banned)} server(s) banned after failures")
+    probation = [p for p in view.servers if view.on_probation(p)]
+    if probation:
+        notes.append(f"{len(probation)} ban(s) over, awaiting a probe's answer")
     offline = [e.peer_id for e in view.servers.values() if e.state != "online"]
     if offline:
         notes.append(f"{len(offline)} not online")

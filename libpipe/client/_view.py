@@ -19,8 +19,24 @@ reaches it at (a proxy, a tunnel of its own).
 RTTs come from ``ping`` calls, smoothed by an EMA; a server never measured
 counts as ``DEFAULT_RTT``, pessimistic on purpose so that a measured server
 wins ties. A server that fails is banned for a time that doubles with each
-failure in a row (``BAN_BASE`` .. ``BAN_MAX``); once the ban is over the
-next probe decides: an answer clears its record, silence bans it again.
+failure in a row (``BAN_BASE`` .. ``BAN_MAX``).
+
+A ban running out does not make the server routable: it is then on
+probation until it answers a probe (``ping``, or ``info`` from a refresh).
+A server that hangs (stopped process, wedged GPU: the connection stays
+open, nothing answers) costs a whole ``step_timeout`` each time a route
+picks it, so picking it again on the word of a clock alone would pay that
+again at every ban's end; a probe costs a ping's timeout, paid in a refresh
+rather than in a step. The probes are those of every refresh: the periodic
+one (``Client``'s ``refresh_interval``) and the one ``SwarmContext.plan``
+runs when no route exists, so a server on probation comes back within a
+refresh interval where others cover its blocks, and at once (one ping)
+where nothing else does. Silence bans it again, for twice as long. An
+answer to a probe only ends the probation: its failures in a row keep
+counting (a server whose event loop answers pings while its GPU is wedged
+would otherwise be forgiven at every probe, and cost a step timeout at
+every ban of a second), until it serves work (``answered``: a step, a session, a bulk
+call), which forgives them.
 
 State changes are plain methods (``observe_rtt``, ``ban``, ``merge_*``) so
 tests drive them without sockets; ``refresh`` and ``probe`` do the I/O.
@@ -102,6 +118,8 @@ class _Ban:
     failures: int
     until: float
     reason: str
+    # Whether a probe answered since ``until`` (the probation is over).
+    probed: bool = False
 
 
 class SwarmView:
@@ -259,12 +277,25 @@ class SwarmView:
         return length
 
     def answered(self, peer_id: str) -> None:
-        """The server answered: whatever it failed before is forgiven."""
+        """The server served work: whatever it failed before is forgiven."""
         self._bans.pop(peer_id, None)
 
+    def probed(self, peer_id: str) -> None:
+        """The server answered a probe: routable again once its ban is over,
+        its failures in a row still counted (see the module docstring)."""
+        ban = self._bans.get(peer_id)
+        if ban is not None and ban.until <= self._clock():
+            ban.probed = True
+
     def is_banned(self, peer_id: str) -> bool:
+        """Whether ``peer_id``'s ban is still running (no probe asks it)."""
         ban = self._bans.get(peer_id)
         return ban is not None and ban.until > self._clock()
+
+    def on_probation(self, peer_id: str) -> bool:
+        """Whether ``peer_id``'s ban is over but no probe has answered since."""
+        ban = self._bans.get(peer_id)
+        return ban is not None and ban.until <= self._clock() and not ban.probed
 
     def ban_reason(self, peer_id: str) -> str | None:
         ban = self._bans.get(peer_id)
@@ -278,13 +309,15 @@ class SwarmView:
             self.servers[peer_id] = replace(entry, free_cache_bytes=max(0, free))
 
     def routable(self, *, max_length: int | None = None) -> list[ServerEntry]:
-        """Servers a route may use now, ordered by peer id."""
+        """Servers a route may use now (neither banned nor on probation),
+        ordered by peer id."""
         return [
             e
             for _, e in sorted(self.servers.items())
             if e.state == RecordState.ONLINE.value
             and e.blocks > 0
             and not self.is_banned(e.peer_id)
+            and not self.on_probation(e.peer_id)
             and (max_length is None or e.max_length is None or max_length <= e.max_length)
         ]
 
@@ -314,7 +347,7 @@ class SwarmView:
             return
         entry = self.merge_info(address, info.meta)
         if entry is not None:
-            self.answered(entry.peer_id)
+            self.probed(entry.peer_id)
         try:
             view = await connection.call("swarm.view", timeout=timeout)
         except LibpipeError as exc:
@@ -327,16 +360,18 @@ class SwarmView:
             logger.warning("peer %s sent an unusable swarm.view: %s", address, exc)
 
     async def probe_all(self, pool: ConnectionPool, timeout: float) -> None:
-        """Ping every known online server whose ban (if any) is over. A
-        joining server (gossiped while it loads its blocks) serves no RPC
-        yet: pinging it would only ban it; it is pinged once online."""
+        """Ping every known online server whose ban (if any) is over, those
+        on probation included (their way back). A joining server (gossiped
+        while it loads its blocks) serves no RPC yet: pinging it would only
+        ban it; it is pinged once online."""
         async with trio.open_nursery() as nursery:
             for entry in list(self.servers.values()):
                 if entry.state == RecordState.ONLINE.value and not self.is_banned(entry.peer_id):
                     nursery.start_soon(self.probe, pool, entry, timeout)
 
     async def probe(self, pool: ConnectionPool, entry: ServerEntry, timeout: float) -> bool:
-        """One ``ping``: an answer updates the RTT and lifts any ban."""
+        """One ``ping``: an answer updates the RTT and ends a probation;
+        silence bans the server (again)."""
         try:
             with trio.fail_after(timeout):
                 connection = await self.connect(pool, entry)
@@ -346,7 +381,7 @@ class SwarmView:
         except (LibpipeError, OSError, trio.TooSlowError) as exc:
             self.ban(entry.peer_id, f"ping failed: {exc or type(exc).__name__}")
             return False
-        self.answered(entry.peer_id)
+        self.probed(entry.peer_id)
         return True
 
     def describe(self, peer_ids: Iterable[str]) -> str:
