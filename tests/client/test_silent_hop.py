@@ -1,10 +1,13 @@
 """A hop that stops answering without closing anything (its process
 stopped: a hung GPU, a frozen machine) is a failed hop once the step
 timeout passes, whether it is the hop that pushes or the hop pushed to;
-generation goes on elsewhere with exactly the tokens of a fault-free run."""
+generation goes on elsewhere with exactly the tokens of a fault-free run,
+and each stopped hop costs one step timeout: its ban running out does not
+make it routable again, only an answer to a probe would."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -23,7 +26,10 @@ STOP_AT = {6: 1, 12: 0}
 STEP_TIMEOUT = 2.5
 
 
-async def test_stopped_hops_time_out_and_are_replaced(model_dir, spawn, local_model: LocalModel):
+async def test_stopped_hops_time_out_and_are_replaced(
+    model_dir, spawn, local_model: LocalModel, caplog
+):
+    caplog.set_level(logging.INFO, logger="libpipe.client")
     servers = spawn([((0, 4), ()), ((0, 4), ()), ((4, 8), ()), ((4, 8), ())])
     expected = local_model.greedy(PROMPT, NEW_TOKENS)
     by_peer = {s.peer_id: s for s in servers}
@@ -48,3 +54,12 @@ async def test_stopped_hops_time_out_and_are_replaced(model_dir, spawn, local_mo
     assert tokens == expected
     assert len(stopped) == 2 and all(reasons), reasons
     assert not set(route) & set(stopped)
+    # Routed to once each: banned by a failed step once, never again (a
+    # refresh's ping may ban it again, which costs no step).
+    step_bans = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("banned") and "ping failed" not in r.getMessage()
+    ]
+    for peer in stopped:
+        assert sum(m.startswith(f"banned {peer[:12]} ") for m in step_bans) == 1, step_bans
