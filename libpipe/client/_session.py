@@ -114,6 +114,9 @@ class _Hop:
     chunks: list[tuple[int, Tensor]]  # (position, input [B, t, H]), in order
     # The server's push token (RPC.md, "Forwarding"); None: it takes no pushes.
     token: str | None = None
+    # Whether a step came back from it: only then are its past failures
+    # forgiven (a server with a stuck device may still open sessions).
+    served: bool = False
 
     @property
     def start(self) -> int:
@@ -394,7 +397,7 @@ class RemoteSession:
                 raise
             _note_cache_full(self._ctx, planned.server, error)
             raise _HopFailed(index, planned, error) from None
-        self._ctx.view.answered(planned.peer_id)
+        self._ctx.view.probed(planned.peer_id)
         token = opened.meta.get("push_token")
         return _Hop(planned, stream, exits, [], token if isinstance(token, str) else None)
 
@@ -416,9 +419,18 @@ class RemoteSession:
             with trio.fail_after(self._ctx.policy.step_timeout):
                 await self._post(hop, {"position": position, "step": step}, (x,))
                 reply = await self._reply(hop, step)
-            return _check_reply(reply.meta, reply.tensors, position + x.shape[1], step, x)
+            out = _check_reply(reply.meta, reply.tensors, position + x.shape[1], step, x)
         except BaseException as exc:
             raise _as_hop_failure(exc, index, hop, step) from None
+        self._served(hop)
+        return out
+
+    def _served(self, hop: _Hop) -> None:
+        """``hop`` answered a step: the view forgives its past failures (once
+        per hop; every step would be a dict operation on the hot path)."""
+        if not hop.served:
+            hop.served = True
+            self._ctx.view.answered(hop.planned.peer_id)
 
     def _forwards_from(self, index: int) -> bool:
         """Whether hops ``index..`` can run a step by forwarding: the
@@ -482,6 +494,7 @@ class RemoteSession:
                     )
                 except BaseException as exc:
                     raise _as_hop_failure(exc, first + j, hop, steps[j], inputs) from None
+                self._served(hop)
                 if j + 1 < len(hops):
                     hops[j + 1].remember(position, out)
                 inputs = out

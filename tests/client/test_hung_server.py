@@ -12,6 +12,7 @@ import pytest
 import torch
 import trio
 
+import libpipe
 from libpipe.client import RetryPolicy, SwarmView
 from libpipe.client._context import SwarmContext
 from libpipe.client._failover import FailureLedger
@@ -162,3 +163,20 @@ async def test_planning_with_every_server_hung_ends_in_no_route(autojump_clock):
     # Never routed to: each was only pinged, once per refresh that found
     # its ban over.
     assert sorted(pool.pings) == ["h:a", "h:b"]
+
+
+async def test_a_session_open_is_a_probe_and_only_a_step_forgives(model_dir, chain):
+    """A server with a stuck device may still open sessions: opening one
+    ends its probation but keeps its failures in a row; the first step it
+    answers forgives them."""
+    async with libpipe.Client(model_dir, chain, insecure=True) as client:
+        view = client.view
+        first = next(e for e in view.routable() if e.span[0] == 0).peer_id
+        view.ban(first, "test")
+        view.ban(first, "test")
+        view._bans[first].until = view._clock() - 1  # the ban ran out
+        view.probed(first)  # and a probe answered: routable on probation's end
+        async with client.inference_session(max_length=8) as session:
+            assert view._bans[first].failures == 2  # opened, nothing served yet
+            await session.step([4, 8, 15, 16])
+            assert first not in view._bans
